@@ -1,0 +1,60 @@
+"""One error tree for gangway. Every message names the offending values."""
+from __future__ import annotations
+
+
+class GangwayError(Exception):
+    """Base class of every error gangway raises on purpose."""
+
+
+class ConfigurationError(GangwayError):
+    """A setting or argument has a value gangway cannot use."""
+
+
+class ValidationError(GangwayError, ValueError):
+    """User input (data, columns, params, sizes) is invalid; nothing was queued."""
+
+
+class DatasetError(GangwayError):
+    """A dataset could not be materialised, found or read."""
+
+
+class StoreError(GangwayError):
+    """The object store refused or failed a request (bucket and key are named)."""
+
+
+class PlacementError(GangwayError):
+    """The fleet can never (or not in time) provide the gang a job asks for."""
+
+
+class RendezvousError(GangwayError):
+    """Ranks did not all join before the rendezvous deadline."""
+
+
+class JobNotFoundError(GangwayError, KeyError):
+    """No job with this id exists in the coordination store."""
+
+
+class JobNotFinishedError(GangwayError):
+    """`result()` was asked of a job that has not ended."""
+
+
+class JobCancelledError(GangwayError):
+    """The job was cancelled before it produced a result."""
+
+
+class TrainingFailedError(GangwayError):
+    """The job failed; `rank_errors` holds each failed rank's type, message and traceback."""
+
+    def __init__(self, message: str, *, job_id: str | None = None,
+                 rank_errors: dict[int, dict] | None = None) -> None:
+        self.job_id = job_id
+        self.rank_errors = dict(rank_errors or {})
+        details = "".join(
+            f"\n  rank {rank}: {err.get('type', 'Error')}: {err.get('message', '')}"
+            for rank, err in sorted(self.rank_errors.items()))
+        super().__init__(message + details)
+
+    def tracebacks(self) -> str:
+        """All ranks' tracebacks, one after the other."""
+        return "\n".join(f"--- rank {r} ---\n{e.get('traceback', '')}"
+                         for r, e in sorted(self.rank_errors.items()))

@@ -1,0 +1,53 @@
+"""Every Redis key gangway uses, in one place."""
+from __future__ import annotations
+
+PREFIX = "gw:"
+
+WORKERS = PREFIX + "workers"                 # set of registered worker ids
+PENDING = PREFIX + "pending"                 # zset job_id -> ordering score (priority, then FIFO)
+JOBS = PREFIX + "jobs"                       # zset job_id -> submit time, for listing
+SEQ = PREFIX + "seq"                         # FIFO counter
+FENCE = PREFIX + "fence"                     # fencing-token counter
+SCHEDULE_LOCK = PREFIX + "lock:schedule"
+ABORT_CHANNEL = PREFIX + "abort"             # pub/sub: "<job_id>:<token>"
+COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
+RUNNING = PREFIX + "running"                 # set of job ids holding a gang
+
+COORDINATOR_QUEUE = "gangway.coordinator"
+
+
+def worker(worker_id: str) -> str:
+    """Hash: info (JSON), job, token, lease."""
+    return f"{PREFIX}worker:{worker_id}"
+
+
+def worker_alive(worker_id: str) -> str:
+    """Heartbeat key with a TTL; its absence means the worker is dead."""
+    return f"{PREFIX}worker:{worker_id}:alive"
+
+
+def worker_queue(worker_id: str) -> str:
+    return f"gangway.worker.{worker_id}"
+
+
+def job(job_id: str) -> str:
+    """Hash: spec, state, attempt, token, gang, error, timings."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_ranks(job_id: str) -> str:
+    """Hash rank -> JSON rank status of the current attempt."""
+    return f"{PREFIX}job:{job_id}:ranks"
+
+
+def job_log(job_id: str) -> str:
+    """List of log/eval lines, appended by ranks (fenced)."""
+    return f"{PREFIX}job:{job_id}:log"
+
+
+def barrier(job_id: str, token: int | str) -> str:
+    return f"{PREFIX}job:{job_id}:barrier:{token}"
+
+
+def job_keys(job_id: str) -> list[str]:
+    return [job(job_id), job_ranks(job_id), job_log(job_id)]

@@ -1,0 +1,102 @@
+"""Dataset manifest format and shard assignment (pure).
+
+A dataset lives at ``s3://<data-bucket>/datasets/<hash>/``: ``chunk-NNNNN.arrow``
+files (Arrow IPC stream, uncompressed so readers map them without copies) and
+``manifest.json`` written last, so a manifest's presence means the dataset is whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    key: str          # object key relative to the dataset prefix
+    rows: int
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset_hash: str
+    schema: dict[str, str]            # column -> Arrow type string, in order
+    chunks: tuple[ChunkInfo, ...]
+    format_version: int = FORMAT_VERSION
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["chunks"] = [asdict(c) for c in self.chunks]
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format_version {d.get('format_version')!r}")
+        d["chunks"] = tuple(ChunkInfo(**c) for c in d["chunks"])
+        return cls(**d)
+
+
+def dataset_hash(schema: dict[str, str], chunk_hashes: list[str]) -> str:
+    """Content address of a dataset: its schema and its chunks' hashes, in order."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(schema.items())).encode())
+    for c in chunk_hashes:
+        h.update(c.encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Rows [offset, offset+length) of one chunk."""
+
+    chunk: int
+    offset: int
+    length: int
+
+
+def shard_bounds(num_rows: int, world_size: int, rank: int, equal: bool = False) -> tuple[int, int]:
+    """Contiguous, row-balanced [start, stop) of ``rank``; sizes differ by at most one row
+    (exactly equal when ``equal``: the remainder rows are dropped)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    if equal:
+        per = num_rows // world_size
+        return rank * per, (rank + 1) * per
+    base, extra = divmod(num_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def assign_shard(chunk_rows: list[int], world_size: int, rank: int, equal: bool = False) -> list[ShardSlice]:
+    """The chunk slices that make up ``rank``'s contiguous shard."""
+    start, stop = shard_bounds(sum(chunk_rows), world_size, rank, equal)
+    out: list[ShardSlice] = []
+    pos = 0
+    for i, rows in enumerate(chunk_rows):
+        lo, hi = max(start, pos), min(stop, pos + rows)
+        if lo < hi:
+            out.append(ShardSlice(i, lo - pos, hi - lo))
+        pos += rows
+        if pos >= stop:
+            break
+    return out

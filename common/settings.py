@@ -1,0 +1,121 @@
+"""Settings: one frozen object built from ``GANGWAY_*`` env, passed down explicitly."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from common.errors import ConfigurationError
+
+ENV_PREFIX = "GANGWAY_"
+
+
+def _default_home() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gangway")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of gangway; field ``x_y`` reads env ``GANGWAY_X_Y``."""
+
+    # Defaults avoid 6379/9000 so the embedded fleet never lands on a system service.
+    broker_url: str = field(default="redis://127.0.0.1:6399/0", repr=False)
+    s3_endpoint: str = "http://127.0.0.1:8399"
+    s3_access_key: str = field(default="gangway", repr=False)
+    s3_secret_key: str = field(default="gangway-secret", repr=False)
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    data_bucket: str = "gangway-data"
+    artifact_bucket: str = "gangway-artifacts"
+    # Port block of one worker "first-last"; the local fleet gives worker i the i-th block.
+    worker_ports: str = "29500-29509"
+    worker_id: str = ""
+    worker_host: str = "127.0.0.1"
+    worker_gpus: str = ""          # "" = detect; "none" = no GPU; "0" = CUDA device 0
+    worker_cpus: int = 0           # 0 = all cores of the host / number of workers
+    metrics_port: int = 0          # 0 = no metrics endpoint
+    home: str = field(default_factory=_default_home)
+    cache_bytes: int = 2 * 1024**3
+    chunk_rows: int = 65536
+    fetch_threads: int = 8
+    heartbeat_interval: float = 2.0
+    heartbeat_ttl: float = 10.0
+    schedule_interval: float = 2.0
+    rendezvous_timeout: float = 60.0
+    placement_timeout: float = 300.0
+    lease_seconds: float = 30.0
+    job_ttl_days: float = 7.0
+    kill_grace: float = 3.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build from ``env`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The env that reproduces these settings in a child process."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+        return out
+
+    @property
+    def port_block(self) -> tuple[int, int]:
+        return parse_port_block(self.worker_ports)
+
+    @property
+    def redacted_broker_url(self) -> str:
+        return redact_url(self.broker_url)
+
+
+def parse_port_block(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition("-")
+        lo, hi = int(first), int(last or first)
+    except ValueError as exc:
+        raise ConfigurationError(f"GANGWAY_WORKER_PORTS must look like '29500-29509', got {text!r}") from exc
+    if not (0 < lo <= hi < 65536) or hi - lo + 1 < 4:
+        raise ConfigurationError(f"GANGWAY_WORKER_PORTS needs at least 4 ports in 1..65535, got {text!r}")
+    return lo, hi
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _coerce(name: str, typ, raw: str):
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ == "int":
+            return int(raw)
+        if typ == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {typ}") from exc
+    return raw

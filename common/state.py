@@ -1,0 +1,124 @@
+"""Coordination state in Redis: jobs, ranks, logs and the worker registry.
+
+Both sides use this module: the producer reads, the coordinator and the ranks
+write through compare-and-set scripts (``transition.lua``, ``fenced.lua``) so a
+stale attempt can never overwrite a newer one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import redis
+
+from common import keys
+from common.models import JobSpec, JobState, WorkerInfo, WorkerView
+from common.settings import Settings
+
+_LUA_DIR = Path(__file__).parent
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for the coordination store (the broker's Redis); ``rediss://`` works."""
+    return redis.Redis.from_url(settings.broker_url, decode_responses=True,
+                                socket_connect_timeout=5, health_check_interval=30)
+
+
+def _script(client: redis.Redis, name: str, folder: Path = _LUA_DIR):
+    return client.register_script((folder / name).read_text())
+
+
+class State:
+    """Typed access to the coordination keys."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._transition = _script(client, "transition.lua")
+        self._fenced = _script(client, "fenced.lua")
+
+    # jobs -----------------------------------------------------------------
+    def job(self, job_id: str) -> dict[str, str] | None:
+        data = self.r.hgetall(keys.job(job_id))
+        return data or None
+
+    def job_state(self, job_id: str) -> JobState | None:
+        s = self.r.hget(keys.job(job_id), "state")
+        return JobState(s) if s else None
+
+    def spec(self, job_id: str) -> JobSpec | None:
+        raw = self.r.hget(keys.job(job_id), "spec")
+        return JobSpec.from_json(raw) if raw else None
+
+    def ranks(self, job_id: str) -> dict[int, dict[str, Any]]:
+        return {int(k): json.loads(v) for k, v in self.r.hgetall(keys.job_ranks(job_id)).items()}
+
+    def log(self, job_id: str, start: int = 0) -> list[str]:
+        return self.r.lrange(keys.job_log(job_id), start, -1)
+
+    def list_jobs(self, limit: int = 50) -> list[dict[str, str]]:
+        ids = self.r.zrevrange(keys.JOBS, 0, limit - 1)
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hmget(keys.job(job_id), "state", "framework", "attempt", "submitted_at", "error", "priority")
+        out = []
+        for job_id, vals in zip(ids, pipe.execute()):
+            state, fw, attempt, submitted, error, prio = vals
+            out.append({"job_id": job_id, "state": state or "?", "framework": fw or "", "attempt": attempt or "0",
+                        "submitted_at": submitted or "", "error": error or "", "priority": prio or "0"})
+        return out
+
+    def transition(self, job_id: str, allowed_from: Iterable[JobState], to: JobState,
+                   token: str = "", **fields: Any) -> JobState | None:
+        """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state."""
+        args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token]
+        for k, v in fields.items():
+            args += [k, v if isinstance(v, str) else json.dumps(v)]
+        prev = self._transition(keys=[keys.job(job_id), keys.PENDING], args=args)
+        return JobState(prev) if prev else None
+
+    def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
+                     lines: Iterable[str] = ()) -> bool:
+        """Write rank status and/or log lines if ``token`` is still the job's current one."""
+        args = [token, str(rank), json.dumps(status) if status else "", *lines]
+        return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id)],
+                                 args=args))
+
+    # workers --------------------------------------------------------------
+    def workers(self) -> list[WorkerView]:
+        ids = sorted(self.r.smembers(keys.WORKERS))
+        if not ids:
+            return []
+        pipe = self.r.pipeline()
+        for wid in ids:
+            pipe.hmget(keys.worker(wid), "info", "job")
+            pipe.exists(keys.worker_alive(wid))
+        res = pipe.execute()
+        out = []
+        for i, _ in enumerate(ids):
+            (info, job), alive = res[2 * i], res[2 * i + 1]
+            if info:
+                out.append(WorkerView(WorkerInfo.from_json(info), bool(alive), job or ""))
+        return out
+
+    def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+        pipe = self.r.pipeline()
+        pipe.sadd(keys.WORKERS, info.worker_id)
+        pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json()})
+        pipe.hsetnx(keys.worker(info.worker_id), "job", "")
+        pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
+        pipe.execute()
+
+    def heartbeat(self, worker_id: str, ttl: float) -> None:
+        self.r.set(keys.worker_alive(worker_id), str(time.time()), px=int(ttl * 1000))
+
+    def deregister_worker(self, worker_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(keys.worker_alive(worker_id))
+        pipe.srem(keys.WORKERS, worker_id)
+        pipe.hdel(keys.worker(worker_id), "info")
+        pipe.execute()
+
+    def coordinator_alive(self) -> bool:
+        return bool(self.r.exists(keys.COORDINATOR_ALIVE))

@@ -1,0 +1,159 @@
+"""Data connectors: lazy handles on tabular data, materialised once into the store."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from common.datasets import ChunkCache, DatasetReader, WriteResult, read_manifest, write_dataset
+from common.errors import DatasetError
+from common.manifest import Manifest
+from common.settings import Settings
+from common.store import ObjectStore, parse_s3_uri
+
+
+class DataConnector:
+    """Tabular data for training. Every rank of an XGBoost job gets a shard of it; inside
+    a PyTorch ``train_func`` a plain ``DataConnector`` gives every rank all of it."""
+
+    sharded = False
+
+    def __init__(self, *, table: pa.Table | None = None, parquet: Sequence[str] | None = None,
+                 uri: str | None = None, name: str = "") -> None:
+        self._table = table
+        self._parquet = list(parquet) if parquet else None
+        self._uri = uri
+        self._name = name
+        self._materialised: dict[tuple, WriteResult] = {}
+        self._lock = threading.Lock()
+
+    # constructors ---------------------------------------------------------
+    @classmethod
+    def from_arrow(cls, table: pa.Table | pa.RecordBatch, **kw) -> "DataConnector":
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if not isinstance(table, pa.Table):
+            raise TypeError(f"from_arrow expects a pyarrow.Table, got {type(table).__name__}")
+        return cls(table=table, **kw)
+
+    @classmethod
+    def from_pandas(cls, df, **kw) -> "DataConnector":
+        import pandas as pd
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"from_pandas expects a pandas.DataFrame, got {type(df).__name__}")
+        return cls(table=pa.Table.from_pandas(df, preserve_index=False), **kw)
+
+    @classmethod
+    def from_dataframe(cls, obj: Any, **kw) -> "DataConnector":
+        """pandas, polars, pyarrow, or anything exposing ``__arrow_c_stream__``."""
+        if isinstance(obj, DataConnector):
+            return obj
+        if isinstance(obj, (pa.Table, pa.RecordBatch)):
+            return cls.from_arrow(obj, **kw)
+        mod = type(obj).__module__.split(".")[0]
+        if mod == "pandas":
+            return cls.from_pandas(obj, **kw)
+        if hasattr(obj, "to_arrow") and mod == "polars":
+            return cls.from_arrow(obj.to_arrow(), **kw)
+        if hasattr(obj, "__arrow_c_stream__"):
+            return cls.from_arrow(pa.table(obj), **kw)
+        raise TypeError(f"cannot make a DataConnector from {type(obj).__module__}.{type(obj).__name__}: "
+                        "expected a pandas/polars DataFrame, a pyarrow Table, or an object with "
+                        "__arrow_c_stream__")
+
+    @classmethod
+    def from_parquet(cls, path: str | Sequence[str], **kw) -> "DataConnector":
+        paths = [path] if isinstance(path, str) else list(path)
+        if not paths:
+            raise ValueError("from_parquet needs at least one path")
+        return cls(parquet=paths, **kw)
+
+    @classmethod
+    def from_uri(cls, uri: str, **kw) -> "DataConnector":
+        """A dataset already in the store (``s3://bucket/datasets/<hash>/``): nothing is uploaded."""
+        parse_s3_uri(uri)
+        return cls(uri=uri.rstrip("/") + "/", **kw)
+
+    # reading --------------------------------------------------------------
+    def _settings(self, settings: Settings | None) -> Settings:
+        return settings or Settings.from_env()
+
+    def to_arrow(self, settings: Settings | None = None) -> pa.Table:
+        if self._table is not None:
+            return self._table
+        if self._parquet is not None:
+            return _read_parquet(self._parquet, self._settings(settings))
+        s = self._settings(settings)
+        from common.store import S3Store
+        import os
+        reader = DatasetReader(S3Store(s), ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
+        return reader.read(self._uri)
+
+    def to_pandas(self, limit: int | None = None, settings: Settings | None = None):
+        table = self.to_arrow(settings)
+        return (table.slice(0, limit) if limit is not None else table).to_pandas()
+
+    def schema(self, store: ObjectStore | None = None) -> dict[str, pa.DataType] | None:
+        """Column types, without reading data where possible (None if unknown without the store)."""
+        if self._table is not None:
+            return {f.name: f.type for f in self._table.schema}
+        return None
+
+    # materialisation ------------------------------------------------------
+    def materialise(self, store: ObjectStore, settings: Settings) -> WriteResult:
+        """Upload once (content-addressed); a connector already in the store uploads nothing."""
+        key = (id(store), settings.data_bucket, settings.chunk_rows)
+        with self._lock:
+            if key in self._materialised:
+                cached = self._materialised[key]
+                return WriteResult(cached.uri, cached.manifest, 0, 0.0)
+            if self._uri is not None:
+                manifest = read_manifest(store, self._uri)
+                result = WriteResult(self._uri, manifest, 0, 0.0)
+            else:
+                result = write_dataset(self.to_arrow(settings), store, settings.data_bucket,
+                                       chunk_rows=settings.chunk_rows, threads=settings.fetch_threads)
+            self._materialised[key] = result
+            return result
+
+    def manifest(self, store: ObjectStore, settings: Settings) -> Manifest:
+        return self.materialise(store, settings).manifest
+
+    def __repr__(self) -> str:
+        src = ("table" if self._table is not None else "parquet" if self._parquet else f"uri={self._uri}")
+        return f"{type(self).__name__}({src})"
+
+
+class ShardedDataConnector(DataConnector):
+    """A connector whose rows are split across ranks; ``get_shard()`` in a training function
+    gives this rank's part. ``equal=True`` trims shards to equal row counts."""
+
+    sharded = True
+
+    def __init__(self, *, equal: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.equal = equal
+
+
+def _read_parquet(paths: list[str], settings: Settings) -> pa.Table:
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+    tables = []
+    for p in paths:
+        try:
+            if p.startswith("s3://"):
+                bucket, key = parse_s3_uri(p)
+                host = settings.s3_endpoint.split("://", 1)[-1]
+                scheme = "https" if settings.s3_secure or settings.s3_endpoint.startswith("https") else "http"
+                s3 = pafs.S3FileSystem(access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
+                                       endpoint_override=host, scheme=scheme, region=settings.s3_region)
+                tables.append(pq.read_table(f"{bucket}/{key}", filesystem=s3))
+            else:
+                tables.append(pq.read_table(p))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read parquet {p!r}: {exc}") from exc
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowInvalid as exc:
+        raise DatasetError(f"parquet files {paths} have incompatible schemas: {exc}") from exc

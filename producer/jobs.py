@@ -1,0 +1,154 @@
+"""TrainingJob: a handle on a submitted job, reattachable from any process by id."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, PlacementError,
+                           TrainingFailedError, ValidationError)
+from common.models import JobState
+from common.settings import Settings
+from producer.client import Client
+
+_POLL = 0.1
+_ERRORS = {"PlacementError": PlacementError, "ValidationError": ValidationError}
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    state: JobState
+    attempt: int = 0
+    ranks: dict[int, dict] = field(default_factory=dict)
+    error: dict | None = None
+    waiting: str = ""
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.is_terminal
+
+
+class TrainingJob:
+    """A submitted job. ``wait()`` returns what ``fit``/``run`` would have returned."""
+
+    def __init__(self, job_id: str, *, settings: Settings | None = None,
+                 loader: Callable[["TrainingJob"], Any] | None = None) -> None:
+        self.job_id = job_id
+        self._client = Client.default(settings)
+        self._loader = loader
+        self._result: Any = None
+        self._have_result = False
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def status(self) -> JobStatus:
+        job = self._client.state.job(self.job_id)
+        if job is None:
+            return JobStatus(self.job_id, JobState.SUBMITTED)
+        return JobStatus(self.job_id, JobState(job["state"]), int(job.get("attempt") or 0),
+                         self._client.state.ranks(self.job_id),
+                         json.loads(job["error"]) if job.get("error") else None, job.get("waiting", ""))
+
+    def record(self) -> dict[str, str]:
+        return self._client.state.job(self.job_id) or {}
+
+    def logs(self, follow: bool = False) -> list[str] | Iterator[str]:
+        """Rank 0's log and eval lines; with ``follow`` an iterator that ends with the job."""
+        if not follow:
+            return self._client.state.log(self.job_id)
+        return self._follow_lines()
+
+    def _follow_lines(self) -> Iterator[str]:
+        seen = 0
+        while True:
+            terminal = self.status().is_terminal
+            lines = self._client.state.log(self.job_id, seen)
+            seen += len(lines)
+            yield from lines
+            if terminal:
+                return
+            time.sleep(_POLL)
+
+    def cancel(self, wait: float | None = 10.0) -> JobStatus:
+        """Cancel a pending or running job; waits up to ``wait`` seconds for it to end."""
+        self._client.cancel(self.job_id)
+        deadline = time.monotonic() + (wait or 0)
+        st = self.status()
+        while wait and not st.is_terminal and time.monotonic() < deadline:
+            time.sleep(_POLL)
+            st = self.status()
+        return st
+
+    def wait(self, timeout: float | None = None, *, echo: bool = False, progress: bool | None = None) -> Any:
+        """Block until the job ends; return its result or raise its error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        printer = _LivePrinter(self, echo, sys.stderr.isatty() if progress is None else progress)
+        try:
+            while True:
+                st = self.status()
+                printer.update(st)
+                if st.is_terminal:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.job_id} still {st.state.value} after {timeout:g}s "
+                                       f"({st.waiting or 'running'})")
+                time.sleep(_POLL)
+        finally:
+            printer.close()
+        return self.result()
+
+    def result(self) -> Any:
+        """The result of an ended job, without waiting."""
+        st = self.status()
+        if not st.is_terminal:
+            raise JobNotFinishedError(f"job {self.job_id} has not ended (state {st.state.value})")
+        if st.state is JobState.CANCELLED:
+            raise JobCancelledError(f"job {self.job_id} was cancelled")
+        if st.state is JobState.FAILED:
+            raise _error_for(self.job_id, st.error or {})
+        if not self._have_result:
+            self._result = self._loader(self) if self._loader else self.record()
+            self._have_result = True
+        return self._result
+
+    def __repr__(self) -> str:
+        return f"TrainingJob({self.job_id!r})"
+
+
+def _error_for(job_id: str, err: dict) -> GangwayError:
+    cls = _ERRORS.get(err.get("type", ""))
+    if cls is not None:
+        return cls(f"job {job_id}: {err.get('message', '')}")
+    rank_errors = {int(k): v for k, v in (err.get("rank_errors") or {}).items()}
+    return TrainingFailedError(f"job {job_id} failed: {err.get('message', 'unknown error')}",
+                               job_id=job_id, rank_errors=rank_errors)
+
+
+class _LivePrinter:
+    """Prints rank 0's eval lines as they arrive and a progress bar on a terminal."""
+
+    def __init__(self, job: TrainingJob, echo: bool, progress: bool) -> None:
+        self.job, self.echo, self.seen, self.bar = job, echo, 0, None
+        self.progress = progress
+
+    def update(self, st: JobStatus) -> None:
+        if self.echo:
+            for line in self.job.client.state.log(self.job.job_id, self.seen):
+                self.seen += 1
+                (self.bar.write if self.bar else print)(line)
+        r0 = st.ranks.get(0, {})
+        if self.progress and r0.get("total"):
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=r0["total"], desc=f"job {self.job.job_id}", unit="round", leave=False)
+            self.bar.n = r0.get("iteration", 0)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,86 @@
+"""Checks of user input at the caller, before anything is queued."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from common.errors import ValidationError
+from common.manifest import Manifest
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) \
+        or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+def check_columns(name: str, columns: Sequence[str], input_cols: Sequence[str] | None, label_col: str | None,
+                  weight_col: str | None = None) -> list[str]:
+    """Resolve feature columns (default: every column but label/weight) and check presence."""
+    if label_col is None:
+        raise ValidationError("label_col is required (the column to predict)")
+    if not isinstance(label_col, str):
+        raise ValidationError(f"label_col must be a column name (str), got {type(label_col).__name__}")
+    if input_cols is None:
+        input_cols = [c for c in columns if c not in (label_col, weight_col)]
+    elif isinstance(input_cols, str) or not all(isinstance(c, str) for c in input_cols):
+        raise ValidationError(f"input_cols must be a list of column names, got {input_cols!r}")
+    input_cols = list(input_cols)
+    if not input_cols:
+        raise ValidationError(f"no input columns for dataset {name!r} (has: {list(columns)})")
+    dupes = sorted({c for c in input_cols if input_cols.count(c) > 1})
+    if dupes:
+        raise ValidationError(f"input_cols lists {dupes} more than once")
+    wanted = input_cols + [label_col] + ([weight_col] if weight_col else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        what = "input columns" if set(missing) <= set(input_cols) else "columns"
+        raise ValidationError(f"missing {what} {missing} in dataset {name!r} (has: {list(columns)})")
+    if label_col in input_cols:
+        raise ValidationError(f"label_col {label_col!r} is also listed in input_cols")
+    return input_cols
+
+
+def check_table(name: str, num_rows: int, types: dict[str, pa.DataType | None], table: pa.Table | None,
+                input_cols: list[str], label_col: str, weight_col: str | None, world_size: int = 1) -> None:
+    """Rows, types and label sanity of one dataset (labels only when the table is at hand)."""
+    if num_rows == 0:
+        raise ValidationError(f"dataset {name!r} is empty (0 rows)")
+    if num_rows < world_size:
+        raise ValidationError(f"dataset {name!r} has {num_rows} rows, fewer than the {world_size} workers "
+                              "of the gang")
+    bad = {c: str(types[c]) for c in input_cols + [label_col] + ([weight_col] if weight_col else [])
+           if types.get(c) is not None and not _is_numeric(types[c])}
+    if bad:
+        raise ValidationError(f"non-numeric columns in dataset {name!r}: {bad} "
+                              "(encode them as numbers before training)")
+    if table is None:
+        return
+    label = table.column(label_col)
+    if label.null_count:
+        raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {label.null_count} "
+                              "missing values")
+    if pa.types.is_floating(label.type):
+        n_bad = len(label) - (pc.sum(pc.is_finite(label)).as_py() or 0)
+        if n_bad:
+            raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {n_bad} NaN/inf values")
+
+
+def manifest_types(manifest: Manifest) -> dict[str, pa.DataType | None]:
+    return {n: pa.type_for_alias(t) if _alias_ok(t) else None for n, t in manifest.schema.items()}
+
+
+def _alias_ok(t: str) -> bool:
+    try:
+        pa.type_for_alias(t)
+        return True
+    except ValueError:
+        return False
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(f"{name} must be an integer >= {minimum}, got {value!r}")

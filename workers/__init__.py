@@ -1,0 +1,1 @@
+"""The fleet: Celery wiring, the coordinator and the trainer worker runtime."""

@@ -1,0 +1,34 @@
+"""Celery wiring shared by the coordinator, the trainer workers and the producer's client."""
+from __future__ import annotations
+
+from celery import Celery
+
+from common import keys
+from common.settings import Settings
+
+COORDINATOR_TASKS = ("gangway.submit_job", "gangway.schedule", "gangway.rank_finished", "gangway.cancel_job")
+
+
+def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
+    """A Celery app for ``settings``: JSON only, prefetch 1, task events on for Flower."""
+    app = Celery("gangway", broker=settings.broker_url, include=list(include))
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_routes={name: {"queue": keys.COORDINATOR_QUEUE} for name in COORDINATOR_TASKS},
+        task_default_queue=keys.COORDINATOR_QUEUE,
+        broker_connection_retry_on_startup=True,
+        # Leases and heartbeats decide what runs again, not redelivery: train_rank is
+        # acknowledged on receipt, and a long visibility timeout keeps Redis from re-sending.
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    app.gangway_settings = settings
+    return app

@@ -1,0 +1,219 @@
+"""The ``gangway`` command: up, check, fleet, jobs, demo, worker, coordinator."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import click
+
+from common.errors import GangwayError
+from common.settings import Settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+@click.group()
+@click.option("--broker-url", envvar=None, default=None, help="Redis URL (env GANGWAY_BROKER_URL).")
+@click.option("--s3-endpoint", default=None, help="S3 endpoint (env GANGWAY_S3_ENDPOINT).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.pass_context
+def main(ctx: click.Context, broker_url: str | None, s3_endpoint: str | None, verbose: bool) -> None:
+    """gangway: distributed XGBoost/LightGBM/PyTorch training from a Celery job queue."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env(broker_url=broker_url, s3_endpoint=s3_endpoint)
+    except GangwayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ctx.obj = {"settings": settings}
+
+
+@main.command()
+@click.option("--workers", "n_workers", default=2, show_default=True, help="Trainer workers to start.")
+@click.option("--gpus", is_flag=True, help="One worker per GPU, CUDA_VISIBLE_DEVICES pinned.")
+@click.pass_context
+def up(ctx: click.Context, n_workers: int, gpus: bool) -> None:
+    """Start the embedded fleet (only what does not already answer) until SIGINT/SIGTERM."""
+    from workers.local.fleet import Fleet
+    fleet = Fleet(_settings(ctx), workers=n_workers, gpus=gpus)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        fleet.start()
+    except GangwayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    s = _settings(ctx)
+    click.echo(f"gangway fleet ready: {n_workers} workers; broker {s.redacted_broker_url}; "
+               f"S3 {s.s3_endpoint}; {fleet.describe()}", err=False)
+    sys.stdout.flush()
+    try:
+        while not stop.wait(1.0):
+            try:
+                fleet._check_alive()
+            except GangwayError as exc:
+                click.echo(f"gangway: {exc}", err=True)
+                break
+    finally:
+        click.echo("gangway: stopping what this command started ...")
+        fleet.stop()
+        click.echo("gangway: stopped")
+
+
+@main.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Exit 0 only when broker, store, coordinator and at least one worker answer."""
+    from common.state import State, connect
+    from common.store import S3Store
+    s = _settings(ctx)
+    problems = []
+    try:
+        state = State(connect(s))
+        state.r.ping()
+        if not state.coordinator_alive():
+            problems.append("coordinator: not answering")
+        alive = [w for w in state.workers() if w.alive]
+        if not alive:
+            problems.append("workers: none alive")
+    except Exception as exc:
+        problems.append(f"broker {s.redacted_broker_url}: {type(exc).__name__}: {exc}")
+        alive = []
+    try:
+        S3Store(s).ping()
+    except GangwayError as exc:
+        problems.append(f"store: {exc}")
+    for p in problems:
+        click.echo(f"FAIL {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: broker, store, coordinator and {len(alive)} workers answer")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def fleet(ctx: click.Context, as_json: bool) -> None:
+    """List trainer workers: id, host, CPUs/GPUs, state, current job."""
+    from common.state import State, connect
+    views = State(connect(_settings(ctx))).workers()
+    rows = [{"id": w.info.worker_id, "host": w.info.host, "address": w.info.address, "cpus": w.info.cpus,
+             "gpus": list(w.info.gpus), "state": w.state.value, "job": w.job_id,
+             "ports": f"{w.info.port_lo}-{w.info.port_hi}"} for w in views]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'ID':<16} {'HOST':<20} {'CPUS':>4} {'GPUS':<6} {'STATE':<9} JOB")
+    for r in rows:
+        click.echo(f"{r['id']:<16} {r['host']:<20} {r['cpus']:>4} {','.join(r['gpus']) or '-':<6} "
+                   f"{r['state']:<9} {r['job'] or '-'}")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """List jobs and their states (newest first)."""
+    if ctx.invoked_subcommand:
+        return
+    from common.state import State, connect
+    rows = State(connect(_settings(ctx))).list_jobs(limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'JOB':<26} {'FRAMEWORK':<9} {'STATE':<10} {'ATTEMPT':>7}  SUBMITTED")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r["submitted_at"] or 0)))
+        click.echo(f"{r['job_id']:<26} {r['framework']:<9} {r['state']:<10} {r['attempt']:>7}  {when}")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.pass_context
+def jobs_show(ctx: click.Context, job_id: str) -> None:
+    """One job: state, gang, ranks, error, log."""
+    from common.state import State, connect
+    state = State(connect(_settings(ctx)))
+    job = state.job(job_id)
+    if job is None:
+        raise click.ClickException(f"no job {job_id!r}")
+    out = {k: _maybe_json(v) for k, v in job.items()}
+    out["ranks"] = state.ranks(job_id)
+    out["log"] = state.log(job_id)[-20:]
+    click.echo(json.dumps(out, indent=2, default=str))
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_context
+def jobs_cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a pending or running job."""
+    from producer.jobs import TrainingJob
+    st = TrainingJob(job_id, settings=_settings(ctx)).cancel(wait=10)
+    click.echo(f"{job_id}: {st.state.value}")
+
+
+def _maybe_json(v: str):
+    try:
+        return json.loads(v)
+    except (TypeError, ValueError):
+        return v
+
+
+@main.command()
+@click.option("--workers", "n_workers", default=2, show_default=True)
+@click.option("--rows", default=200_000, show_default=True, help="Rows of the synthetic dataset.")
+@click.option("--rounds", default=50, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, n_workers: int, rows: int, rounds: int) -> None:
+    """Train distributed XGBoost on a synthetic dataset through the fleet (started if needed)."""
+    from workers.local.demo import run_demo
+    try:
+        run_demo(_settings(ctx), n_workers=n_workers, rows=rows, rounds=rounds, echo=click.echo)
+    except GangwayError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _exec_celery(module: str, queue: str, name: str, pool: str, concurrency: int) -> None:
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue, "-n", name,
+                               "-P", pool, "-c", str(concurrency), "--without-gossip", "--without-mingle",
+                               "-l", "INFO"])
+
+
+@main.command()
+@click.option("--id", "worker_id", default=None, help="Worker id (env GANGWAY_WORKER_ID; default host-random).")
+@click.option("--ports", default=None, help="Port block, e.g. 29500-29509 (env GANGWAY_WORKER_PORTS).")
+@click.pass_context
+def worker(ctx: click.Context, worker_id: str | None, ports: str | None) -> None:
+    """Run one trainer worker (Celery, concurrency 1, its own direct queue)."""
+    import socket
+    import uuid
+    from common import keys
+    s = _settings(ctx)
+    wid = worker_id or s.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    os.environ.update(s.as_env())
+    os.environ["GANGWAY_WORKER_ID"] = wid
+    if ports:
+        os.environ["GANGWAY_WORKER_PORTS"] = ports
+    _exec_celery("workers.runtime.main", keys.worker_queue(wid), f"{wid}@%h", "prefork", 1)
+
+
+@main.command()
+@click.pass_context
+def coordinator(ctx: click.Context) -> None:
+    """Run the coordinator (a Celery worker on queue gangway.coordinator)."""
+    from common import keys
+    os.environ.update(_settings(ctx).as_env())
+    _exec_celery("workers.coordinator.main", keys.COORDINATOR_QUEUE, "coordinator@%h", "solo", 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The coordinator: scheduling, all-or-nothing gang reservation, rendezvous."""

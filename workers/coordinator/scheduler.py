@@ -1,0 +1,141 @@
+"""Scheduling decisions as pure functions over plain data (no Redis, no Celery).
+
+Policy: pending jobs are taken in priority order, then FIFO. A pass places jobs
+until the first one that cannot be placed now; that job blocks the jobs behind
+it, so a large gang is never starved by a stream of small ones (no backfill).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from common.models import JobSpec, Placement, Rendezvous, Resources, WorkerView
+
+_PRIORITY_SPAN = 2 ** 40
+
+
+def pending_score(priority: int, seq: int) -> float:
+    """Redis zset score: higher priority first, then submission order."""
+    return float(-priority * _PRIORITY_SPAN + seq)
+
+
+class Action(str, enum.Enum):
+    PLACE = "place"
+    WAIT = "wait"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    job_id: str
+    action: Action
+    placement: Placement | None = None
+    reason: str = ""
+
+
+def _eligible(resources: Resources, workers: Iterable[WorkerView]) -> list[WorkerView]:
+    need_cpus = resources.num_cpu_per_worker
+    return [w for w in workers if need_cpus <= 0 or w.info.cpus >= need_cpus]
+
+
+def _rank_order(workers: Iterable[WorkerView]) -> list[WorkerView]:
+    # Workers of one host get consecutive ranks (local ranks follow), stable by id.
+    return sorted(workers, key=lambda w: (w.info.host, w.info.worker_id))
+
+
+def infeasibility(resources: Resources, workers: Sequence[WorkerView]) -> str:
+    """Why the fleet can *never* run this gang (counting busy workers), or ''."""
+    alive = [w for w in workers if w.alive]
+    n = resources.num_workers
+    if n == 0 or n < -1:
+        return f"num_workers must be -1 (all free workers) or >= 1, got {n}"
+    if not alive:
+        return "the fleet has no live trainer worker (start one with `gangway up` or `gangway worker`)"
+    eligible = _eligible(resources, alive)
+    if not eligible:
+        return (f"num_cpu_per_worker={resources.num_cpu_per_worker} but the largest worker has "
+                f"{max(w.info.cpus for w in alive)} CPUs")
+    gpu_workers = [w for w in eligible if w.info.num_gpus > 0]
+    if resources.use_gpu is True:
+        if not gpu_workers:
+            return (f"use_gpu=True but the fleet has no GPU worker "
+                    f"({len(alive)} live workers, all CPU-only)")
+        if n > len(gpu_workers):
+            return (f"num_workers={n} GPU workers requested but the fleet has "
+                    f"{len(gpu_workers)} GPU workers ({len(alive)} workers in all)")
+    if n > len(eligible):
+        return (f"num_workers={n} requested but the fleet has {len(eligible)} eligible workers "
+                f"({len(alive)} live, {len(workers)} registered)")
+    return ""
+
+
+def select_gang(job_id: str, resources: Resources, workers: Sequence[WorkerView]) -> Placement | None:
+    """Pick a whole gang from the free workers, or None when it does not fit now."""
+    free = _eligible(resources, [w for w in workers if w.free])
+    gpu_free = [w for w in free if w.info.num_gpus > 0]
+    cpu_first = sorted(free, key=lambda w: w.info.num_gpus > 0)   # keep GPUs for GPU gangs
+    n = resources.num_workers
+    if resources.use_gpu is True:
+        pool, use_gpu = gpu_free, True
+    elif resources.use_gpu is False:
+        pool, use_gpu = cpu_first, False
+    else:
+        want = len(free) if n == -1 else n
+        if gpu_free and len(gpu_free) >= want:
+            pool, use_gpu = gpu_free, True
+        else:
+            pool, use_gpu = cpu_first, False
+    want = len(pool) if n == -1 else n
+    if want < 1 or len(pool) < want:
+        return None
+    gang = _rank_order(pool[:want])
+    return Placement(job_id=job_id, worker_ids=tuple(w.info.worker_id for w in gang), use_gpu=use_gpu)
+
+
+def plan_pass(pending: Sequence[JobSpec], workers: Sequence[WorkerView]) -> list[Decision]:
+    """Decisions for one scheduling pass over jobs already in priority/FIFO order."""
+    decisions: list[Decision] = []
+    taken: set[str] = set()
+    for spec in pending:
+        reason = infeasibility(spec.resources, workers)
+        if reason:
+            decisions.append(Decision(spec.job_id, Action.FAIL, reason=reason))
+            continue
+        view = [w if w.info.worker_id not in taken else WorkerView(w.info, w.alive, "(planned)")
+                for w in workers]
+        placement = select_gang(spec.job_id, spec.resources, view)
+        if placement is None:
+            decisions.append(Decision(spec.job_id, Action.WAIT, reason=shortage(spec.resources, view)))
+            break
+        taken.update(placement.worker_ids)
+        decisions.append(Decision(spec.job_id, Action.PLACE, placement=placement))
+    return decisions
+
+
+def shortage(resources: Resources, workers: Sequence[WorkerView]) -> str:
+    """Which resource is short right now, in words (for status and deadline errors)."""
+    free = [w for w in workers if w.free]
+    want = "all free workers" if resources.num_workers == -1 else f"{resources.num_workers} workers"
+    kind = " with a GPU" if resources.use_gpu else ""
+    return f"waiting for {want}{kind}: {len(free)} of {sum(w.alive for w in workers)} live workers are free"
+
+
+def compute_rendezvous(gang: Sequence[WorkerView]) -> Rendezvous:
+    """Every address and port of the collective, from the workers' port blocks.
+
+    Port block layout per worker: +0 torch MASTER_PORT, +1 XGBoost tracker,
+    +2 LightGBM listen port, +3 spare.
+    """
+    if not gang:
+        raise ValueError("a rendezvous needs at least one worker")
+    head = gang[0].info
+    return Rendezvous(
+        world_size=len(gang),
+        master_addr=head.address,
+        master_port=head.port_lo,
+        tracker_host=head.address,
+        tracker_port=head.port_lo + 1,
+        machines=tuple(f"{w.info.address}:{w.info.port_lo + 2}" for w in gang),
+        listen_ports=tuple(w.info.port_lo + 2 for w in gang),
+    )

@@ -1,0 +1,204 @@
+"""The coordinator: persists jobs, runs scheduling passes, finishes and aborts attempts.
+
+Celery tasks (``tasks.py``) decode their arguments and call one method here;
+decisions come from the pure functions in ``scheduler.py``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from celery import Celery
+
+from common import keys
+from common.models import JobSpec, JobState, WorkerView
+from common.settings import Settings
+from common.state import State
+from workers.coordinator.reservation import Reservations
+from workers.coordinator.scheduler import Action, compute_rendezvous, plan_pass, pending_score
+
+log = logging.getLogger(__name__)
+
+FRAMEWORKS = ("xgboost", "lightgbm", "pytorch")
+_ACTIVE = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNING)
+
+
+def spec_problems(spec: JobSpec) -> list[str]:
+    """Structural problems of a job spec (data-level checks happen at the caller)."""
+    problems = []
+    if spec.framework not in FRAMEWORKS:
+        problems.append(f"unknown framework {spec.framework!r} (expected one of {list(FRAMEWORKS)})")
+    n = spec.resources.num_workers
+    if not isinstance(n, int) or n == 0 or n < -1:
+        problems.append(f"num_workers must be -1 (every free worker) or >= 1, got {n!r}")
+    if not spec.datasets.get("train", {}).get("uri"):
+        problems.append("the job has no 'train' dataset")
+    return problems
+
+
+class Coordinator:
+    def __init__(self, settings: Settings, state: State, app: Celery) -> None:
+        self.settings = settings
+        self.state = state
+        self.r = state.r
+        self.reservations = Reservations(state.r)
+        self.app = app
+
+    # submission ----------------------------------------------------------
+    def submit(self, spec: JobSpec) -> JobState:
+        """Validate and persist ``spec`` as PENDING (idempotent), then run a scheduling pass."""
+        key = keys.job(spec.job_id)
+        if not self.r.hsetnx(key, "state", JobState.PENDING.value):
+            return JobState(self.r.hget(key, "state"))   # redelivered submit: already persisted
+        seq = self.r.incr(keys.SEQ)
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"spec": spec.to_json(), "framework": spec.framework, "attempt": 0,
+                                "token": "", "priority": spec.priority, "submitted_at": spec.submitted_at,
+                                "persisted_at": time.time()})
+        pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or time.time()})
+        pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
+        pipe.execute()
+        problems = spec_problems(spec)
+        if problems:
+            self.fail(spec.job_id, "invalid job: " + "; ".join(problems), kind="ValidationError")
+            return JobState.FAILED
+        log.info("job %s persisted (%s, priority %s)", spec.job_id, spec.framework, spec.priority)
+        self.schedule_pass()
+        return self.state.job_state(spec.job_id) or JobState.PENDING
+
+    # scheduling ----------------------------------------------------------
+    def schedule_pass(self) -> int:
+        """One pass: place what fits, fail what never can. Returns the number of jobs placed."""
+        lock = self.r.set(keys.SCHEDULE_LOCK, "1", nx=True, px=5000)
+        if not lock:
+            return 0
+        try:
+            return self._pass()
+        finally:
+            self.r.delete(keys.SCHEDULE_LOCK)
+
+    def _pass(self) -> int:
+        ids = self.r.zrange(keys.PENDING, 0, 99)
+        specs = [s for s in (self.state.spec(j) for j in ids) if s is not None]
+        if not specs:
+            return 0
+        workers = self.state.workers()
+        placed = 0
+        for decision in plan_pass(specs, workers):
+            if decision.action is Action.FAIL:
+                self.fail(decision.job_id, f"the gang can never be placed: {decision.reason}",
+                          kind="PlacementError", allowed_from=(JobState.PENDING,))
+            elif decision.action is Action.WAIT:
+                self._note_waiting(decision.job_id, decision.reason)
+            elif self._place(decision.placement, {w.info.worker_id: w for w in workers}):
+                placed += 1
+            else:
+                break   # the snapshot went stale; the next pass takes a fresh one
+        return placed
+
+    def _note_waiting(self, job_id: str, reason: str) -> None:
+        self.r.hset(keys.job(job_id), "waiting", reason)
+        persisted = float(self.r.hget(keys.job(job_id), "persisted_at") or time.time())
+        if time.time() - persisted > self.settings.placement_timeout:
+            self.fail(job_id, f"placement deadline of {self.settings.placement_timeout:.0f}s passed: {reason} "
+                              f"(raise GANGWAY_PLACEMENT_TIMEOUT or add workers)",
+                      kind="PlacementError", allowed_from=(JobState.PENDING,))
+
+    def _place(self, placement, by_id: dict[str, WorkerView]) -> bool:
+        gang = [by_id[w] for w in placement.worker_ids]
+        rdv = compute_rendezvous(gang)
+        token, reason = self.reservations.reserve(placement, rdv, self.settings.lease_seconds)
+        if not token:
+            log.info("job %s: reservation lost a race (%s)", placement.job_id, reason)
+            return False
+        self.r.sadd(keys.RUNNING, placement.job_id)
+        spec = self.state.spec(placement.job_id)
+        attempt = int(self.r.hget(keys.job(placement.job_id), "attempt") or 1)
+        log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
+                 list(placement.worker_ids), token)
+        for rank, wid in enumerate(placement.worker_ids):
+            payload = {"job_id": placement.job_id, "token": token, "attempt": attempt, "rank": rank,
+                       "worker_id": wid, "use_gpu": placement.use_gpu, "rendezvous": rdv.to_dict(),
+                       "spec": json.loads(spec.to_json())}
+            self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
+                               task_id=f"{placement.job_id}.{token}.r{rank}")
+        return True
+
+    # endings -------------------------------------------------------------
+    def rank_finished(self, job_id: str, token: str, rank: int, ok: bool,
+                      error: dict | None = None, summary: dict | None = None) -> None:
+        job = self.state.job(job_id)
+        if not job or job.get("token") != token:
+            log.info("job %s: ignoring report of stale attempt %s rank %s", job_id, token, rank)
+            return
+        if summary:
+            self.r.hset(keys.job(job_id), f"rank{rank}_summary", json.dumps(summary))
+        if not ok:
+            self.r.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error or {}))
+            self.fail(job_id, f"rank {rank} failed: {(error or {}).get('type', 'Error')}: "
+                              f"{(error or {}).get('message', '')}", kind="TrainingFailedError",
+                      token=token, rank_errors={rank: error or {}})
+            return
+        done_key = f"{keys.job(job_id)}:done:{token}"
+        self.r.sadd(done_key, rank)
+        self.r.expire(done_key, 86400)
+        world = len(json.loads(job.get("gang") or "{}").get("workers", []))
+        if self.r.scard(done_key) >= world:
+            prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.SUCCEEDED, token=token,
+                                         finished_at=str(time.time()))
+            if prev:
+                log.info("job %s succeeded", job_id)
+                self._end_attempt(job_id, token, abort=False)
+
+    def fail(self, job_id: str, message: str, *, kind: str = "GangwayError", token: str = "",
+             rank_errors: dict | None = None, allowed_from=_ACTIVE) -> bool:
+        err = {"type": kind, "message": message,
+               "rank_errors": {str(k): v for k, v in (rank_errors or {}).items()}}
+        prev = self.state.transition(job_id, allowed_from, JobState.FAILED, token=token,
+                                     error=json.dumps(err), finished_at=str(time.time()))
+        if prev is None:
+            return False
+        log.warning("job %s failed: %s", job_id, message)
+        if prev is JobState.RUNNING:
+            self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or token, abort=True)
+        return True
+
+    def cancel(self, job_id: str) -> bool:
+        prev = self.state.transition(job_id, _ACTIVE, JobState.CANCELLED, finished_at=str(time.time()),
+                                     error=json.dumps({"type": "JobCancelledError",
+                                                       "message": f"job {job_id} was cancelled"}))
+        if prev is None:
+            return False
+        log.info("job %s cancelled (was %s)", job_id, prev.value)
+        if prev is JobState.RUNNING:
+            self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or "", abort=True)
+        return True
+
+    def _end_attempt(self, job_id: str, token: str, *, abort: bool) -> None:
+        gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
+        if abort:
+            self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
+        self.reservations.release(job_id, token, gang)
+        self.r.srem(keys.RUNNING, job_id)
+        self.schedule_pass()
+
+    # timer ---------------------------------------------------------------
+    def reap(self) -> None:
+        """Fail running jobs whose gang lost a worker (heartbeat lapsed)."""
+        alive = {w.info.worker_id for w in self.state.workers() if w.alive}
+        for job_id in self.r.smembers(keys.RUNNING):
+            job = self.state.job(job_id) or {}
+            if job.get("state") != JobState.RUNNING.value:
+                self.r.srem(keys.RUNNING, job_id)
+                continue
+            dead = [w for w in json.loads(job.get("gang") or "{}").get("workers", []) if w not in alive]
+            if dead:
+                self.fail(job_id, f"worker(s) {dead} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
+                                  f"{self.settings.heartbeat_ttl:g}s)", kind="WorkerLostError",
+                          token=job.get("token", ""))
+
+    def tick(self) -> None:
+        self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))
+        self.reap()
+        self.schedule_pass()

@@ -1,0 +1,187 @@
+"""``gangway up``: start only what does not already answer, report ``ready``, stop what we started."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from common import keys
+from common.errors import ConfigurationError, GangwayError
+from common.settings import Settings
+from common.state import State, connect
+from common.store import S3Store
+from workers.local import services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    workers: int = 2
+    gpus: bool = False
+    started: list[Started] = field(default_factory=list)
+    worker_ids: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.settings.home)
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1", **extra}
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        path = self.home / "logs" / f"{name}.log"
+        proc = services.spawn(cmd, path, env)
+        self.started.append(Started(name, proc, path))
+        return proc
+
+    # start -----------------------------------------------------------------
+    def start(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            self._start_redis(deadline)
+            self._start_s3(deadline)
+            self._start_coordinator()
+            self._start_workers()
+            self.wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_redis(self, deadline: float) -> None:
+        host, port = services.redis_address(self.settings.broker_url)
+        if services.port_open(host, port):
+            self.reused.append(f"redis at {host}:{port}")
+            return
+        data = self.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", services.redis_command(port, str(data)))
+        self._wait(lambda: services.port_open(host, port), deadline, f"redis-server on port {port}")
+
+    def _start_s3(self, deadline: float) -> None:
+        host, port = services.s3_address(self.settings.s3_endpoint)
+        if services.port_open(host, port):
+            self.reused.append(f"S3 at {self.settings.s3_endpoint}")
+        else:
+            data = self.home / "s3"
+            data.mkdir(parents=True, exist_ok=True)
+            self._spawn("s3", services.weed_command(port, str(data)),
+                        services.weed_env(self.settings.s3_access_key, self.settings.s3_secret_key))
+            self._wait(lambda: services.port_open(host, port), deadline, f"weed mini S3 on port {port}")
+        store = S3Store(self.settings)
+        self._wait(lambda: _try(lambda: [store.ensure_bucket(b) for b in
+                                         (self.settings.data_bucket, self.settings.artifact_bucket)]),
+                   deadline, f"S3 buckets at {self.settings.s3_endpoint}")
+
+    def _celery(self, module: str, queue: str, name: str, pool: str) -> list[str]:
+        return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue, "-n", name, "-P", pool,
+                "-c", "1", "--without-gossip", "--without-mingle", "-l", "INFO"]
+
+    def _start_coordinator(self) -> None:
+        if State(connect(self.settings)).coordinator_alive():
+            self.reused.append("coordinator")
+            return
+        self._spawn("coordinator", self._celery("workers.coordinator.main", keys.COORDINATOR_QUEUE,
+                                                f"coordinator-{uuid.uuid4().hex[:6]}@%h", "solo"),
+                    self._env())
+
+    def _start_workers(self) -> None:
+        lo, hi = self.settings.port_block
+        size = hi - lo + 1
+        cpus = max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        gpu_ids = _gpu_ids() if self.gpus else []
+        if self.gpus and len(gpu_ids) < self.workers:
+            raise ConfigurationError(f"--gpus asks one worker per GPU but this host has {len(gpu_ids)} GPUs "
+                                     f"for {self.workers} workers")
+        tag = uuid.uuid4().hex[:6]
+        for i in range(self.workers):
+            wid = f"w{i}-{tag}"
+            block = f"{lo + i * size}-{lo + i * size + size - 1}"
+            extra = {"GANGWAY_WORKER_ID": wid, "GANGWAY_WORKER_PORTS": block,
+                     "GANGWAY_WORKER_CPUS": str(self.settings.worker_cpus or cpus),
+                     "GANGWAY_WORKER_GPUS": gpu_ids[i] if self.gpus else "none"}
+            if self.gpus:
+                extra["CUDA_VISIBLE_DEVICES"] = gpu_ids[i]
+            self._spawn(f"worker-{wid}", self._celery("workers.runtime.main", keys.worker_queue(wid),
+                                                      f"{wid}@%h", "prefork"), self._env(**extra))
+            self.worker_ids.append(wid)
+
+    def wait_ready(self, deadline: float) -> None:
+        state = State(connect(self.settings))
+
+        def ready() -> bool:
+            self._check_alive()
+            alive = {w.info.worker_id for w in state.workers() if w.alive}
+            return set(self.worker_ids) <= alive and state.coordinator_alive()
+
+        self._wait(ready, deadline, f"{len(self.worker_ids)} workers to register")
+
+    def _check_alive(self) -> None:
+        for s in self.started:
+            if s.proc.poll() is not None:
+                tail = s.log.read_text(errors="replace")[-2000:] if s.log.exists() else ""
+                raise GangwayError(f"{s.name} exited with code {s.proc.returncode}; log {s.log}:\n{tail}")
+
+    @staticmethod
+    def _wait(pred, deadline: float, what: str) -> None:
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.1)
+        raise GangwayError(f"timed out waiting for {what}")
+
+    # stop ------------------------------------------------------------------
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop exactly the processes this fleet started, workers first, servers last."""
+        for s in reversed(self.started):
+            _signal_group(s.proc, signal.SIGTERM)
+            end = time.monotonic() + grace
+            while s.proc.poll() is None and time.monotonic() < end:
+                time.sleep(0.05)
+            if s.proc.poll() is None:
+                _signal_group(s.proc, signal.SIGKILL)
+                s.proc.wait(timeout=10)
+            _signal_group(s.proc, signal.SIGKILL)   # stragglers left in its group
+        self.started.clear()
+
+    def describe(self) -> str:
+        mine = ", ".join(s.name for s in self.started)
+        reused = ", ".join(self.reused) or "nothing"
+        return f"started: {mine or 'nothing'}; reused: {reused}"
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _try(fn) -> bool:
+    try:
+        fn()
+        return True
+    except (GangwayError, redis.RedisError, OSError):
+        return False
+
+
+def _gpu_ids() -> list[str]:
+    from workers.runtime.gpus import detect_gpus
+    return detect_gpus()

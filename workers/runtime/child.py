@@ -1,0 +1,61 @@
+"""The training child: ``python -m workers.runtime.child``.
+
+Started warm (imports done) and waiting for its payload on stdin. It fetches its
+shards, reports ``fetched``, waits for ``go`` (the supervisor's Redis barrier),
+runs the framework runner and reports ``done`` or ``error``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+from workers.runtime.events import ABORT, GO, Emitter, protocol_stream
+
+RUNNERS = {"xgboost": "workers.runtime.xgboost_runner"}
+
+
+def _preimport() -> None:
+    import pyarrow  # noqa: F401
+    for mod in RUNNERS.values():
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def main() -> int:
+    out = protocol_stream()
+    _preimport()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0   # a standby child that was never used
+    payload = json.loads(line)
+    emitter = Emitter(out)
+    try:
+        runner = importlib.import_module(RUNNERS[payload["spec"]["framework"]])
+        from common.settings import Settings
+        settings = Settings.from_env()
+        t0 = time.perf_counter()
+        prepared = runner.prepare(payload, settings)
+        emitter.emit("fetched", seconds=time.perf_counter() - t0, **prepared.fetch_summary())
+        answer = sys.stdin.readline().strip()
+        if answer != GO:
+            emitter.emit("error", type="Aborted", message=f"supervisor said {answer or ABORT!r}", traceback="")
+            return 3
+        summary = runner.train(prepared, emitter)
+        emitter.emit("done", summary=summary)
+        return 0
+    except BaseException as exc:  # every failure must reach the caller with its traceback
+        emitter.error(exc)
+        return 1
+    finally:
+        emitter.close()
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)

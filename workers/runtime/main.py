@@ -1,0 +1,70 @@
+"""Entry point of one trainer worker: ``gangway worker`` runs Celery on this module's ``app``.
+
+The main process registers and heartbeats; ``train_rank`` runs in the prefork
+child, which supervises the training subprocess.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+
+from common.settings import Settings
+from common.state import State, connect
+from workers.celery_app import make_app
+from workers.runtime.gpus import worker_gpus
+from workers.runtime.rank import run_rank
+from workers.runtime.registry import Heartbeat, worker_info
+from workers.runtime.supervisor import Standby
+
+log = logging.getLogger(__name__)
+
+settings = Settings.from_env()
+app = make_app(settings)
+GPUS = worker_gpus(settings.worker_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+INFO = worker_info(settings, GPUS)
+_child_env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
+if GPUS:
+    _child_env["CUDA_VISIBLE_DEVICES"] = ",".join(GPUS)
+_standby = Standby(_child_env)
+_heartbeat: Heartbeat | None = None
+_state: State | None = None
+
+
+def _get_state() -> State:
+    global _state
+    if _state is None:
+        _state = State(connect(settings))
+    return _state
+
+
+@app.task(name="gangway.train_rank", acks_late=False, ignore_result=True)
+def train_rank(payload: dict) -> dict:
+    """Run one rank of one attempt (acknowledged on receipt: leases, not redelivery, decide reruns)."""
+    return run_rank(settings, _get_state(), app, _standby, payload)
+
+
+@signals.worker_process_init.connect(weak=False)
+def _warm_pool_child(**_) -> None:
+    global _state
+    _state = None       # never share a Redis connection across fork
+    _standby.refill()
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _close_pool_child(**_) -> None:
+    _standby.close()
+
+
+@signals.worker_ready.connect(weak=False)
+def _register(**_) -> None:
+    global _heartbeat
+    _heartbeat = Heartbeat(settings, _get_state(), app, INFO)
+    _heartbeat.start()
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _deregister(**_) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -1,0 +1,203 @@
+"""One rank of one attempt, supervised: fence check, child, barrier, relay, artifacts, report."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from common import keys
+from common.errors import RendezvousError
+from common.models import JobState, RankState
+from common.settings import Settings
+from common.state import State
+from workers.runtime.artifacts import upload_artifacts
+from workers.runtime.supervisor import Standby, TrainingChild
+
+log = logging.getLogger(__name__)
+_WRITE_EVERY = 0.25   # seconds between coalesced progress writes
+
+
+class Aborted(Exception):
+    """The attempt was aborted (cancel, another rank failed, or the fence moved on)."""
+
+
+class AbortWatcher:
+    """Listens on the abort channel for this attempt; also set when a fenced write is refused."""
+
+    def __init__(self, state: State, job_id: str, token: str) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+        self._want = f"{job_id}:{token}"
+        self._pubsub = state.r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(**{keys.ABORT_CHANNEL: self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.2, daemon=True)
+
+    def _on_message(self, message: dict) -> None:
+        if message.get("data") == self._want:
+            self.set("the coordinator aborted the attempt")
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    def close(self) -> None:
+        try:
+            self._thread.stop()
+            self._thread.join(timeout=2.0)   # closing under a reading thread breaks its socket
+            self._pubsub.close()
+        except Exception:   # closing a broken connection must not mask the rank's outcome
+            pass
+
+
+@dataclass
+class RankRun:
+    settings: Settings
+    state: State
+    payload: dict
+    status: dict = field(default_factory=dict)
+    error: dict | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> str:
+        return self.payload["job_id"]
+
+    @property
+    def token(self) -> str:
+        return self.payload["token"]
+
+    @property
+    def rank(self) -> int:
+        return self.payload["rank"]
+
+    def write(self, rank_state: RankState | None = None, lines: tuple[str, ...] = (), **fields) -> bool:
+        if rank_state is not None:
+            self.status["state"] = rank_state.value
+            self.status[f"t_{rank_state.value.lower()}"] = time.time()
+        self.status.update(fields, updated=time.time(), worker=self.payload["worker_id"])
+        return self.state.fenced_write(self.job_id, self.token, self.rank, self.status, lines)
+
+
+def is_current(state: State, job_id: str, token: str) -> bool:
+    job = state.job(job_id) or {}
+    return job.get("token") == token and job.get("state") == JobState.RUNNING.value
+
+
+def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float) -> None:
+    """Every rank has fetched its shard and is alive, or RendezvousError naming who is missing."""
+    world = run.payload["rendezvous"]["world_size"]
+    key = keys.barrier(run.job_id, run.token)
+    pipe = state.r.pipeline()
+    pipe.sadd(key, run.rank)
+    pipe.expire(key, int(timeout) + 600)
+    pipe.execute()
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        if state.r.scard(key) >= world:
+            return
+        if abort.event.is_set():
+            raise Aborted(abort.reason)
+        if time.monotonic() > deadline:
+            arrived = {int(x) for x in state.r.smembers(key)}
+            missing = sorted(set(range(world)) - arrived)
+            raise RendezvousError(f"ranks {missing} of job {run.job_id} did not reach the barrier within "
+                                  f"{timeout:g}s (raise GANGWAY_RENDEZVOUS_TIMEOUT or check those workers)")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, payload: dict) -> dict:
+    """Run one rank to its end and report to the coordinator. Stale deliveries are no-ops."""
+    job_id, token, rank = payload["job_id"], payload["token"], payload["rank"]
+    if not is_current(state, job_id, token):
+        log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
+        return {"status": "stale"}
+    run = RankRun(settings, state, payload)
+    workdir = tempfile.mkdtemp(prefix=f"gangway-{job_id}-r{rank}-")
+    payload = {**payload, "workdir": workdir}
+    abort = AbortWatcher(state, job_id, token)
+    child = standby.take()
+    ok = False
+    try:
+        run.write(RankState.FETCHING)
+        child.send(json.dumps(payload))
+        ok = _supervise(run, child, abort)
+        if ok and rank == 0:
+            if not is_current(state, job_id, token):
+                raise Aborted("the attempt ended before its artifacts were written")
+            run.summary["artifacts"] = upload_artifacts(settings, state, run, workdir)
+    except Aborted as exc:
+        ok, run.error = False, {"type": "Aborted", "message": str(exc), "traceback": ""}
+    except Exception as exc:   # an error of the runtime itself is this rank's error
+        import traceback
+        ok, run.error = False, {"type": type(exc).__name__, "message": str(exc),
+                                "traceback": traceback.format_exc()}
+    finally:
+        child.kill(settings.kill_grace)
+        child.close()
+        abort.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    run.write(RankState.SUCCEEDED if ok else (RankState.ABORTED if abort.event.is_set() else RankState.FAILED),
+              error=run.error, summary=run.summary)
+    app.send_task("gangway.rank_finished", args=[job_id, token, rank, ok, run.error, run.summary],
+                  queue=keys.COORDINATOR_QUEUE)
+    log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
+    standby.refill()
+    return {"status": "succeeded" if ok else "failed"}
+
+
+def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
+    """Relay the child's events until it exits; returns whether it succeeded."""
+    last_write, pending = 0.0, None
+    while True:
+        if abort.event.is_set():
+            raise Aborted(abort.reason)
+        try:
+            ev = child.events.get(timeout=0.2)
+        except queue.Empty:
+            ev = {"ev": "tick"}
+        if ev is None:
+            break
+        kind = ev["ev"]
+        if kind == "fetched":
+            run.summary["fetch"] = {k: v for k, v in ev.items() if k != "ev"}
+            if not run.write(RankState.WAITING, fetch=run.summary["fetch"]):
+                abort.set("the attempt is no longer current")
+                continue
+            barrier(run.state, run, abort, run.settings.rendezvous_timeout)
+            child.send("go")
+            run.write(RankState.TRAINING)
+        elif kind == "eval":
+            if not run.state.fenced_write(run.job_id, run.token, run.rank, None, [ev["line"]]):
+                abort.set("the attempt is no longer current")
+        elif kind == "progress":
+            pending = ev
+        elif kind == "done":
+            run.summary.update(ev.get("summary") or {})
+        elif kind == "error":
+            run.error = {k: ev.get(k, "") for k in ("type", "message", "traceback")}
+        now = time.monotonic()
+        if pending is not None and (now - last_write >= _WRITE_EVERY or kind == "done"):
+            if not run.write(None, iteration=pending["iter"], total=pending["total"], metrics=pending["metrics"]):
+                abort.set("the attempt is no longer current")
+            last_write, pending = now, None
+    code = child.proc.wait()
+    if pending is not None:
+        run.write(None, iteration=pending["iter"], total=pending["total"], metrics=pending["metrics"])
+    if code == 0 and run.error is None:
+        return True
+    if run.error is None:
+        run.error = {"type": "ChildProcessError",
+                     "message": f"training process exited with code {code} (signal {-code})" if code < 0
+                     else f"training process exited with code {code}",
+                     "traceback": child.stderr_tail()}
+    return False

@@ -1,0 +1,61 @@
+"""Trainer worker registration: advertise on start, heartbeat on a TTL, deregister on clean stop."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery import Celery
+
+from common import keys
+from common.models import WorkerInfo
+from common.settings import Settings
+from common.state import State
+
+log = logging.getLogger(__name__)
+
+
+def worker_info(settings: Settings, gpus: tuple[str, ...]) -> WorkerInfo:
+    lo, hi = settings.port_block
+    wid = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    return WorkerInfo(worker_id=wid, host=socket.gethostname(), address=settings.worker_host,
+                      queue=keys.worker_queue(wid), port_lo=lo, port_hi=hi,
+                      cpus=settings.worker_cpus or os.cpu_count() or 1, gpus=gpus,
+                      pid=os.getpid(), started_at=time.time())
+
+
+class Heartbeat:
+    """Registers the worker, keeps its alive key fresh, and asks for a scheduling pass."""
+
+    def __init__(self, settings: Settings, state: State, app: Celery, info: WorkerInfo) -> None:
+        self.settings, self.state, self.app, self.info = settings, state, app, info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gangway-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.state.register_worker(self.info, self.settings.heartbeat_ttl)
+        log.info("worker %s registered (queue %s, ports %s-%s, gpus %s)", self.info.worker_id,
+                 self.info.queue, self.info.port_lo, self.info.port_hi, list(self.info.gpus) or "none")
+        self.app.send_task("gangway.schedule", queue=keys.COORDINATOR_QUEUE)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                if not self.state.r.exists(keys.worker(self.info.worker_id)) or \
+                        not self.state.r.sismember(keys.WORKERS, self.info.worker_id):
+                    self.state.register_worker(self.info, self.settings.heartbeat_ttl)   # Redis lost its state
+                    self.app.send_task("gangway.schedule", queue=keys.COORDINATOR_QUEUE)
+                else:
+                    self.state.heartbeat(self.info.worker_id, self.settings.heartbeat_ttl)
+            except Exception as exc:   # keep beating through Redis restarts
+                log.warning("worker %s heartbeat failed: %s", self.info.worker_id, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.state.deregister_worker(self.info.worker_id)
+        except Exception as exc:
+            log.warning("worker %s could not deregister: %s", self.info.worker_id, exc)

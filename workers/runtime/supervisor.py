@@ -1,0 +1,111 @@
+"""The supervised training child: started warm, fed its payload, killed on abort.
+
+``train_rank`` runs in a Celery prefork child, which is daemonic and cannot use
+``multiprocessing``; the framework runs in a plain subprocess instead, so a
+segfault or a CUDA fault cannot take the worker down and a hung collective can
+be killed. ``PR_SET_PDEATHSIG`` ties the child's life to its supervisor.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+from workers.runtime.events import parse
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class TrainingChild:
+    """One ``python -m workers.runtime.child`` process and the thread reading its events."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.runtime.child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.stderr, env=env, text=True, bufsize=1, preexec_fn=_die_with_parent)
+        self.events: queue.Queue[dict | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="gangway-child-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = parse(line)
+            if msg is not None:
+                self.events.put(msg)
+        self.events.put(None)   # EOF: the child is gone or closed its protocol stream
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, line: str) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass   # the child died; its exit code tells the story
+
+    def kill(self, grace: float) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stderr_tail(self, limit: int = 4000) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0, os.SEEK_END)
+        size = self.stderr.tell()
+        self.stderr.seek(max(0, size - limit))
+        return self.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        self.kill(1.0)
+        self.stderr.close()
+
+
+class Standby:
+    """Keeps one warm child ready, so a rank starts training without paying for imports."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self._child: TrainingChild | None = None
+        self._lock = threading.Lock()
+
+    def take(self) -> TrainingChild:
+        with self._lock:
+            child, self._child = self._child, None
+        if child is not None and child.alive:
+            return child
+        return TrainingChild(self.env)
+
+    def refill(self) -> None:
+        with self._lock:
+            if self._child is None or not self._child.alive:
+                self._child = TrainingChild(self.env)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._child is not None:
+                self._child.close()
+                self._child = None

@@ -1,0 +1,138 @@
+"""XGBoost inside the training child: QuantileDMatrix from the Arrow shard, rabit collective."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import xgboost as xgb
+from xgboost.tracker import RabitTracker
+
+from common.settings import Settings
+from workers.runtime.events import Emitter
+from workers.runtime.shards import RankData, fetch_datasets
+
+
+@dataclass
+class Prepared:
+    payload: dict
+    settings: Settings
+    data: RankData
+    tracker: object = None
+
+    def fetch_summary(self) -> dict:
+        return self.data.summary()
+
+
+def prepare(payload: dict, settings: Settings) -> Prepared:
+    spec = payload["spec"]
+    world = payload["rendezvous"]["world_size"]
+    # XGBoost all-reduces eval metrics, so the eval set is sharded like the training data.
+    datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
+    prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, payload["rank"]))
+    if payload["rank"] == 0:
+        # The tracker lives in rank 0's training child: it starts before the barrier, so peers
+        # find it listening, and an abort that kills the child takes the tracker with it.
+        rdv = payload["rendezvous"]
+        prep.tracker = RabitTracker(n_workers=world, host_ip=rdv["tracker_host"], port=rdv["tracker_port"],
+                                    sortby="task", timeout=int(settings.rendezvous_timeout))
+        prep.tracker.start()
+    return prep
+
+
+class ArrowBatches(xgb.DataIter):
+    """Feeds a QuantileDMatrix one Arrow batch at a time (no full float matrix copy)."""
+
+    def __init__(self, table: pa.Table, features: list[str], label: str, weight: str | None,
+                 batch_rows: int = 131072) -> None:
+        self._batches = table.select(features + [label] + ([weight] if weight else [])).to_batches(batch_rows)
+        self._features, self._label, self._weight = features, label, weight
+        self._i = 0
+        super().__init__(release_data=True)
+
+    def next(self, input_data) -> bool:
+        if self._i == len(self._batches):
+            return False
+        b = self._batches[self._i]
+        X = np.column_stack([_np(b.column(b.schema.get_field_index(c))) for c in self._features])
+        kw = {"label": _np(b.column(b.schema.get_field_index(self._label)))}
+        if self._weight:
+            kw["weight"] = _np(b.column(b.schema.get_field_index(self._weight)))
+        input_data(data=X, **kw)
+        self._i += 1
+        return True
+
+    def reset(self) -> None:
+        self._i = 0
+
+
+def _np(col: pa.Array) -> np.ndarray:
+    return col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+class Relay(xgb.callback.TrainingCallback):
+    """Progress every round (droppable) and rank 0's eval line every ``verbose_eval`` rounds."""
+
+    def __init__(self, emitter: Emitter, rank: int, total: int, verbose_eval: int | None) -> None:
+        self.emitter, self.rank, self.total, self.every = emitter, rank, total, verbose_eval
+        self._t = time.perf_counter()
+
+    def after_iteration(self, model, epoch: int, evals_log) -> bool:
+        latest = {f"{d}-{m}": float(v[-1]) for d, ms in evals_log.items() for m, v in ms.items()}
+        now = time.perf_counter()
+        self.emitter.emit("progress", droppable=True, iter=epoch + 1, total=self.total, metrics=latest,
+                          iter_seconds=now - self._t)
+        self._t = now
+        if self.rank == 0 and self.every and (epoch % self.every == 0 or epoch + 1 == self.total):
+            self.emitter.emit("eval", line=f"[{epoch}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+        return False
+
+
+def train(prep: Prepared, emitter: Emitter) -> dict:
+    p, spec, rdv = prep.payload, prep.payload["spec"], prep.payload["rendezvous"]
+    opts = spec["train"]
+    rank, world = p["rank"], rdv["world_size"]
+    params = dict(spec["params"])
+    params.setdefault("nthread", opts.get("nthread") or os.cpu_count() or 1)
+    if p.get("use_gpu"):
+        params["device"] = "cuda"
+    rounds = int(opts["num_boost_round"])
+    comm = {"dmlc_communicator": "rabit", "dmlc_tracker_uri": rdv["tracker_host"],
+            "dmlc_tracker_port": rdv["tracker_port"], "dmlc_task_id": f"{rank:06d}",
+            "dmlc_timeout": int(prep.settings.rendezvous_timeout)}
+    evals_result: dict = {}
+    t0 = time.perf_counter()
+    with xgb.collective.CommunicatorContext(**comm):
+        if xgb.collective.get_rank() != rank:
+            raise RuntimeError(f"tracker gave rank {xgb.collective.get_rank()} to gang rank {rank}")
+        feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
+        max_bin = int(params.get("max_bin", 256))
+        dtrain = xgb.QuantileDMatrix(ArrowBatches(prep.data.tables["train"], feats, label, weight),
+                                     max_bin=max_bin)
+        evals = [(dtrain, "train")]
+        if "eval" in prep.data.tables:
+            deval = xgb.QuantileDMatrix(ArrowBatches(prep.data.tables["eval"], feats, label, weight),
+                                        ref=dtrain, max_bin=max_bin)
+            evals.append((deval, "eval"))
+        t_data = time.perf_counter()
+        emitter.emit("training")
+        booster = xgb.train(params, dtrain, num_boost_round=rounds, evals=evals, evals_result=evals_result,
+                            early_stopping_rounds=opts.get("early_stopping_rounds"), verbose_eval=False,
+                            callbacks=[Relay(emitter, rank, rounds, opts.get("verbose_eval"))])
+    if prep.tracker is not None:
+        prep.tracker.wait_for(int(prep.settings.rendezvous_timeout))
+    raw = booster.save_raw("ubj")
+    summary = {"model_sha256": hashlib.sha256(raw).hexdigest(), "num_boosted_rounds": booster.num_boosted_rounds(),
+               "dmatrix_seconds": t_data - t0, "train_seconds": time.perf_counter() - t_data,
+               "best_iteration": getattr(booster, "best_iteration", None)}
+    if rank == 0:
+        out = p["workdir"]
+        with open(os.path.join(out, "model.ubj"), "wb") as f:
+            f.write(raw)
+        with open(os.path.join(out, "eval_results.json"), "w") as f:
+            json.dump(evals_result, f)
+    return summary
