@@ -149,6 +149,19 @@ class DatasetReader:
         self.stats.bytes_fetched += n
         return final
 
+    def head(self, uri: str, rows: int, manifest: Manifest | None = None) -> pa.Table:
+        """The first ``rows`` rows, fetching only the chunks that hold them."""
+        manifest = manifest or read_manifest(self.store, uri)
+        bucket, prefix = parse_s3_uri(uri)
+        prefix = prefix.rstrip("/") + "/"
+        tables, have = [], 0
+        for chunk in manifest.chunks:
+            if have >= rows:
+                break
+            tables.append(pa.ipc.open_stream(pa.memory_map(str(self._fetch(bucket, prefix, chunk)))).read_all())
+            have += chunk.rows
+        return pa.concat_tables(tables).slice(0, rows) if tables else _empty_table(manifest)
+
     def read(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1,
              rank: int = 0, equal: bool = False) -> pa.Table:
         """The rows of ``rank``'s contiguous shard (the whole dataset for world_size=1)."""

@@ -158,6 +158,7 @@ class Rendezvous:
     tracker_port: int
     machines: tuple[str, ...]      # LightGBM "ip:port" per rank
     listen_ports: tuple[int, ...]
+    tracker_ports: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,4 +168,5 @@ class Rendezvous:
         d = dict(d)
         d["machines"] = tuple(d["machines"])
         d["listen_ports"] = tuple(d["listen_ports"])
+        d["tracker_ports"] = tuple(d.get("tracker_ports", ()))
         return cls(**d)

@@ -1,6 +1,7 @@
 """Data connectors: lazy handles on tabular data, materialised once into the store."""
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Sequence
 
@@ -10,7 +11,7 @@ from common.datasets import ChunkCache, DatasetReader, WriteResult, read_manifes
 from common.errors import DatasetError
 from common.manifest import Manifest
 from common.settings import Settings
-from common.store import ObjectStore, parse_s3_uri
+from common.store import ObjectStore, S3Store, parse_s3_uri
 
 
 class DataConnector:
@@ -79,20 +80,18 @@ class DataConnector:
     def _settings(self, settings: Settings | None) -> Settings:
         return settings or Settings.from_env()
 
-    def to_arrow(self, settings: Settings | None = None) -> pa.Table:
+    def to_arrow(self, settings: Settings | None = None, limit: int | None = None) -> pa.Table:
         if self._table is not None:
-            return self._table
+            return self._table if limit is None else self._table.slice(0, limit)
         if self._parquet is not None:
-            return _read_parquet(self._parquet, self._settings(settings))
+            table = _read_parquet(self._parquet, self._settings(settings))
+            return table if limit is None else table.slice(0, limit)
         s = self._settings(settings)
-        from common.store import S3Store
-        import os
         reader = DatasetReader(S3Store(s), ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
-        return reader.read(self._uri)
+        return reader.read(self._uri) if limit is None else reader.head(self._uri, limit)
 
     def to_pandas(self, limit: int | None = None, settings: Settings | None = None):
-        table = self.to_arrow(settings)
-        return (table.slice(0, limit) if limit is not None else table).to_pandas()
+        return self.to_arrow(settings, limit=limit).to_pandas()
 
     def schema(self, store: ObjectStore | None = None) -> dict[str, pa.DataType] | None:
         """Column types, without reading data where possible (None if unknown without the store)."""

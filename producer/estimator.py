@@ -79,7 +79,7 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
             check_table(name, written.manifest.num_rows, manifest_types(written.manifest), None, features,
                         label_col, weight_col, world_hint)
         if name == "train":
-            sample = (table if table is not None else conn.to_arrow(settings)).slice(0, 256)
+            sample = table.slice(0, 256) if table is not None else conn.to_arrow(settings, limit=256)
         datasets[name] = {"uri": written.uri, "sharded": True if name == "train" else shard_eval,
                           "rows": written.manifest.num_rows, "uploaded_bytes": written.uploaded_bytes}
     return Prepared(datasets, features, sample)

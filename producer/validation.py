@@ -58,13 +58,12 @@ def check_table(name: str, num_rows: int, types: dict[str, pa.DataType | None], 
     if table is None:
         return
     label = table.column(label_col)
-    if label.null_count:
-        raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {label.null_count} "
-                              "missing values")
-    if pa.types.is_floating(label.type):
-        n_bad = len(label) - (pc.sum(pc.is_finite(label)).as_py() or 0)
-        if n_bad:
-            raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {n_bad} NaN/inf values")
+    n_bad = label.null_count
+    if pa.types.is_floating(label.type) and len(label):
+        n_bad += len(label) - label.null_count - (pc.sum(pc.is_finite(label)).as_py() or 0)
+    if n_bad:
+        raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {n_bad} missing, NaN or "
+                              "inf values")
 
 
 def manifest_types(manifest: Manifest) -> dict[str, pa.DataType | None]:

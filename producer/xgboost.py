@@ -36,6 +36,7 @@ class XGBEstimator:
         self._booster = None
         self._eval_results: dict = {}
         self.last_job: TrainingJob | None = None
+        self._input_cols: list[str] | None = None
 
     def fit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
             weight_col=None, early_stopping_rounds=None, timeout: float | None = None):
@@ -62,6 +63,7 @@ class XGBEstimator:
         opts = {"num_boost_round": self.n_estimators, "input_cols": prepared.input_cols, "label_col": label_col,
                 "weight_col": weight_col, "verbose_eval": verbose_eval,
                 "early_stopping_rounds": early_stopping_rounds}
+        self._input_cols = prepared.input_cols
         job = submit_spec(client, "xgboost", resources, prepared, params, opts, self._load, priority)
         self.last_job = job
         return job
@@ -90,7 +92,7 @@ class XGBEstimator:
         import numpy as np
         import xgboost as xgb
         booster = self.get_booster()
-        names = booster.feature_names
+        names = booster.feature_names or self._input_cols
         if hasattr(data, "to_arrow") and not hasattr(data, "columns"):
             data = data.to_arrow()
         if hasattr(data, "column_names"):   # pyarrow

@@ -124,8 +124,9 @@ def shortage(resources: Resources, workers: Sequence[WorkerView]) -> str:
 def compute_rendezvous(gang: Sequence[WorkerView]) -> Rendezvous:
     """Every address and port of the collective, from the workers' port blocks.
 
-    Port block layout per worker: +0 torch MASTER_PORT, +1 XGBoost tracker,
-    +2 LightGBM listen port, +3 spare.
+    Port block layout per worker: +0 torch MASTER_PORT, +2 LightGBM listen port,
+    +1 and +3.. XGBoost tracker candidates: rank 0 binds the first free one (a port
+    the previous job's tracker just closed sits in TIME_WAIT) and publishes it at the barrier.
     """
     if not gang:
         raise ValueError("a rendezvous needs at least one worker")
@@ -136,6 +137,7 @@ def compute_rendezvous(gang: Sequence[WorkerView]) -> Rendezvous:
         master_port=head.port_lo,
         tracker_host=head.address,
         tracker_port=head.port_lo + 1,
+        tracker_ports=(head.port_lo + 1, *range(head.port_lo + 3, head.port_hi + 1)),
         machines=tuple(f"{w.info.address}:{w.info.port_lo + 2}" for w in gang),
         listen_ports=tuple(w.info.port_lo + 2 for w in gang),
     )

@@ -41,11 +41,11 @@ def main() -> int:
         t0 = time.perf_counter()
         prepared = runner.prepare(payload, settings)
         emitter.emit("fetched", seconds=time.perf_counter() - t0, **prepared.fetch_summary())
-        answer = sys.stdin.readline().strip()
+        answer, _, shared = sys.stdin.readline().strip().partition(" ")
         if answer != GO:
             emitter.emit("error", type="Aborted", message=f"supervisor said {answer or ABORT!r}", traceback="")
             return 3
-        summary = runner.train(prepared, emitter)
+        summary = runner.train(prepared, emitter, json.loads(shared or "{}"))
         emitter.emit("done", summary=summary)
         return 0
     except BaseException as exc:  # every failure must reach the caller with its traceback

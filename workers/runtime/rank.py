@@ -91,11 +91,17 @@ def is_current(state: State, job_id: str, token: str) -> bool:
     return job.get("token") == token and job.get("state") == JobState.RUNNING.value
 
 
-def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float) -> None:
-    """Every rank has fetched its shard and is alive, or RendezvousError naming who is missing."""
+def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, publish: dict) -> dict:
+    """Every rank has fetched its shard and is alive, or RendezvousError naming who is missing.
+
+    Returns what the ranks published on arrival (rank 0's tracker port)."""
     world = run.payload["rendezvous"]["world_size"]
     key = keys.barrier(run.job_id, run.token)
+    info = key + ":info"
     pipe = state.r.pipeline()
+    if publish:
+        pipe.hset(info, mapping={k: json.dumps(v) for k, v in publish.items()})
+        pipe.expire(info, int(timeout) + 600)
     pipe.sadd(key, run.rank)
     pipe.expire(key, int(timeout) + 600)
     pipe.execute()
@@ -103,7 +109,7 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float) -> 
     delay = 0.005
     while True:
         if state.r.scard(key) >= world:
-            return
+            return {k: json.loads(v) for k, v in state.r.hgetall(info).items()}
         if abort.event.is_set():
             raise Aborted(abort.reason)
         if time.monotonic() > deadline:
@@ -173,8 +179,8 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             if not run.write(RankState.WAITING, fetch=run.summary["fetch"]):
                 abort.set("the attempt is no longer current")
                 continue
-            barrier(run.state, run, abort, run.settings.rendezvous_timeout)
-            child.send("go")
+            shared = barrier(run.state, run, abort, run.settings.rendezvous_timeout, ev.get("publish") or {})
+            child.send("go " + json.dumps(shared))
             run.write(RankState.TRAINING)
         elif kind == "eval":
             if not run.state.fenced_write(run.job_id, run.token, run.rank, None, [ev["line"]]):

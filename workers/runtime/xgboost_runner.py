@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,9 +23,10 @@ class Prepared:
     settings: Settings
     data: RankData
     tracker: object = None
+    published: dict = field(default_factory=dict)   # shared with every rank at the barrier
 
     def fetch_summary(self) -> dict:
-        return self.data.summary()
+        return {**self.data.summary(), "publish": self.published}
 
 
 def prepare(payload: dict, settings: Settings) -> Prepared:
@@ -37,11 +38,27 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     if payload["rank"] == 0:
         # The tracker lives in rank 0's training child: it starts before the barrier, so peers
         # find it listening, and an abort that kills the child takes the tracker with it.
-        rdv = payload["rendezvous"]
-        prep.tracker = RabitTracker(n_workers=world, host_ip=rdv["tracker_host"], port=rdv["tracker_port"],
-                                    sortby="task", timeout=int(settings.rendezvous_timeout))
-        prep.tracker.start()
+        prep.tracker, port = start_tracker(payload["rendezvous"], world, settings.rendezvous_timeout)
+        prep.published["tracker_port"] = port
     return prep
+
+
+def start_tracker(rdv: dict, world: int, timeout: float) -> tuple[RabitTracker, int]:
+    """Bind the first free candidate port of rank 0's block, else an ephemeral port.
+
+    XGBoost's tracker binds without SO_REUSEADDR, so a port whose last job's
+    connections sit in TIME_WAIT (about 60 s) cannot be bound again; jobs in quick
+    succession on one gang walk the block, and past its end the OS picks a port.
+    """
+    for port in [*(rdv.get("tracker_ports") or [rdv["tracker_port"]]), 0]:
+        try:
+            tracker = RabitTracker(n_workers=world, host_ip=rdv["tracker_host"], port=port, sortby="task",
+                                   timeout=int(timeout))
+        except xgb.core.XGBoostError:
+            continue
+        tracker.start()
+        return tracker, int(tracker.worker_args()["dmlc_tracker_port"])
+    raise RuntimeError(f"cannot start the XGBoost tracker on {rdv['tracker_host']} (no port could be bound)")
 
 
 class ArrowBatches(xgb.DataIter):
@@ -62,7 +79,7 @@ class ArrowBatches(xgb.DataIter):
         kw = {"label": _np(b.column(b.schema.get_field_index(self._label)))}
         if self._weight:
             kw["weight"] = _np(b.column(b.schema.get_field_index(self._weight)))
-        input_data(data=X, **kw)
+        input_data(data=X, feature_names=self._features, **kw)
         self._i += 1
         return True
 
@@ -92,7 +109,7 @@ class Relay(xgb.callback.TrainingCallback):
         return False
 
 
-def train(prep: Prepared, emitter: Emitter) -> dict:
+def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     p, spec, rdv = prep.payload, prep.payload["spec"], prep.payload["rendezvous"]
     opts = spec["train"]
     rank, world = p["rank"], rdv["world_size"]
@@ -102,7 +119,7 @@ def train(prep: Prepared, emitter: Emitter) -> dict:
         params["device"] = "cuda"
     rounds = int(opts["num_boost_round"])
     comm = {"dmlc_communicator": "rabit", "dmlc_tracker_uri": rdv["tracker_host"],
-            "dmlc_tracker_port": rdv["tracker_port"], "dmlc_task_id": f"{rank:06d}",
+            "dmlc_tracker_port": int(shared.get("tracker_port", rdv["tracker_port"])), "dmlc_task_id": f"{rank:06d}",
             "dmlc_timeout": int(prep.settings.rendezvous_timeout)}
     evals_result: dict = {}
     t0 = time.perf_counter()

@@ -1,0 +1,73 @@
+"""Fixtures: a real embedded fleet (redis-server, weed mini S3, coordinator, 2 Celery workers) on free ports.
+
+Integration tests skip with a reason when a server binary is missing, but fail under CI=true.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+
+import pytest
+
+from common.settings import Settings
+from workers.local import services
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing_binaries() -> str:
+    try:
+        services.redis_binary()
+        services.weed_binary()
+    except Exception as exc:
+        return str(exc)
+    return ""
+
+
+def _free_block(size: int = 10) -> str:
+    for _ in range(200):
+        lo = random.randrange(30000, 45000, size)
+        if all(not services.port_open("127.0.0.1", p, 0.05) for p in range(lo, lo + 4 * size)):
+            return f"{lo}-{lo + size - 1}"
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture(scope="session")
+def fleet_settings():
+    missing = _missing_binaries()
+    if missing:
+        if IN_CI:
+            pytest.fail(f"integration servers missing under CI: {missing}")
+        pytest.skip(f"integration servers missing: {missing}")
+    home = tempfile.mkdtemp(prefix="gangway-test-")
+    return Settings.from_env(
+        {}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
+        s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
+        heartbeat_interval=1.0, heartbeat_ttl=6.0, schedule_interval=1.0, rendezvous_timeout=30.0,
+        chunk_rows=4096)
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_settings):
+    """A running 2-worker fleet; the producer in this process is pointed at it through env."""
+    from workers.local.fleet import Fleet
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
+    os.environ.update(fleet_settings.as_env())
+    f = Fleet(fleet_settings, workers=2)
+    f.start(timeout=180)
+    try:
+        yield f
+    finally:
+        f.stop()
+        for k in [k for k in os.environ if k.startswith("GANGWAY_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+        shutil.rmtree(fleet_settings.home, ignore_errors=True)
+
+
+@pytest.fixture
+def state(fleet, fleet_settings):
+    from common.state import State, connect
+    return State(connect(fleet_settings))
