@@ -1,0 +1,87 @@
+from common.models import JobSpec, Resources, WorkerInfo, WorkerView
+from workers.coordinator.scheduler import (Action, compute_rendezvous, infeasibility, pending_score, plan_pass,
+                                           select_gang)
+
+
+def w(wid, host="h1", gpus=(), cpus=4, alive=True, job="", port=29500):
+    return WorkerView(WorkerInfo(wid, host, f"10.0.0.{hash(host) % 200}", f"q.{wid}", port, port + 9, cpus,
+                                 tuple(gpus)), alive, job)
+
+
+def spec(job_id, n=2, gpu=None, prio=0):
+    return JobSpec(job_id, "xgboost", Resources(n, gpu), {"train": {"uri": "s3://b/x/"}}, priority=prio)
+
+
+def test_gang_is_not_reserved_if_one_worker_is_short():
+    assert select_gang("j", Resources(3), [w("a"), w("b"), w("c", job="other")]) is None
+
+
+def test_gang_takes_exactly_the_requested_number_of_free_workers():
+    p = select_gang("j", Resources(2), [w("a"), w("b", job="x"), w("c"), w("d")])
+    assert len(p.worker_ids) == 2 and "b" not in p.worker_ids and p.use_gpu is False
+
+
+def test_minus_one_takes_every_free_worker_and_at_least_one():
+    assert select_gang("j", Resources(-1), [w("a"), w("b"), w("c", alive=False)]).worker_ids == ("a", "b")
+    assert select_gang("j", Resources(-1), [w("a", job="x")]) is None
+
+
+def test_use_gpu_none_picks_a_gpu_gang_only_when_the_whole_gang_can_be_gpu():
+    fleet = [w("a", gpus=("0",)), w("b", gpus=("1",)), w("c")]
+    assert select_gang("j", Resources(2), fleet).use_gpu is True
+    p = select_gang("j", Resources(3), fleet)
+    assert p.use_gpu is False and len(p.worker_ids) == 3
+
+
+def test_cpu_gangs_leave_gpu_workers_free_when_they_can():
+    p = select_gang("j", Resources(1, use_gpu=False), [w("g", gpus=("0",)), w("c")])
+    assert p.worker_ids == ("c",)
+
+
+def test_ranks_of_one_host_are_consecutive():
+    p = select_gang("j", Resources(4), [w("a", "h2"), w("b", "h1"), w("c", "h2"), w("d", "h1")])
+    assert p.worker_ids == ("b", "d", "a", "c")
+
+
+def test_a_gang_larger_than_the_fleet_is_infeasible_with_requested_and_available():
+    msg = infeasibility(Resources(5), [w("a"), w("b")])
+    assert "num_workers=5" in msg and "2 eligible workers" in msg
+
+
+def test_gpus_asked_of_a_cpu_fleet_are_infeasible():
+    assert "no GPU worker" in infeasibility(Resources(1, use_gpu=True), [w("a")])
+
+
+def test_busy_workers_still_count_toward_feasibility():
+    assert infeasibility(Resources(2), [w("a", job="x"), w("b", job="y")]) == ""
+
+
+def test_no_live_worker_is_infeasible():
+    assert "no live trainer worker" in infeasibility(Resources(1), [w("a", alive=False)])
+
+
+def test_pending_order_is_priority_then_fifo():
+    scores = {"low-early": pending_score(0, 1), "high-late": pending_score(5, 9), "low-late": pending_score(0, 2)}
+    assert sorted(scores, key=scores.get) == ["high-late", "low-early", "low-late"]
+
+
+def test_a_pass_places_in_order_and_the_first_job_that_does_not_fit_blocks_the_rest():
+    fleet = [w("a"), w("b"), w("c")]
+    ds = plan_pass([spec("j1", 2), spec("j2", 2), spec("j3", 1)], fleet)
+    assert [(d.job_id, d.action) for d in ds] == [("j1", Action.PLACE), ("j2", Action.WAIT)]
+    assert "1 of 3 live workers are free" in ds[1].reason
+
+
+def test_a_pass_fails_jobs_that_can_never_fit_and_goes_on():
+    ds = plan_pass([spec("big", 9), spec("ok", 1)], [w("a")])
+    assert [(d.job_id, d.action) for d in ds] == [("big", Action.FAIL), ("ok", Action.PLACE)]
+
+
+def test_rendezvous_comes_from_the_reserved_workers_port_blocks():
+    gang = [w("a", "h1", port=30000), w("b", "h2", port=31000)]
+    rdv = compute_rendezvous(gang)
+    assert rdv.world_size == 2
+    assert (rdv.master_addr, rdv.master_port) == (gang[0].info.address, 30000)
+    assert rdv.tracker_port == 30001 and rdv.tracker_ports[0] == 30001 and 30000 not in rdv.tracker_ports
+    assert 30002 not in rdv.tracker_ports
+    assert rdv.machines == (f"{gang[0].info.address}:30002", f"{gang[1].info.address}:31002")

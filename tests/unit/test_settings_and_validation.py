@@ -1,0 +1,88 @@
+import pyarrow as pa
+import pytest
+
+from common.errors import ConfigurationError, TrainingFailedError, ValidationError
+from common.models import JobSpec, JobState, Rendezvous, Resources
+from common.settings import Settings, parse_port_block, redact_url
+from common.store import parse_s3_uri
+from producer.validation import check_columns, check_table
+
+
+def test_settings_read_gangway_env_and_flags_win():
+    s = Settings.from_env({"GANGWAY_DATA_BUCKET": "dd", "GANGWAY_S3_SECURE": "true", "GANGWAY_CHUNK_ROWS": "7"},
+                          data_bucket="flag")
+    assert (s.data_bucket, s.s3_secure, s.chunk_rows) == ("flag", True, 7)
+
+
+def test_bad_setting_values_name_the_variable():
+    with pytest.raises(ConfigurationError, match="GANGWAY_CHUNK_ROWS='many' is not a valid int"):
+        Settings.from_env({"GANGWAY_CHUNK_ROWS": "many"})
+    with pytest.raises(ConfigurationError, match="GANGWAY_WORKER_PORTS"):
+        parse_port_block("1-2")
+
+
+def test_settings_are_frozen_and_their_repr_hides_secrets():
+    s = Settings.from_env({"GANGWAY_S3_SECRET_KEY": "hunter2", "GANGWAY_BROKER_URL": "redis://:pw@h:1/0"})
+    with pytest.raises(Exception):
+        s.data_bucket = "x"
+    assert "hunter2" not in repr(s) and "pw@" not in repr(s)
+    assert redact_url("rediss://user:pw@h:6380/0") == "rediss://user:***@h:6380/0"
+
+
+def test_settings_survive_a_trip_through_env():
+    s = Settings.from_env({}, chunk_rows=9, s3_secure=True)
+    assert Settings.from_env(s.as_env()) == s
+
+
+def test_s3_uris_are_checked():
+    assert parse_s3_uri("s3://bucket/a/b") == ("bucket", "a/b")
+    with pytest.raises(ValueError, match="not an s3:// URI"):
+        parse_s3_uri("/tmp/x")
+    with pytest.raises(ValueError, match="shorter than 3"):
+        parse_s3_uri("s3://ab/x")
+
+
+def test_job_states_know_which_are_terminal():
+    assert {s for s in JobState if s.is_terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+def test_job_spec_and_rendezvous_round_trip_through_json():
+    spec = JobSpec("j", "xgboost", Resources(2, True, 1), {"train": {"uri": "s3://b/d/"}}, {"eta": 0.1})
+    assert JobSpec.from_json(spec.to_json()) == spec
+    rdv = Rendezvous(2, "a", 1, "a", 2, ("a:3", "b:3"), (3, 3), (2, 4))
+    assert Rendezvous.from_dict(rdv.to_dict()) == rdv
+
+
+def test_input_columns_default_to_every_column_but_label_and_weight():
+    assert check_columns("train", ["a", "b", "y", "w"], None, "y", "w") == ["a", "b"]
+
+
+def test_missing_columns_are_listed_with_what_the_data_has():
+    with pytest.raises(ValidationError, match=r"missing input columns \['age'\] in dataset 'train' "
+                                              r"\(has: \['income', 'score'\]\)"):
+        check_columns("train", ["income", "score"], ["age"], "score")
+
+
+def test_label_listed_as_an_input_is_refused():
+    with pytest.raises(ValidationError, match="also listed in input_cols"):
+        check_columns("train", ["a", "y"], ["a", "y"], "y")
+
+
+def test_table_checks_name_non_numeric_columns_and_bad_labels():
+    t = pa.table({"a": ["x", "y"], "y": [1.0, float("nan")]})
+    types = {f.name: f.type for f in t.schema}
+    with pytest.raises(ValidationError, match=r"non-numeric columns in dataset 'train': \{'a': 'string'\}"):
+        check_table("train", 2, types, t, ["a"], "y", None)
+    t = pa.table({"a": [1, 2], "y": [1.0, float("inf")]})
+    with pytest.raises(ValidationError, match="has 1 missing, NaN or inf values"):
+        check_table("train", 2, {f.name: f.type for f in t.schema}, t, ["a"], "y", None)
+    with pytest.raises(ValidationError, match="fewer than the 3 workers"):
+        check_table("train", 2, {f.name: f.type for f in t.schema}, None, ["a"], "y", None, world_size=3)
+
+
+def test_training_failed_error_lists_every_failed_rank():
+    err = TrainingFailedError("job j failed", job_id="j", rank_errors={
+        1: {"type": "ValueError", "message": "bad", "traceback": "tb1"},
+        0: {"type": "OSError", "message": "gone", "traceback": "tb0"}})
+    assert "rank 0: OSError: gone" in str(err) and "rank 1: ValueError: bad" in str(err)
+    assert "tb0" in err.tracebacks() and "tb1" in err.tracebacks()
