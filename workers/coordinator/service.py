@@ -179,6 +179,9 @@ class Coordinator:
         gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
         if abort:
             self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
+            # Ranks still queued never start. No terminate: the running supervisors got the
+            # pub/sub abort and kill their training children themselves, then report.
+            self.app.control.revoke([f"{job_id}.{token}.r{rank}" for rank in range(len(gang))])
         self.reservations.release(job_id, token, gang)
         self.r.srem(keys.RUNNING, job_id)
         self.schedule_pass()

@@ -82,7 +82,7 @@ def run_demo(settings: Settings, *, n_workers: int, rows: int, rounds: int, echo
         train_s = max((r.get("summary", {}).get("train_seconds", 0) for r in ranks.values()), default=0)
         started = float(rec.get("started_at") or 0)
         submitted = float(rec.get("submitted_at") or 0)
-        echo(f"timings: fit {fit_s:.2f}s (upload+submit+queue {max(0.0, started - submitted):.2f}s, "
+        echo(f"timings: fit {fit_s:.2f}s (submit→gang reserved {max(0.0, started - submitted):.2f}s, "
              f"training {train_s:.2f}s); total {time.perf_counter() - t0:.2f}s")
         return {"job_id": job.job_id, "rmse": rmse, "fit_seconds": fit_s}
     finally:

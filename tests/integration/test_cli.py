@@ -1,0 +1,52 @@
+"""The operator commands against the running test fleet."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from producer.xgboost import XGBEstimator, XGBScalingConfig
+from tests.integration.helpers import FEATURES, regression_frame
+
+pytestmark = pytest.mark.integration
+
+
+def gangway(fleet_settings, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **fleet_settings.as_env()}
+    out = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=60)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_check_passes_when_broker_store_coordinator_and_workers_answer(fleet, fleet_settings):
+    assert "coordinator and 2 workers answer" in gangway(fleet_settings, "check").stdout
+
+
+def test_check_fails_when_nothing_answers(fleet_settings):
+    bad = fleet_settings.replace(broker_url="redis://127.0.0.1:1/0", s3_endpoint="http://127.0.0.1:1")
+    out = gangway(bad, "check", ok=False)
+    assert out.returncode == 1 and "FAIL broker" in out.stderr and "FAIL store" in out.stderr
+
+
+def test_fleet_lists_every_worker_with_its_resources_and_state(fleet, fleet_settings):
+    rows = json.loads(gangway(fleet_settings, "fleet", "--json").stdout)
+    assert sorted(r["id"] for r in rows) == sorted(fleet.worker_ids)
+    assert all(r["state"] in ("idle", "reserved") and r["cpus"] >= 1 and r["gpus"] == [] for r in rows)
+    assert "STATE" in gangway(fleet_settings, "fleet").stdout
+
+
+def test_jobs_lists_jobs_and_show_gives_one_with_its_ranks(fleet, fleet_settings):
+    est = XGBEstimator(n_estimators=2, scaling_config=XGBScalingConfig(num_workers=2))
+    est.fit(regression_frame(1000, seed=11), FEATURES, "risk", timeout=60)
+    job_id = est.last_job.job_id
+    listing = json.loads(gangway(fleet_settings, "jobs", "--json").stdout)
+    assert {"job_id": job_id, "state": "SUCCEEDED"}.items() <= next(j for j in listing if j["job_id"] == job_id).items()
+    shown = json.loads(gangway(fleet_settings, "jobs", "show", job_id).stdout)
+    assert shown["state"] == "SUCCEEDED" and set(shown["ranks"]) == {"0", "1"}
+    assert fleet_settings.s3_secret_key not in json.dumps(shown)
+    assert gangway(fleet_settings, "jobs", "show", "nope", ok=False).returncode != 0
