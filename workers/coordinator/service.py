@@ -149,6 +149,7 @@ class Coordinator:
                                          finished_at=str(time.time()))
             if prev:
                 log.info("job %s succeeded", job_id)
+                self._expire(job_id)
                 self._end_attempt(job_id, token, abort=False)
 
     def fail(self, job_id: str, message: str, *, kind: str = "GangwayError", token: str = "",
@@ -160,6 +161,7 @@ class Coordinator:
         if prev is None:
             return False
         log.warning("job %s failed: %s", job_id, message)
+        self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or token, abort=True)
         return True
@@ -171,9 +173,18 @@ class Coordinator:
         if prev is None:
             return False
         log.info("job %s cancelled (was %s)", job_id, prev.value)
+        self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or "", abort=True)
         return True
+
+    def _expire(self, job_id: str) -> None:
+        """Ended jobs stay readable for GANGWAY_JOB_TTL_DAYS, then leave Redis."""
+        ttl = int(self.settings.job_ttl_days * 86400)
+        pipe = self.r.pipeline()
+        for key in keys.job_keys(job_id):
+            pipe.expire(key, ttl)
+        pipe.execute()
 
     def _end_attempt(self, job_id: str, token: str, *, abort: bool) -> None:
         gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
@@ -203,5 +214,6 @@ class Coordinator:
 
     def tick(self) -> None:
         self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))
+        self.r.zremrangebyscore(keys.JOBS, 0, time.time() - self.settings.job_ttl_days * 86400)
         self.reap()
         self.schedule_pass()

@@ -114,7 +114,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     opts = spec["train"]
     rank, world = p["rank"], rdv["world_size"]
     params = dict(spec["params"])
-    params.setdefault("nthread", opts.get("nthread") or os.cpu_count() or 1)
+    params.setdefault("nthread", prep.settings.worker_cpus or os.cpu_count() or 1)   # the worker's CPU share
     if p.get("use_gpu"):
         params["device"] = "cuda"
     rounds = int(opts["num_boost_round"])
