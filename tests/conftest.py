@@ -67,6 +67,32 @@ def fleet(fleet_settings):
         shutil.rmtree(fleet_settings.home, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def redis_url():
+    """A bare redis-server of our own (no fleet), for the Lua scripts' contracts."""
+    import subprocess
+    import time
+    try:
+        binary = services.redis_binary()
+    except Exception as exc:
+        if IN_CI:
+            pytest.fail(f"redis-server missing under CI: {exc}")
+        pytest.skip(str(exc))
+    port = services.free_port()
+    data = tempfile.mkdtemp(prefix="gangway-redis-")
+    proc = subprocess.Popen(services.redis_command(port, data), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not services.port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 @pytest.fixture
 def state(fleet, fleet_settings):
     from common.state import State, connect
