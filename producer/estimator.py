@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-
-import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from common.errors import ValidationError
 from common.models import JobSpec, Resources
@@ -109,11 +107,127 @@ def check_common_args(verbose_eval, early_stopping_rounds, n_estimators) -> None
         raise ValidationError(f"n_estimators={n_estimators} is more than 1,000,000 rounds")
 
 
-def scratch_dir() -> str:
-    return tempfile.mkdtemp(prefix="gangway-")
-
-
 def load_json(data: bytes) -> Any:
     return json.loads(data.decode())
 
 
+
+
+def feature_matrix(table, cols: list[str]):
+    import numpy as np
+    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols])
+
+
+class BoostingEstimator:
+    """``fit``/``submit``/``get_booster``/``get_eval_results``/``predict`` shared by the GBDT estimators.
+
+    Subclasses name the framework, the rounds parameter aliases, how the eval set is
+    split across ranks, and how params are checked locally and the model loaded."""
+
+    framework: ClassVar[str]
+    config_type: ClassVar[type]
+    rounds_aliases: ClassVar[tuple[str, ...]] = ("n_estimators", "num_boost_round")
+    thread_param: ClassVar[str] = "nthread"
+    shard_eval: ClassVar[bool] = True
+    model_file: ClassVar[str]
+
+    def __init__(self, n_estimators: int, objective: str, params: dict[str, Any] | None,
+                 scaling_config: ScalingConfig | None, callbacks: list | None) -> None:
+        name = type(self).__name__
+        if params is not None and not isinstance(params, dict):
+            raise ValidationError(f"params must be a dict, got {type(params).__name__}")
+        if scaling_config is not None and not isinstance(scaling_config, ScalingConfig):
+            raise ValidationError(f"scaling_config must be a {self.config_type.__name__}, "
+                                  f"got {type(scaling_config).__name__}")
+        if callbacks:
+            raise ValidationError(f"{name}(callbacks=...) is not supported yet: training runs on the fleet and "
+                                  "callbacks cannot travel there; use verbose_eval and early_stopping_rounds")
+        self.params = {"objective": objective, **(params or {})}
+        rounds = n_estimators
+        for alias in self.rounds_aliases:   # params win over the named argument
+            if alias in self.params:
+                rounds = self.params.pop(alias)
+        check_positive_int("n_estimators", rounds)
+        self.n_estimators = rounds
+        self.scaling_config = scaling_config or self.config_type()
+        self._booster = None
+        self._eval_results: dict = {}
+        self._input_cols: list[str] | None = None
+        self.last_job: TrainingJob | None = None
+
+    def fit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
+            weight_col=None, early_stopping_rounds=None, timeout: float | None = None):
+        """Train on the fleet; prints rank 0's eval every ``verbose_eval`` rounds; returns the Booster."""
+        job = self.submit(dataset, input_cols, label_col, eval_set, verbose_eval, weight_col=weight_col,
+                          early_stopping_rounds=early_stopping_rounds)
+        return job.wait(timeout, echo=verbose_eval is not None)
+
+    def submit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
+               weight_col=None, early_stopping_rounds=None, priority: int = 0) -> TrainingJob:
+        """Validate, upload what the store lacks, enqueue; returns at once."""
+        check_common_args(verbose_eval, early_stopping_rounds, self.n_estimators)
+        if early_stopping_rounds and eval_set is None:
+            raise ValidationError("early_stopping_rounds needs an eval_set")
+        self._before_submit()
+        client = Client.default()
+        resources = self.scaling_config.resources()
+        world = client.check_capacity(resources)
+        prepared = prepare_data(client, dataset, eval_set, input_cols, label_col, weight_col, world,
+                                shard_eval=self.shard_eval)
+        params = dict(self.params)
+        if self.scaling_config.num_cpu_per_worker > 0:
+            params.setdefault(self.thread_param, self.scaling_config.num_cpu_per_worker)
+        self._check_params(params, prepared, label_col)
+        opts = {"num_boost_round": self.n_estimators, "input_cols": prepared.input_cols, "label_col": label_col,
+                "weight_col": weight_col, "verbose_eval": verbose_eval,
+                "early_stopping_rounds": early_stopping_rounds}
+        self._input_cols = prepared.input_cols
+        self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority)
+        return self.last_job
+
+    def _before_submit(self) -> None:
+        """A hook for framework notices (LightGBM's CPU-only distributed learner)."""
+
+    def _check_params(self, params: dict, prepared: Prepared, label_col: str) -> None:
+        raise NotImplementedError
+
+    def _load_model(self, data: bytes):
+        raise NotImplementedError
+
+    def _load(self, job: TrainingJob):
+        files = download_artifacts(job, (self.model_file, "eval_results.json"))
+        self._booster = self._load_model(files[self.model_file])
+        self._eval_results = load_json(files["eval_results.json"])
+        return self._booster
+
+    def get_booster(self):
+        if self._booster is None:
+            raise RuntimeError("no trained booster yet: call fit() (or wait() on a submitted job) first")
+        return self._booster
+
+    def get_eval_results(self) -> dict:
+        """``{"train": {metric: [...]}, "eval": {...}}`` of the last fit."""
+        self.get_booster()
+        return self._eval_results
+
+    def _feature_names(self) -> list[str] | None:
+        return self._input_cols
+
+    def _predict_matrix(self, X):
+        raise NotImplementedError
+
+    def predict(self, data):
+        """Predict locally with the trained booster (pandas, Arrow, numpy or a DataConnector)."""
+        import numpy as np
+        self.get_booster()
+        names = self._feature_names()
+        if isinstance(data, DataConnector):
+            data = data.to_arrow()
+        if hasattr(data, "column_names"):   # pyarrow
+            data = data.to_pandas()
+        if hasattr(data, "columns") and names:
+            missing = [c for c in names if c not in data.columns]
+            if missing:
+                raise ValidationError(f"predict: missing input columns {missing} (has: {list(data.columns)})")
+            data = data[names].to_numpy(dtype=np.float32)
+        return self._predict_matrix(np.asarray(data, dtype=np.float32))

@@ -17,9 +17,19 @@ def artifact_prefix(job_id: str) -> str:
     return f"model/{job_id}/"
 
 
+_stores: dict[Settings, S3Store] = {}
+
+
+def artifact_store(settings: Settings) -> S3Store:
+    """One S3 client per process (boto3 takes ~0.2 s to build one)."""
+    if settings not in _stores:
+        _stores[settings] = S3Store(settings)
+    return _stores[settings]
+
+
 def upload_artifacts(settings: Settings, state, run, workdir: str) -> str:
     """Upload the model files rank 0's child wrote, plus metadata.json; returns the artifact URI."""
-    store = S3Store(settings)
+    store = artifact_store(settings)
     bucket, prefix = settings.artifact_bucket, artifact_prefix(run.job_id)
     store.ensure_bucket(bucket)
     uploaded = []

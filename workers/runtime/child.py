@@ -17,18 +17,24 @@ from workers.runtime.events import ABORT, GO, Emitter, protocol_stream
 RUNNERS = {"xgboost": "workers.runtime.xgboost_runner"}
 
 
-def _preimport() -> None:
+def _preimport(settings) -> None:
+    """Pay for imports and the S3 client while waiting as a standby, not when a job arrives."""
     import pyarrow  # noqa: F401
+    from workers.runtime.shards import warm_store
     for mod in RUNNERS.values():
         try:
             importlib.import_module(mod)
         except ImportError:
             pass
+    warm_store(settings)
 
 
 def main() -> int:
+    from common.datasets import join_cache_writers
+    from common.settings import Settings
     out = protocol_stream()
-    _preimport()
+    settings = Settings.from_env()
+    _preimport(settings)
     line = sys.stdin.readline()
     if not line.strip():
         return 0   # a standby child that was never used
@@ -36,8 +42,6 @@ def main() -> int:
     emitter = Emitter(out)
     try:
         runner = importlib.import_module(RUNNERS[payload["spec"]["framework"]])
-        from common.settings import Settings
-        settings = Settings.from_env()
         t0 = time.perf_counter()
         prepared = runner.prepare(payload, settings)
         emitter.emit("fetched", seconds=time.perf_counter() - t0, **prepared.fetch_summary())
@@ -53,6 +57,7 @@ def main() -> int:
         return 1
     finally:
         emitter.close()
+        join_cache_writers()
 
 
 if __name__ == "__main__":

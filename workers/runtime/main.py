@@ -50,6 +50,8 @@ def _warm_pool_child(**_) -> None:
     global _state
     _state = None       # never share a Redis connection across fork
     _standby.refill()
+    from workers.runtime.artifacts import artifact_store
+    artifact_store(settings)   # build the S3 client now, not inside rank 0's critical path
 
 
 @signals.worker_process_shutdown.connect(weak=False)

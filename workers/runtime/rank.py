@@ -157,6 +157,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     app.send_task("gangway.rank_finished", args=[job_id, token, rank, ok, run.error, run.summary],
                   queue=keys.COORDINATOR_QUEUE)
     log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
+    # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
     standby.refill()
     return {"status": "succeeded" if ok else "failed"}
 
