@@ -200,7 +200,7 @@ def fetch_ratio(settings: Settings, uri: str, tmp: str) -> tuple[float, float, i
         join_cache_writers()
         return took
 
-    best = [min(pair) for pair in zip(*[(reader(i), raw()) for i in range(2)])]
+    best = [min(pair) for pair in zip(*[(reader(i), raw()) for i in range(3)])]
     return best[0], best[1], nbytes
 
 
@@ -267,6 +267,7 @@ def measure(fleet: Fleet, X: np.ndarray, y: np.ndarray, a: argparse.Namespace, t
     assert uploaded_bytes(job) > 0, "the cold fit found its data already stored"
     del cold_table
     log("shard fetch: DatasetReader (empty cache) vs raw sequential get_object")
+    time.sleep(a.gap + 2)   # let the workers' standby children finish warming up first
     m["read"], m["raw"], m["shard_bytes"] = fetch_ratio(fleet.settings, uri, tmp)
 
     log(f"{a.small_jobs} small jobs (2,000 rows, 5 rounds), {a.gap:g}s apart")

@@ -108,6 +108,8 @@ class Resources:
     num_workers: int = -1          # -1: every free worker, at least one
     use_gpu: bool | None = None    # None: GPU when the whole gang can be GPU
     num_cpu_per_worker: int = -1   # -1: all the worker's CPUs
+    num_nodes: int = 0             # >0: the gang spans exactly this many hosts ...
+    workers_per_node: int = 0      # ... with this many workers on each
 
 
 @dataclass

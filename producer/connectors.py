@@ -71,6 +71,25 @@ class DataConnector:
         return cls(parquet=paths, **kw)
 
     @classmethod
+    def from_sql(cls, query: str, con=None, **kw) -> "DataConnector":
+        """The result of ``query`` on a DuckDB connection (default: DuckDB's in-process default)."""
+        import duckdb
+        con = con if con is not None else duckdb.default_connection()
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"from_sql needs a query string, got {query!r}")
+        try:
+            # con.sql() gives a relation whose Arrow export avoids the DB-API copy.
+            rel = con.sql(query) if hasattr(con, "sql") else con.execute(query)
+            fetch = next(getattr(rel, m) for m in ("to_arrow_table", "fetch_arrow_table", "arrow")
+                         if hasattr(rel, m))
+            table = fetch()
+        except duckdb.Error as exc:
+            raise DatasetError(f"query failed: {query!r}: {exc}") from exc
+        if isinstance(table, pa.RecordBatchReader):
+            table = table.read_all()
+        return cls.from_arrow(table, **kw)
+
+    @classmethod
     def from_uri(cls, uri: str, **kw) -> "DataConnector":
         """A dataset already in the store (``s3://bucket/datasets/<hash>/``): nothing is uploaded."""
         parse_s3_uri(uri)
@@ -92,6 +111,19 @@ class DataConnector:
 
     def to_pandas(self, limit: int | None = None, settings: Settings | None = None):
         return self.to_arrow(settings, limit=limit).to_pandas()
+
+    def to_torch_dataset(self, *, batch_size: int | None = None, shuffle: bool = False,
+                         drop_last_batch: bool = True, seed: int = 0):
+        """An ``IterableDataset`` of ``dict[column -> tensor]`` (see ``ArrowTorchDataset``)."""
+        from producer.torch_data import ArrowTorchDataset
+        rank = 0
+        try:
+            from workers.runtime.torch_context import current
+            rank = current().get_rank()
+        except RuntimeError:
+            pass
+        return ArrowTorchDataset(self.to_arrow(), batch_size=batch_size, shuffle=shuffle,
+                                 drop_last_batch=drop_last_batch, seed=seed, rank=rank)
 
     def schema(self, store: ObjectStore | None = None) -> dict[str, pa.DataType] | None:
         """Column types, without reading data where possible (None if unknown without the store)."""
@@ -133,13 +165,34 @@ class ShardedDataConnector(DataConnector):
     def __init__(self, *, equal: bool = False, **kw) -> None:
         super().__init__(**kw)
         self.equal = equal
+        self._shard: DataConnector | None = None
+
+    def get_shard(self) -> DataConnector:
+        """This rank's part of the data (inside a ``train_func`` run by PyTorchDistributor)."""
+        if self._shard is None:
+            raise RuntimeError("get_shard() is only available inside a train_func run by PyTorchDistributor")
+        return self._shard
+
+
+def _expand(paths: list[str]) -> list[str]:
+    import glob
+    out = []
+    for p in paths:
+        if not p.startswith("s3://") and any(ch in p for ch in "*?["):
+            found = sorted(glob.glob(p))
+            if not found:
+                raise DatasetError(f"no parquet files match {p!r}")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
 
 
 def _read_parquet(paths: list[str], settings: Settings) -> pa.Table:
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
     tables = []
-    for p in paths:
+    for p in _expand(paths):
         try:
             if p.startswith("s3://"):
                 bucket, key = parse_s3_uri(p)

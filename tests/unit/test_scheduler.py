@@ -85,3 +85,16 @@ def test_rendezvous_comes_from_the_reserved_workers_port_blocks():
     assert rdv.tracker_port == 30001 and rdv.tracker_ports[0] == 30001 and 30000 not in rdv.tracker_ports
     assert 30002 not in rdv.tracker_ports
     assert rdv.machines == (f"{gang[0].info.address}:30002", f"{gang[1].info.address}:31002")
+
+
+def test_a_topology_gang_takes_the_requested_hosts_with_workers_per_node_each():
+    fleet = [w("a1", "h1"), w("a2", "h1"), w("b1", "h2"), w("b2", "h2"), w("c1", "h3")]
+    p = select_gang("j", Resources(4, num_nodes=2, workers_per_node=2), fleet)
+    assert p.worker_ids == ("a1", "a2", "b1", "b2")
+
+
+def test_a_topology_the_hosts_can_never_satisfy_is_infeasible_with_what_each_host_has():
+    fleet = [w("a1", "h1"), w("a2", "h1"), w("b1", "h2")]
+    msg = infeasibility(Resources(3, num_nodes=3, workers_per_node=1), fleet)
+    assert "num_nodes=3 x num_workers_per_node=1" in msg and "{'h1': 2, 'h2': 1}" in msg
+    assert select_gang("j", Resources(2, num_nodes=2, workers_per_node=1), fleet).worker_ids == ("a1", "b1")

@@ -67,7 +67,31 @@ def infeasibility(resources: Resources, workers: Sequence[WorkerView]) -> str:
     if n > len(eligible):
         return (f"num_workers={n} requested but the fleet has {len(eligible)} eligible workers "
                 f"({len(alive)} live, {len(workers)} registered)")
+    if resources.num_nodes > 0:
+        pool = gpu_workers if resources.use_gpu else eligible
+        per_host = _per_host(pool)
+        big_enough = [h for h, ws in per_host.items() if len(ws) >= resources.workers_per_node]
+        if len(big_enough) < resources.num_nodes:
+            return (f"num_nodes={resources.num_nodes} x num_workers_per_node={resources.workers_per_node} "
+                    f"requested but the fleet's eligible workers per host are "
+                    f"{ {h: len(ws) for h, ws in sorted(per_host.items())} }")
     return ""
+
+
+def _per_host(workers: Iterable[WorkerView]) -> dict[str, list[WorkerView]]:
+    out: dict[str, list[WorkerView]] = {}
+    for w in _rank_order(workers):
+        out.setdefault(w.info.host, []).append(w)
+    return out
+
+
+def _topology_gang(resources: Resources, pool: Sequence[WorkerView]) -> list[WorkerView] | None:
+    """``num_nodes`` hosts with ``workers_per_node`` free workers each (fewest spare first)."""
+    per_host = {h: ws for h, ws in _per_host(pool).items() if len(ws) >= resources.workers_per_node}
+    if len(per_host) < resources.num_nodes:
+        return None
+    hosts = sorted(per_host, key=lambda h: (len(per_host[h]), h))[:resources.num_nodes]
+    return [w for h in sorted(hosts) for w in per_host[h][:resources.workers_per_node]]
 
 
 def select_gang(job_id: str, resources: Resources, workers: Sequence[WorkerView]) -> Placement | None:
@@ -86,6 +110,11 @@ def select_gang(job_id: str, resources: Resources, workers: Sequence[WorkerView]
             pool, use_gpu = gpu_free, True
         else:
             pool, use_gpu = cpu_first, False
+    if resources.num_nodes > 0:
+        gang = _topology_gang(resources, pool)
+        if gang is None:
+            return None
+        return Placement(job_id=job_id, worker_ids=tuple(w.info.worker_id for w in gang), use_gpu=use_gpu)
     want = len(pool) if n == -1 else n
     if want < 1 or len(pool) < want:
         return None

@@ -32,8 +32,10 @@ def spec_problems(spec: JobSpec) -> list[str]:
     n = spec.resources.num_workers
     if not isinstance(n, int) or n == 0 or n < -1:
         problems.append(f"num_workers must be -1 (every free worker) or >= 1, got {n!r}")
-    if not spec.datasets.get("train", {}).get("uri"):
+    if spec.framework != "pytorch" and not spec.datasets.get("train", {}).get("uri"):
         problems.append("the job has no 'train' dataset")
+    if spec.framework == "pytorch" and not spec.train.get("func_uri"):
+        problems.append("the job has no train_func")
     return problems
 
 
@@ -118,9 +120,11 @@ class Coordinator:
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
         for rank, wid in enumerate(placement.worker_ids):
+            host = by_id[wid].info.host
+            host_gpus = [g for w in gang if w.info.host == host for g in w.info.gpus[:1]]
             payload = {"job_id": placement.job_id, "token": token, "attempt": attempt, "rank": rank,
                        "worker_id": wid, "use_gpu": placement.use_gpu, "rendezvous": rdv.to_dict(),
-                       "spec": json.loads(spec.to_json())}
+                       "host_gpus": host_gpus, "spec": json.loads(spec.to_json())}
             self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
                                task_id=f"{placement.job_id}.{token}.r{rank}")
         return True

@@ -8,7 +8,7 @@ import sys
 import time
 
 from common.settings import Settings
-from common.store import S3Store
+from common.store import S3Store, parse_s3_uri
 
 MODEL_FILES = ("model.ubj", "model.txt", "eval_results.json")
 
@@ -27,17 +27,32 @@ def artifact_store(settings: Settings) -> S3Store:
     return _stores[settings]
 
 
+def destination(settings: Settings, spec: dict, job_id: str) -> tuple[str, str]:
+    """(bucket, prefix) of a job's artifacts: ``{artifact_stage_location}/model/{job_id}/`` for PyTorch
+    jobs that name one, else the artifact bucket."""
+    stage = (spec.get("train") or {}).get("artifact_stage_location")
+    if stage:
+        bucket, base = parse_s3_uri(stage.rstrip("/") + "/")
+        return bucket, f"{base}{artifact_prefix(job_id)}"
+    return settings.artifact_bucket, artifact_prefix(job_id)
+
+
 def upload_artifacts(settings: Settings, state, run, workdir: str) -> str:
-    """Upload the model files rank 0's child wrote, plus metadata.json; returns the artifact URI."""
+    """Upload what rank 0's child left (the model folder for PyTorch), plus metadata.json; returns the URI."""
     store = artifact_store(settings)
-    bucket, prefix = settings.artifact_bucket, artifact_prefix(run.job_id)
+    spec = run.payload["spec"]
+    bucket, prefix = destination(settings, spec, run.job_id)
     store.ensure_bucket(bucket)
+    source = os.path.join(workdir, "model") if spec["framework"] == "pytorch" else workdir
     uploaded = []
-    for name in sorted(os.listdir(workdir)):
-        path = os.path.join(workdir, name)
-        if os.path.isfile(path):
-            store.put_file(bucket, prefix + name, path)
-            uploaded.append(name)
+    for root, dirs, files in os.walk(source):
+        if spec["framework"] != "pytorch":
+            dirs.clear()   # GBDT runners write flat files; their scratch folders stay local
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, source)
+            store.put_file(bucket, prefix + rel, path)
+            uploaded.append(rel)
     job = state.job(run.job_id) or {}
     meta = {
         "job_id": run.job_id,

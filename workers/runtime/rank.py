@@ -188,6 +188,13 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 abort.set("the attempt is no longer current")
         elif kind == "progress":
             pending = ev
+        elif kind == "metrics":
+            run.summary.setdefault("metrics", {}).update(ev.get("metrics") or {})
+            if not run.write(None, metrics=run.summary["metrics"]):
+                abort.set("the attempt is no longer current")
+        elif kind == "checkpoint":
+            run.summary["last_checkpoint"] = ev.get("uri")
+            run.state.fenced_write(run.job_id, run.token, run.rank, None, [f"[gangway] checkpoint {ev.get('uri')}"])
         elif kind == "done":
             run.summary.update(ev.get("summary") or {})
         elif kind == "error":

@@ -65,7 +65,7 @@ class ArrowBatches(xgb.DataIter):
     """Feeds a QuantileDMatrix one Arrow batch at a time (no full float matrix copy)."""
 
     def __init__(self, table: pa.Table, features: list[str], label: str, weight: str | None,
-                 batch_rows: int = 131072) -> None:
+                 batch_rows: int = 32768) -> None:
         self._batches = table.select(features + [label] + ([weight] if weight else [])).to_batches(batch_rows)
         self._features, self._label, self._weight = features, label, weight
         self._i = 0
@@ -137,8 +137,8 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
             deval = xgb.QuantileDMatrix(ArrowBatches(prep.data.tables["eval"], feats, label, weight),
                                         ref=dtrain, max_bin=max_bin, nthread=nthread)
             evals.append((deval, "eval"))
+        prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
-        emitter.emit("training")
         booster = xgb.train(params, dtrain, num_boost_round=rounds, evals=evals, evals_result=evals_result,
                             early_stopping_rounds=opts.get("early_stopping_rounds"), verbose_eval=False,
                             callbacks=[Relay(emitter, rank, rounds, opts.get("verbose_eval"))])

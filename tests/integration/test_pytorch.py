@@ -1,0 +1,115 @@
+"""2-rank gloo DDP through the real fleet, get_context(), datasets, checkpoints, bad functions."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from common.errors import PlacementError, TrainingFailedError, ValidationError  # noqa: E402
+from common.store import S3Store, parse_s3_uri  # noqa: E402
+from producer import DataConnector, ShardedDataConnector  # noqa: E402
+from producer.pytorch import (PyTorchDistributor, PyTorchScalingConfig, WorkerResourceConfig,  # noqa: E402
+                              get_context)
+from tests.integration import torch_jobs  # noqa: E402
+from tests.integration.helpers import regression_frame  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def _two_ranks(**kw) -> PyTorchScalingConfig:
+    return PyTorchScalingConfig(num_nodes=1, num_workers_per_node=2,
+                                resource_requirements_per_worker=WorkerResourceConfig(num_cpus=1, num_gpus=0), **kw)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(fleet, fleet_settings):
+    df = regression_frame(4000, seed=31)
+    stage = f"s3://{fleet_settings.artifact_bucket}/runs"
+    dist = PyTorchDistributor(train_func=torch_jobs.seed_style_train_func, scaling_config=_two_ranks())
+    response = dist.run(dataset_map={"train": ShardedDataConnector.from_dataframe(df)},
+                        hyper_params={"lr": 0.05, "epochs": 4}, artifact_stage_location=stage, timeout=180)
+    return dist, response, stage
+
+
+def test_seed_style_ddp_job_uploads_rank0_model_to_the_stage_location(ddp_run, fleet_settings):
+    dist, response, stage = ddp_run
+    assert response.get_model_dir() == f"{stage}/model/{dist.last_job.job_id}/"
+    bucket, prefix = parse_s3_uri(response.get_model_dir())
+    store = S3Store(fleet_settings)
+    assert f"{prefix}model.pt" in store.list(bucket, prefix)
+    state_dict = torch.load(io.BytesIO(store.get(bucket, prefix + "model.pt")))
+    assert set(state_dict) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+
+
+def test_ddp_ranks_end_with_identical_parameters_and_the_loss_decreases(ddp_run, state):
+    dist, response, _ = ddp_run
+    ranks = state.ranks(dist.last_job.job_id)
+    checksums = {r["metrics"]["param_checksum"] for r in ranks.values()}
+    assert len(ranks) == 2 and len(checksums) == 1
+    metrics = response.get_metrics()
+    assert metrics["last_loss"] < metrics["first_loss"]
+    assert metrics["epoch"] == 3
+
+
+def test_get_context_values_env_and_datasets_per_rank(fleet):
+    df = pd.DataFrame({"i": np.arange(1001), "x": np.arange(1001, dtype=np.float32)})
+    dist = PyTorchDistributor(torch_jobs.context_probe, _two_ranks())
+    dist.run(dataset_map={"full": DataConnector.from_dataframe(df),
+                          "part": ShardedDataConnector.from_dataframe(df, equal=True)},
+             hyper_params={"depth": 3}, timeout=120)
+    ranks = dist.last_job.status().ranks
+    infos = [ranks[r]["metrics"][f"rank{r}"] for r in (0, 1)]
+    for r, info in enumerate(infos):
+        assert (info["rank"], info["world"], info["local_rank"], info["local_world"], info["node_rank"]) == \
+            (r, 2, r, 2, 0)
+        assert info["backend"] == "gloo" and info["hp"] == {"depth": 3}
+        assert info["env"]["RANK"] == str(r) and info["env"]["WORLD_SIZE"] == "2"
+        assert info["env"]["LOCAL_RANK"] == str(r) and info["env"]["NODE_RANK"] == "0"
+        assert info["full_rows"] == 1001 and info["shard_rows"] == 500   # equal=True trims the odd row
+    assert infos[0]["env"]["MASTER_PORT"] == infos[1]["env"]["MASTER_PORT"]
+    assert [i["shard_first"] for i in infos] == [0, 500]
+
+
+def test_checkpoints_are_uploaded_and_the_latest_comes_back_as_a_local_folder(fleet):
+    dist = PyTorchDistributor(torch_jobs.checkpointing, PyTorchScalingConfig())
+    response = dist.run(timeout=120)
+    assert response.get_metrics()["restored"] == "step 1"
+    assert response.get_checkpoint_location().endswith(f"/checkpoints/{dist.last_job.job_id}/")
+
+
+def test_a_failing_train_func_raises_with_the_ranks_traceback(fleet):
+    with pytest.raises(TrainingFailedError) as info:
+        PyTorchDistributor(torch_jobs.failing, _two_ranks()).run(timeout=120)
+    err = info.value.rank_errors[1]
+    assert err["type"] == "ValueError" and "does not like this data" in err["message"]
+    assert "torch_jobs.py" in err["traceback"]
+
+
+def test_an_unpicklable_train_func_fails_at_run_naming_the_object(fleet):
+    lock = threading.Lock()
+
+    def uses_a_lock():
+        with lock:
+            pass
+
+    with pytest.raises(ValidationError, match="closure variable 'lock' .*lock.* cannot be pickled"):
+        PyTorchDistributor(uses_a_lock).run()
+
+
+def test_a_topology_the_fleet_can_never_satisfy_fails_fast(fleet):
+    with pytest.raises(PlacementError, match="num_nodes=2 x num_workers_per_node=1"):
+        PyTorchDistributor(torch_jobs.failing, PyTorchScalingConfig(num_nodes=2)).run()
+    with pytest.raises(PlacementError, match="no GPU worker"):
+        PyTorchDistributor(torch_jobs.failing, PyTorchScalingConfig(
+            resource_requirements_per_worker=WorkerResourceConfig(num_gpus=1))).run()
+
+
+def test_get_context_outside_a_train_func_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="only available inside a train_func"):
+        get_context()

@@ -1,0 +1,93 @@
+"""Training functions for the PyTorch tests (importable, so they also travel by value)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+INPUT_COLS = ["age", "income", "score"]
+
+
+class SimpleNet(nn.Module):
+    def __init__(self, n_in: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def seed_style_train_func():
+    """The issue's seed code, unchanged but for its imports."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from producer.pytorch import get_context
+
+    context = get_context()
+    dist.init_process_group(backend="gloo")
+    torch.manual_seed(0)
+    model = DDP(SimpleNet(len(INPUT_COLS), 32, 1))
+    hp = context.get_hyper_params()
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp.get("lr", 0.05))
+    loss_fn = nn.MSELoss()
+    torch_dataset = context.get_dataset_map()["train"].get_shard().to_torch_dataset(batch_size=256)
+    losses = []
+    for epoch in range(hp.get("epochs", 3)):
+        total, n = 0.0, 0
+        for batch_dict in DataLoader(torch_dataset):
+            features = torch.cat([batch_dict[col].T for col in INPUT_COLS], dim=1).float()
+            features = (features - torch.tensor([50.0, 25000.0, 0.0])) / torch.tensor([20.0, 15000.0, 1.0])
+            target = batch_dict["risk"].T.float()
+            optimizer.zero_grad()
+            loss = loss_fn(model(features), target)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item(), n + 1
+        losses.append(total / max(n, 1))
+        context.get_metrics_reporter().log_metrics({"epoch": epoch, "loss": losses[-1]})
+    flat = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    context.report({"param_checksum": float(flat.double().sum()), "first_loss": losses[0],
+                    "last_loss": losses[-1]})
+    if context.get_rank() == 0:
+        torch.save(model.module.state_dict(), os.path.join(context.get_model_dir(), "model.pt"))
+
+
+def context_probe():
+    """Reports what get_context() and the environment say, per rank."""
+    from producer.pytorch import get_context
+    ctx = get_context()
+    full = ctx.get_dataset_map()["full"].to_pandas()
+    shard = ctx.get_dataset_map()["part"].get_shard().to_pandas()
+    info = {"rank": ctx.get_rank(), "world": ctx.get_world_size(), "local_rank": ctx.get_local_rank(),
+            "local_world": ctx.get_local_world_size(), "node_rank": ctx.get_node_rank(),
+            "backend": ctx.get_default_backend(), "hp": ctx.get_hyper_params(),
+            "env": {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                               "LOCAL_WORLD_SIZE", "NODE_RANK")},
+            "full_rows": len(full), "shard_rows": len(shard), "shard_first": int(shard["i"].iloc[0])}
+    import json
+    with open(os.path.join(ctx.get_model_dir(), f"rank{ctx.get_rank()}.json"), "w") as f:
+        json.dump(info, f)
+    if ctx.get_rank() != 0:   # only rank 0's folder is uploaded: send ours through the metrics instead
+        pass
+    ctx.get_metrics_reporter().log_metrics({f"rank{ctx.get_rank()}": info})
+
+
+def checkpointing():
+    from producer.pytorch import get_context
+    ctx = get_context()
+    assert ctx.get_latest_checkpoint() is None
+    for step in range(2):
+        with open(os.path.join(ctx.get_checkpoint_dir(), "state.txt"), "w") as f:
+            f.write(f"step {step}")
+        ctx.report({"step": step}, checkpoint=True)
+    latest = ctx.get_latest_checkpoint()
+    with open(os.path.join(latest, "state.txt")) as f:
+        ctx.report({"restored": f.read()})
+
+
+def failing():
+    from producer.pytorch import get_context
+    if get_context().get_rank() == 1:
+        raise ValueError("rank 1 does not like this data")

@@ -1,0 +1,146 @@
+"""LightGBM inside the training child: socket network from the gang's port blocks, data-parallel.
+
+Each rank binds the first free port of its own block and publishes it at the Redis
+barrier, so LightGBM never opens a socket to a peer that is not there (it would
+retry for minutes, then crash) and a port in TIME_WAIT from the last job is skipped.
+Every rank gets the whole eval set: LightGBM's metrics are local, and ranks that
+saw different eval rows would stop early at different rounds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import lightgbm as lgb
+import numpy as np
+
+from common.settings import Settings
+from workers.runtime.events import Emitter
+from workers.runtime.shards import RankData, fetch_datasets
+
+PARALLEL_LEARNERS = ("data", "feature", "voting", "data_parallel", "feature_parallel", "voting_parallel")
+_GPU_DEVICES = ("gpu", "cuda")
+
+
+@dataclass
+class Prepared:
+    payload: dict
+    settings: Settings
+    data: RankData
+    published: dict = field(default_factory=dict)
+
+    def fetch_summary(self) -> dict:
+        return {**self.data.summary(), "publish": self.published}
+
+
+def free_listen_port(settings: Settings) -> int:
+    lo, hi = settings.port_block
+    for port in [lo + 2, *range(lo + 3, hi + 1)]:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind((settings.worker_host, port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free LightGBM listen port in GANGWAY_WORKER_PORTS={settings.worker_ports} "
+                       f"on {settings.worker_host}")
+
+
+def prepare(payload: dict, settings: Settings) -> Prepared:
+    spec, rank = payload["spec"], payload["rank"]
+    world = payload["rendezvous"]["world_size"]
+    datasets = {k: {**v, "sharded": k == "train"} for k, v in spec["datasets"].items()}
+    prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, rank))
+    if world > 1:
+        prep.published[f"listen_port_{rank}"] = free_listen_port(settings)
+    return prep
+
+
+def _matrix(table, cols: list[str]) -> np.ndarray:
+    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                            for c in cols])
+
+
+def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
+    feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
+    return lgb.Dataset(_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
+                       weight=table.column(weight).to_numpy(zero_copy_only=False) if weight else None,
+                       feature_name=feats, reference=reference, free_raw_data=True)
+
+
+def network_params(payload: dict, shared: dict, timeout: float) -> dict:
+    rdv, world = payload["rendezvous"], payload["rendezvous"]["world_size"]
+    if world == 1:
+        return {}
+    hosts = [m.rsplit(":", 1)[0] for m in rdv["machines"]]
+    ports = [int(shared[f"listen_port_{r}"]) for r in range(world)]
+    return {"machines": ",".join(f"{h}:{p}" for h, p in zip(hosts, ports)), "num_machines": world,
+            "local_listen_port": ports[payload["rank"]], "time_out": max(1, int(timeout // 60)),
+            "pre_partition": True}
+
+
+def train_params(payload: dict, settings: Settings, shared: dict, emitter: Emitter) -> dict:
+    params = dict(payload["spec"]["params"])
+    params.setdefault("num_threads", settings.worker_cpus or os.cpu_count() or 1)
+    params.setdefault("verbose", -1)
+    device = str(params.pop("device_type", params.pop("device", "cpu"))).lower()
+    if device in _GPU_DEVICES or payload.get("use_gpu"):
+        if payload["rank"] == 0:
+            emitter.emit("eval", line="[gangway] LightGBM's PyPI wheel has no distributed GPU learner: "
+                                      "training on the CPUs of the gang's hosts")
+    params["device_type"] = "cpu"
+    if payload["rendezvous"]["world_size"] > 1 and params.get("tree_learner", "serial") not in PARALLEL_LEARNERS:
+        params["tree_learner"] = "data"
+    params.update(network_params(payload, shared, settings.rendezvous_timeout))
+    return params
+
+
+def _relay(emitter: Emitter, rank: int, total: int, every: int | None):
+    state = {"t": time.perf_counter()}
+
+    def callback(env: lgb.callback.CallbackEnv) -> None:
+        latest = {f"{d}-{m}": float(v) for d, m, v, *_ in env.evaluation_result_list or []}
+        now = time.perf_counter()
+        emitter.emit("progress", droppable=True, iter=env.iteration + 1, total=total, metrics=latest,
+                     iter_seconds=now - state["t"])
+        state["t"] = now
+        if rank == 0 and every and (env.iteration % every == 0 or env.iteration + 1 == total):
+            emitter.emit("eval", line=f"[{env.iteration}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+
+    callback.order = 30   # after record_evaluation (20), before early stopping (30 is fine: it only reads)
+    return callback
+
+
+def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
+    p, opts = prep.payload, prep.payload["spec"]["train"]
+    rank, rounds = p["rank"], int(opts["num_boost_round"])
+    params = train_params(p, prep.settings, shared, emitter)
+    t0 = time.perf_counter()
+    dtrain = _dataset(prep.data.tables["train"], opts)
+    valid_sets, names = [dtrain], ["train"]
+    if "eval" in prep.data.tables:
+        valid_sets.append(_dataset(prep.data.tables["eval"], opts, reference=dtrain))
+        names.append("eval")
+    evals_result: dict = {}
+    callbacks = [lgb.record_evaluation(evals_result), _relay(emitter, rank, rounds, opts.get("verbose_eval"))]
+    if opts.get("early_stopping_rounds"):
+        callbacks.append(lgb.early_stopping(int(opts["early_stopping_rounds"]), first_metric_only=True,
+                                            verbose=False))
+    booster = lgb.train(params, dtrain, num_boost_round=rounds, valid_sets=valid_sets, valid_names=names,
+                        callbacks=callbacks)
+    trees = json.dumps(booster.dump_model()["tree_info"], sort_keys=True)
+    summary = {"model_sha256": hashlib.sha256(trees.encode()).hexdigest(),
+               "num_boosted_rounds": booster.current_iteration(), "best_iteration": booster.best_iteration,
+               "train_seconds": time.perf_counter() - t0}
+    if rank == 0:
+        with open(os.path.join(p["workdir"], "model.txt"), "w") as f:
+            f.write(booster.model_to_string())
+        with open(os.path.join(p["workdir"], "eval_results.json"), "w") as f:
+            json.dump(evals_result, f)
+    booster.free_network()   # close the sockets before the child reports done
+    return summary

@@ -1,0 +1,167 @@
+"""PyTorch inside the training child: env for torch.distributed, get_context(), the user's train_func."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+
+from common.settings import Settings
+from common.store import parse_s3_uri
+from workers.runtime import torch_context
+from workers.runtime.events import Emitter
+from workers.runtime.shards import RankData, fetch_datasets, warm_store
+
+
+@dataclass
+class Prepared:
+    payload: dict
+    settings: Settings
+    data: RankData
+    func: object = None
+    published: dict = field(default_factory=dict)
+
+    def fetch_summary(self) -> dict:
+        return {**self.data.summary(), "publish": self.published}
+
+
+def free_master_port(settings: Settings) -> int:
+    lo, hi = settings.port_block
+    for port in [lo, *range(lo + 3, hi + 1)]:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind((settings.worker_host, port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free MASTER_PORT in GANGWAY_WORKER_PORTS={settings.worker_ports}")
+
+
+def prepare(payload: dict, settings: Settings) -> Prepared:
+    import cloudpickle
+    spec, rank = payload["spec"], payload["rank"]
+    world = payload["rendezvous"]["world_size"]
+    bucket, key = parse_s3_uri(spec["train"]["func_uri"])
+    func = cloudpickle.loads(warm_store(settings).get(bucket, key))
+    prep = Prepared(payload, settings, fetch_datasets(settings, spec["datasets"], world, rank), func)
+    if rank == 0:
+        prep.published["master_port"] = free_master_port(settings)
+    return prep
+
+
+def topology(machines: list[str], rank: int) -> tuple[int, int, int]:
+    """(local_rank, local_world_size, node_rank) from the gang's addresses in rank order."""
+    hosts = [m.rsplit(":", 1)[0] for m in machines]
+    order = list(dict.fromkeys(hosts))
+    mine = hosts[rank]
+    same = [r for r, h in enumerate(hosts) if h == mine]
+    return same.index(rank), len(same), order.index(mine)
+
+
+def _connectors(prep: Prepared) -> dict:
+    from producer.connectors import DataConnector, ShardedDataConnector
+    out = {}
+    for name, ref in prep.payload["spec"]["datasets"].items():
+        table = prep.data.tables[name]
+        if ref.get("sharded"):
+            conn = ShardedDataConnector(uri=ref["uri"], equal=ref.get("equal", False))
+            conn._shard = DataConnector.from_arrow(table)
+            out[name] = conn
+        else:
+            out[name] = DataConnector.from_arrow(table)
+    return out
+
+
+class Checkpoints:
+    """Rank 0's checkpoint uploads under ``{stage}/checkpoints/{job_id}/NNNNNN/``, and the newest's download."""
+
+    def __init__(self, prep: Prepared, emitter: Emitter) -> None:
+        self.store = warm_store(prep.settings)
+        stage = prep.payload["spec"]["train"]["artifact_stage_location"]
+        self.bucket, base = parse_s3_uri(stage.rstrip("/") + "/")
+        self.prefix = f"{base}checkpoints/{prep.payload['job_id']}/"
+        self.workdir = prep.payload["workdir"]
+        self.emitter = emitter
+        self.location = f"s3://{self.bucket}/{self.prefix}"
+        self.uploaded = False
+
+    def _existing(self) -> list[str]:
+        seqs = {k[len(self.prefix):].split("/", 1)[0] for k in self.store.list(self.bucket, self.prefix)}
+        return sorted(s for s in seqs if s.isdigit())
+
+    def upload(self, folder: str, metrics: dict) -> str:
+        seq = f"{int((self._existing() or ['-1'])[-1]) + 1:06d}"
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, folder)
+                self.store.put_file(self.bucket, f"{self.prefix}{seq}/{rel}", path)
+        self.uploaded = True
+        self.emitter.emit("checkpoint", uri=f"{self.location}{seq}/", metrics=metrics)
+        return f"{self.location}{seq}/"
+
+    def latest(self) -> str | None:
+        seqs = self._existing()
+        if not seqs:
+            return None
+        target = os.path.join(self.workdir, f"restored-{seqs[-1]}")
+        os.makedirs(target, exist_ok=True)
+        for key in self.store.list(self.bucket, f"{self.prefix}{seqs[-1]}/"):
+            dest = os.path.join(target, key[len(f"{self.prefix}{seqs[-1]}/"):])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            self.store.get_to_file(self.bucket, key, dest)
+        return target
+
+
+def _pin_gpus(prep: Prepared, local_rank: int) -> None:
+    """On a GPU gang, this host's gang GPUs in local-rank order: ``cuda:{local_rank}`` is this rank's GPU."""
+    gpus = prep.payload.get("host_gpus") or []
+    if prep.payload.get("use_gpu") and gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        import torch
+        torch.cuda.set_device(local_rank)
+
+
+def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
+    p, rdv = prep.payload, prep.payload["rendezvous"]
+    rank, world = p["rank"], rdv["world_size"]
+    local_rank, local_world, node_rank = topology(list(rdv["machines"]), rank)
+    master_port = int(shared.get("master_port", rdv["master_port"]))
+    os.environ.update({"MASTER_ADDR": rdv["master_addr"], "MASTER_PORT": str(master_port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+                       "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(node_rank),
+                       "GROUP_RANK": str(node_rank)})
+    os.environ.setdefault("OMP_NUM_THREADS", str(prep.settings.worker_cpus or 1))
+    _pin_gpus(prep, local_rank)
+    metrics: dict = {}
+
+    def on_metrics(m: dict) -> None:
+        metrics.update(m)
+        emitter.emit("metrics", droppable=False, metrics=m)
+
+    ckpt = Checkpoints(prep, emitter)
+    ctx = torch_context.TrainingContext(
+        rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, node_rank=node_rank,
+        master_addr=rdv["master_addr"], master_port=master_port, use_gpu=bool(p.get("use_gpu")),
+        hyper_params=p["spec"]["train"].get("hyper_params") or {}, dataset_map=_connectors(prep),
+        workdir=p["workdir"], on_metrics=on_metrics, on_checkpoint=ckpt.upload, latest_checkpoint=ckpt.latest)
+    torch_context.install(ctx)
+    t0 = time.perf_counter()
+    try:
+        prep.func()
+    finally:
+        torch_context.install(None)
+        _destroy_process_group()
+    return {"metrics": metrics if rank == 0 else {}, "train_seconds": time.perf_counter() - t0,
+            "checkpoint_location": ckpt.location if ckpt.uploaded else None,
+            "model_files": sorted(os.listdir(ctx.get_model_dir())) if rank == 0 else []}
+
+
+def _destroy_process_group() -> None:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:   # the user's group is theirs; never mask their outcome
+        pass
