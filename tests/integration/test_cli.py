@@ -50,3 +50,20 @@ def test_jobs_lists_jobs_and_show_gives_one_with_its_ranks(fleet, fleet_settings
     assert shown["state"] == "SUCCEEDED" and set(shown["ranks"]) == {"0", "1"}
     assert fleet_settings.s3_secret_key not in json.dumps(shown)
     assert gangway(fleet_settings, "jobs", "show", "nope", ok=False).returncode != 0
+
+
+def test_parquet_under_an_s3_prefix_is_read_through_the_configured_store(fleet, fleet_settings):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from common.store import S3Store
+    from producer import DataConnector
+    store = S3Store(fleet_settings)
+    for i in range(2):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"a": [i, i + 10]}), buf)
+        store.put(fleet_settings.data_bucket, f"raw/events/part-{i}.parquet", buf.getvalue())
+    conn = DataConnector.from_parquet(f"s3://{fleet_settings.data_bucket}/raw/events/")
+    assert sorted(conn.to_pandas(settings=fleet_settings)["a"].tolist()) == [0, 1, 10, 11]

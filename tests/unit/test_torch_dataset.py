@@ -73,3 +73,26 @@ def test_get_shard_outside_a_training_function_is_a_clear_error():
     from producer import ShardedDataConnector
     with pytest.raises(RuntimeError, match="only available inside a train_func"):
         ShardedDataConnector.from_arrow(_table()).get_shard()
+
+
+def test_every_row_is_seen_exactly_once_per_epoch_across_ranks_with_unequal_shards(tmp_path):
+    from common.datasets import ChunkCache, DatasetReader, write_dataset
+    from common.store import MemoryStore
+    store = MemoryStore()
+    uri = write_dataset(_table(n=103, chunk=103), store, "bkt", chunk_rows=10).uri
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10**9))
+    seen = []
+    for rank in range(3):
+        shard = reader.read(uri, world_size=3, rank=rank)
+        ds = DataConnector.from_arrow(shard).to_torch_dataset(batch_size=7, shuffle=True, drop_last_batch=False)
+        seen += _rows(ds)
+    assert sorted(seen) == list(range(103))
+
+
+def test_parquet_globs_are_expanded_in_order(tmp_path):
+    import pyarrow.parquet as pq
+    for i in range(3):
+        pq.write_table(pa.table({"a": [i]}), tmp_path / f"part-{i}.parquet")
+    assert DataConnector.from_parquet(str(tmp_path / "part-*.parquet")).to_pandas()["a"].tolist() == [0, 1, 2]
+    with pytest.raises(Exception, match="no parquet files match"):
+        DataConnector.from_parquet(str(tmp_path / "none-*.parquet")).to_arrow()
