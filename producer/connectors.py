@@ -125,12 +125,6 @@ class DataConnector:
         return ArrowTorchDataset(self.to_arrow(), batch_size=batch_size, shuffle=shuffle,
                                  drop_last_batch=drop_last_batch, seed=seed, rank=rank)
 
-    def schema(self, store: ObjectStore | None = None) -> dict[str, pa.DataType] | None:
-        """Column types, without reading data where possible (None if unknown without the store)."""
-        if self._table is not None:
-            return {f.name: f.type for f in self._table.schema}
-        return None
-
     # materialisation ------------------------------------------------------
     def materialise(self, store: ObjectStore, settings: Settings) -> WriteResult:
         """Upload once (content-addressed); a connector already in the store uploads nothing."""

@@ -58,28 +58,27 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
     if eval_set is not None:
         conns["eval"] = as_connector(eval_set, "eval_set")
     settings = client.settings
-    features = None
-    datasets: dict[str, dict] = {}
-    sample = None
-    for name, conn in conns.items():
+    features: list[str] | None = None
+    tables = {}
+    for name, conn in conns.items():   # every check first, so a bad eval set uploads nothing
         table = conn.to_arrow(settings) if conn._uri is None else None
+        cols = table.column_names if table is not None else conn.manifest(client.store, settings).columns
+        features = features or check_columns(name, cols, input_cols, label_col, weight_col)
+        check_columns(name, cols, features, label_col, weight_col)
         if table is not None:
-            cols = table.column_names
-        else:
-            cols = conn.manifest(client.store, settings).columns
-        cols_checked = check_columns(name, cols, input_cols if features is None else features, label_col, weight_col)
-        features = features or cols_checked
-        if table is not None:   # check before uploading anything
             check_table(name, table.num_rows, {f.name: f.type for f in table.schema}, table, features,
-                        label_col, weight_col, world_hint)
+                        label_col, weight_col, world_hint if name == "train" or shard_eval else 1)
+        tables[name] = table
+    datasets: dict[str, dict] = {}
+    for name, conn in conns.items():
         written = conn.materialise(client.store, settings)
-        if table is None:
+        if tables[name] is None:
             check_table(name, written.manifest.num_rows, manifest_types(written.manifest), None, features,
-                        label_col, weight_col, world_hint)
-        if name == "train":
-            sample = table.slice(0, 256) if table is not None else conn.to_arrow(settings, limit=256)
+                        label_col, weight_col, world_hint if name == "train" or shard_eval else 1)
         datasets[name] = {"uri": written.uri, "sharded": True if name == "train" else shard_eval,
                           "rows": written.manifest.num_rows, "uploaded_bytes": written.uploaded_bytes}
+    train = tables["train"]
+    sample = train.slice(0, 256) if train is not None else conns["train"].to_arrow(settings, limit=256)
     return Prepared(datasets, features, sample)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 
 import lightgbm as lgb
@@ -21,6 +19,7 @@ import numpy as np
 
 from common.settings import Settings
 from workers.runtime.events import Emitter
+from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_datasets
 
 PARALLEL_LEARNERS = ("data", "feature", "voting", "data_parallel", "feature_parallel", "voting_parallel")
@@ -40,15 +39,8 @@ class Prepared:
 
 def free_listen_port(settings: Settings) -> int:
     lo, hi = settings.port_block
-    for port in [lo + 2, *range(lo + 3, hi + 1)]:
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            try:
-                s.bind((settings.worker_host, port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free LightGBM listen port in GANGWAY_WORKER_PORTS={settings.worker_ports} "
-                       f"on {settings.worker_host}")
+    return first_free_port(settings.worker_host, [lo + 2, *range(lo + 3, hi + 1)], "LightGBM listen",
+                           f"GANGWAY_WORKER_PORTS={settings.worker_ports}")
 
 
 def prepare(payload: dict, settings: Settings) -> Prepared:

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 
 from common.settings import Settings
 from common.store import parse_s3_uri
 from workers.runtime import torch_context
 from workers.runtime.events import Emitter
+from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
 
@@ -28,14 +27,8 @@ class Prepared:
 
 def free_master_port(settings: Settings) -> int:
     lo, hi = settings.port_block
-    for port in [lo, *range(lo + 3, hi + 1)]:
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            try:
-                s.bind((settings.worker_host, port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free MASTER_PORT in GANGWAY_WORKER_PORTS={settings.worker_ports}")
+    return first_free_port(settings.worker_host, [lo, *range(lo + 3, hi + 1)], "MASTER_PORT",
+                           f"GANGWAY_WORKER_PORTS={settings.worker_ports}")
 
 
 def prepare(payload: dict, settings: Settings) -> Prepared:
