@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import FEATURES, LABEL, log, row, start_fleet  # noqa: E402  (same fleet and table helpers)
 
 from common.manifest import shard_bounds  # noqa: E402
+from workers.local import services  # noqa: E402
 
 LGB_PARAMS = {"objective": "regression", "num_leaves": 31, "verbose": -1}
 BATCH = 1024
@@ -91,6 +92,34 @@ def lgb_native(X: np.ndarray, y: np.ndarray, rounds: int) -> float:
     dtrain = lgb.Dataset(X, label=y, feature_name=FEATURES, free_raw_data=True)
     lgb.train({**LGB_PARAMS, "num_threads": 2}, dtrain, num_boost_round=rounds, valid_sets=[dtrain],
               valid_names=["train"])
+    return time.perf_counter() - t0
+
+
+# One rank of the hand-launched LightGBM baseline: its half from local files, the same params,
+# the socket network on two free ports, train-set eval as a gangway rank does.
+LGB_BASELINE_RANK = """
+import json, sys, numpy as np, lightgbm as lgb
+folder, rank, machines, rounds, params = sys.argv[1:6]
+rank, params = int(rank), json.loads(params)
+X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
+ports = [int(m.rsplit(":", 1)[1]) for m in machines.split(",")]
+d = lgb.Dataset(X, label=y, free_raw_data=True)
+lgb.train({**params, "num_threads": 1, "tree_learner": "data", "machines": machines, "num_machines": 2,
+           "local_listen_port": ports[rank], "pre_partition": True}, d, num_boost_round=int(rounds),
+          valid_sets=[d], valid_names=["train"])
+"""
+
+
+def lgb_hand_launched(folder: str, rounds: int) -> float:
+    """Two LightGBM processes on local files, no queue or store: seconds from launch to both exits."""
+    machines = ",".join(f"127.0.0.1:{services.free_port()}" for _ in range(2))
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", LGB_BASELINE_RANK, folder, str(rank), machines, str(rounds),
+                               json.dumps(LGB_PARAMS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for rank in range(2)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"LightGBM baseline ranks exited with {codes}")
     return time.perf_counter() - t0
 
 
@@ -226,7 +255,7 @@ def measure(X: np.ndarray, y: np.ndarray, table: pa.Table, a: argparse.Namespace
     log("LightGBM upload fit (warms the fleet, puts the dataset in the store)")
     _, job = lgb_fit(DataConnector.from_arrow(table), a.rounds)
     uri = job.client.state.spec(job.job_id).datasets["train"]["uri"]
-    warm, native, gw, tr = [], [], [], []
+    warm, native, hand, gw, tr = [], [], [], [], []
     for i in range(a.repeat):
         log(f"[{i + 1}/{a.repeat}] LightGBM warm fit (DataConnector.from_uri), then native lgb.train")
         settle()
@@ -234,6 +263,8 @@ def measure(X: np.ndarray, y: np.ndarray, table: pa.Table, a: argparse.Namespace
         warm.append((seconds, phases(job)))
         settle()
         native.append(lgb_native(X, y, a.rounds))
+        settle()
+        hand.append(lgb_hand_launched(tmp, a.rounds))
     for i in range(a.repeat):
         log(f"[{i + 1}/{a.repeat}] DDP, {a.steps} steps: 2 gloo ranks through gangway, then torchrun")
         settle()
@@ -241,7 +272,7 @@ def measure(X: np.ndarray, y: np.ndarray, table: pa.Table, a: argparse.Namespace
         settle()
         tr.append(ddp_torchrun(tmp, a.steps))
     lgb_warm, lgb_phases = min(warm, key=lambda r: r[0])
-    return {"lgb_warm": lgb_warm, "lgb_phases": lgb_phases, "lgb_native": min(native),
+    return {"lgb_warm": lgb_warm, "lgb_phases": lgb_phases, "lgb_native": min(native), "lgb_hand": min(hand),
             "ddp_gw": min(gw, key=lambda r: r["after_first_step_s"]),
             "ddp_tr": min(tr, key=lambda r: r["after_first_step_s"])}
 
@@ -254,7 +285,11 @@ def report(m: dict, steps: int) -> list[str]:
     return [
         row("LightGBM: gangway warm fit, 2 workers x 1 thread (s)", f"{m['lgb_warm']:.2f}"),
         row("LightGBM: native lgb.train, 1 process, num_threads=2 (s)", f"{m['lgb_native']:.2f}"),
+        row("LightGBM: hand-launched 2 processes x 1 thread, local files (s)", f"{m['lgb_hand']:.2f}"),
         row("LightGBM: gangway / native", f"{lg:.3f}", "<= 1.25", lg <= 1.25),
+        row("LightGBM: gangway / hand-launched (gangway's own cost)", f"{m['lgb_warm'] / m['lgb_hand']:.3f}"),
+        row("LightGBM: hand-launched / native (LightGBM's data-parallel cost)",
+            f"{m['lgb_hand'] / m['lgb_native']:.3f}"),
         row("LightGBM gangway: submit -> all ranks training (s)", f"{m['lgb_phases']['to_training']:.2f}"),
         row("LightGBM gangway: Dataset + lgb.train in the ranks, max (s)", f"{m['lgb_phases']['rank_train']:.2f}"),
         row(f"to_torch_dataset, batch {BATCH} (rows/s)", f"{m['loader_gw']:,.0f}"),
