@@ -46,9 +46,10 @@ class TrainingFailedError(GangwayError):
     """The job failed; `rank_errors` holds each failed rank's type, message and traceback."""
 
     def __init__(self, message: str, *, job_id: str | None = None,
-                 rank_errors: dict[int, dict] | None = None) -> None:
+                 rank_errors: dict[int, dict] | None = None, attempts: list[dict] | None = None) -> None:
         self.job_id = job_id
         self.rank_errors = dict(rank_errors or {})
+        self.attempts = list(attempts or [])   # one entry per failed attempt: message, decision, rank errors
         details = "".join(
             f"\n  rank {rank}: {err.get('type', 'Error')}: {err.get('message', '')}"
             for rank, err in sorted(self.rank_errors.items()))

@@ -1,7 +1,8 @@
 """Job and worker state models. Transitions of JobState are documented here, once.
 
     PENDING ──reserve gang──▶ RUNNING ──all ranks ok──▶ SUCCEEDED
-       │                        │ ──a rank failed──▶ FAILED
+       ▲                        │ ──a rank failed, retryable, attempts left──▶ PENDING (next attempt)
+       │                        │ ──a rank failed otherwise──▶ FAILED
        │                        └──cancel──▶ CANCELLED
        ├──cancel──▶ CANCELLED
        └──invalid / can never be placed / placement deadline──▶ FAILED
@@ -30,7 +31,7 @@ class JobState(str, enum.Enum):
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SUBMITTED: frozenset({JobState.PENDING, JobState.FAILED, JobState.CANCELLED}),
     JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
@@ -124,6 +125,7 @@ class JobSpec:
     train: dict[str, Any] = field(default_factory=dict)   # framework options: rounds, cols, ...
     priority: int = 0
     submitted_at: float = 0.0
+    max_failures: int = 1          # retries after infrastructure failures (see coordinator.policy)
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -49,6 +49,7 @@ class Settings:
     lease_seconds: float = 30.0
     job_ttl_days: float = 7.0
     kill_grace: float = 3.0
+    max_failures: int = 1          # default retries of a job after infrastructure failures
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -82,10 +82,18 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
     return Prepared(datasets, features, sample)
 
 
+def check_max_failures(value: int | None, settings) -> int:
+    if value is None:
+        return settings.max_failures
+    check_positive_int("max_failures", value, minimum=0)
+    return value
+
+
 def submit_spec(client: Client, framework: str, resources: Resources, prepared: Prepared, params: dict,
-                train_opts: dict, loader, priority: int = 0) -> TrainingJob:
+                train_opts: dict, loader, priority: int = 0, max_failures: int | None = None) -> TrainingJob:
     spec = JobSpec(job_id=new_job_id(), framework=framework, resources=resources, datasets=prepared.datasets,
-                   params=params, train=train_opts, priority=priority)
+                   params=params, train=train_opts, priority=priority,
+                   max_failures=check_max_failures(max_failures, client.settings))
     client.submit(spec)
     return TrainingJob(spec.job_id, settings=client.settings, loader=loader)
 
@@ -155,16 +163,22 @@ class BoostingEstimator:
         self.last_job: TrainingJob | None = None
 
     def fit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
-            weight_col=None, early_stopping_rounds=None, timeout: float | None = None):
-        """Train on the fleet; prints rank 0's eval every ``verbose_eval`` rounds; returns the Booster."""
+            weight_col=None, early_stopping_rounds=None, timeout: float | None = None,
+            max_failures: int | None = None):
+        """Train on the fleet; prints rank 0's eval every ``verbose_eval`` rounds; returns the Booster.
+
+        ``max_failures``: retries after infrastructure failures (default ``GANGWAY_MAX_FAILURES``)."""
         job = self.submit(dataset, input_cols, label_col, eval_set, verbose_eval, weight_col=weight_col,
-                          early_stopping_rounds=early_stopping_rounds)
+                          early_stopping_rounds=early_stopping_rounds, max_failures=max_failures)
         return job.wait(timeout, echo=verbose_eval is not None)
 
     def submit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
-               weight_col=None, early_stopping_rounds=None, priority: int = 0) -> TrainingJob:
+               weight_col=None, early_stopping_rounds=None, priority: int = 0,
+               max_failures: int | None = None) -> TrainingJob:
         """Validate, upload what the store lacks, enqueue; returns at once."""
         check_common_args(verbose_eval, early_stopping_rounds, self.n_estimators)
+        if max_failures is not None:
+            check_positive_int("max_failures", max_failures, minimum=0)
         if early_stopping_rounds and eval_set is None:
             raise ValidationError("early_stopping_rounds needs an eval_set")
         self._before_submit()
@@ -181,7 +195,8 @@ class BoostingEstimator:
                 "weight_col": weight_col, "verbose_eval": verbose_eval,
                 "early_stopping_rounds": early_stopping_rounds}
         self._input_cols = prepared.input_cols
-        self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority)
+        self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority,
+                                    max_failures)
         return self.last_job
 
     def _before_submit(self) -> None:

@@ -110,7 +110,7 @@ class TrainingJob:
         if st.state is JobState.CANCELLED:
             raise JobCancelledError(f"job {self.job_id} was cancelled")
         if st.state is JobState.FAILED:
-            raise _error_for(self.job_id, st.error or {})
+            raise _error_for(self.job_id, st.error or {}, json.loads(self.record().get("history") or "[]"))
         if not self._have_result:
             self._result = self._loader(self) if self._loader else self.record()
             self._have_result = True
@@ -120,13 +120,13 @@ class TrainingJob:
         return f"TrainingJob({self.job_id!r})"
 
 
-def _error_for(job_id: str, err: dict) -> GangwayError:
+def _error_for(job_id: str, err: dict, history: list | None = None) -> GangwayError:
     cls = _ERRORS.get(err.get("type", ""))
     if cls is not None:
         return cls(f"job {job_id}: {err.get('message', '')}")
     rank_errors = {int(k): v for k, v in (err.get("rank_errors") or {}).items()}
     return TrainingFailedError(f"job {job_id} failed: {err.get('message', 'unknown error')}",
-                               job_id=job_id, rank_errors=rank_errors)
+                               job_id=job_id, rank_errors=rank_errors, attempts=history or [])
 
 
 class _LivePrinter:

@@ -17,7 +17,7 @@ from common.models import Resources
 from common.store import parse_s3_uri
 from producer.client import Client, new_job_id
 from producer.connectors import DataConnector, ShardedDataConnector
-from producer.estimator import as_connector, submit_spec, Prepared
+from producer.estimator import Prepared, as_connector, check_max_failures, submit_spec
 from producer.jobs import TrainingJob
 
 __all__ = ["PyTorchDistributor", "PyTorchScalingConfig", "WorkerResourceConfig", "PyTorchDistributorResult",
@@ -129,15 +129,18 @@ class PyTorchDistributor:
         self.last_job: TrainingJob | None = None
 
     def run(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
-            artifact_stage_location: str | None = None, timeout: float | None = None) -> PyTorchDistributorResult:
+            artifact_stage_location: str | None = None, timeout: float | None = None,
+            max_failures: int | None = None) -> PyTorchDistributorResult:
         """Run ``train_func`` on the gang and wait; rank 0's model folder is uploaded when it returns."""
         job = self.submit(dataset_map=dataset_map, hyper_params=hyper_params,
-                          artifact_stage_location=artifact_stage_location)
+                          artifact_stage_location=artifact_stage_location, max_failures=max_failures)
         return job.wait(timeout, echo=True)
 
     def submit(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
-               artifact_stage_location: str | None = None, priority: int = 0) -> TrainingJob:
+               artifact_stage_location: str | None = None, priority: int = 0,
+               max_failures: int | None = None) -> TrainingJob:
         client = Client.default()
+        max_failures = check_max_failures(max_failures, client.settings)
         hyper_params = _check_hyper_params(hyper_params)
         stage = _check_stage(artifact_stage_location, client.settings.artifact_bucket)
         blob = pickle_function(self.train_func)
@@ -151,7 +154,8 @@ class PyTorchDistributor:
         opts = {"func_uri": f"s3://{client.settings.data_bucket}/{func_key}", "hyper_params": hyper_params,
                 "artifact_stage_location": stage, "func_name": getattr(self.train_func, "__qualname__", "")}
         prepared = Prepared(datasets=datasets, input_cols=[], sample=None)
-        self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, _load_result, priority)
+        self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, _load_result, priority,
+                                    max_failures)
         return self.last_job
 
 

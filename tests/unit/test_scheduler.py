@@ -98,3 +98,16 @@ def test_a_topology_the_hosts_can_never_satisfy_is_infeasible_with_what_each_hos
     msg = infeasibility(Resources(3, num_nodes=3, workers_per_node=1), fleet)
     assert "num_nodes=3 x num_workers_per_node=1" in msg and "{'h1': 2, 'h2': 1}" in msg
     assert select_gang("j", Resources(2, num_nodes=2, workers_per_node=1), fleet).worker_ids == ("a1", "b1")
+
+
+def test_infrastructure_failures_are_retried_while_attempts_remain():
+    from workers.coordinator.policy import FailureAction, decide
+    assert decide(1, 1, "ChildProcessError").action is FailureAction.RETRY
+    assert decide(2, 1, "WorkerLostError").action is FailureAction.FAIL
+    assert "max_failures=1" in decide(2, 1, "WorkerLostError").reason
+
+
+def test_errors_of_the_training_code_are_never_retried():
+    from workers.coordinator.policy import FailureAction, decide
+    d = decide(1, 5, "ValueError")
+    assert d.action is FailureAction.FAIL and "not retried" in d.reason

@@ -15,6 +15,7 @@ from common import keys
 from common.models import JobSpec, JobState, WorkerView
 from common.settings import Settings
 from common.state import State
+from workers.coordinator.policy import FailureAction, decide, is_retryable
 from workers.coordinator.reservation import Reservations
 from workers.coordinator.scheduler import Action, compute_rendezvous, plan_pass, pending_score
 
@@ -60,6 +61,7 @@ class Coordinator:
                                 "persisted_at": time.time()})
         pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or time.time()})
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
+        pipe.hset(key, "score", pending_score(spec.priority, seq))
         pipe.execute()
         problems = spec_problems(spec)
         if problems:
@@ -139,10 +141,7 @@ class Coordinator:
         if summary:
             self.r.hset(keys.job(job_id), f"rank{rank}_summary", json.dumps(summary))
         if not ok:
-            self.r.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error or {}))
-            self.fail(job_id, f"rank {rank} failed: {(error or {}).get('type', 'Error')}: "
-                              f"{(error or {}).get('message', '')}", kind="TrainingFailedError",
-                      token=token, rank_errors={rank: error or {}})
+            self.rank_failed(job_id, token, rank, error or {"type": "Error", "message": "no error reported"})
             return
         done_key = f"{keys.job(job_id)}:done:{token}"
         self.r.sadd(done_key, rank)
@@ -155,6 +154,61 @@ class Coordinator:
                 log.info("job %s succeeded", job_id)
                 self._expire(job_id)
                 self._end_attempt(job_id, token, abort=False)
+
+    # failures ------------------------------------------------------------
+    def _errors_key(self, job_id: str, token: str) -> str:
+        return f"{keys.job(job_id)}:errors:{token}"
+
+    def rank_failed(self, job_id: str, token: str, rank: int, error: dict) -> None:
+        """Record a rank's error and abort the attempt; decide once every rank has reported (or the
+        grace period ends), so the root cause wins over its echoes (peers' socket errors)."""
+        ekey = self._errors_key(job_id, token)
+        pipe = self.r.pipeline()
+        pipe.hset(ekey, str(rank), json.dumps(error))
+        pipe.expire(ekey, 86400)
+        pipe.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error))
+        pipe.hsetnx(keys.job(job_id), f"failing:{token}", time.time())
+        pipe.execute()
+        self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
+        job = self.state.job(job_id) or {}
+        world = len(json.loads(job.get("gang") or "{}").get("workers", []))
+        reported = self.r.hlen(ekey) + self.r.scard(f"{keys.job(job_id)}:done:{token}")
+        if reported >= world:
+            self.decide_attempt(job_id, token)
+
+    def decide_attempt(self, job_id: str, token: str) -> None:
+        errors = {int(k): json.loads(v) for k, v in self.r.hgetall(self._errors_key(job_id, token)).items()}
+        real = {r: e for r, e in errors.items() if e.get("type") != "Aborted"} or errors
+        causes = sorted(real.items(), key=lambda kv: (not is_retryable(kv[1].get("type", "")), kv[0]))
+        rank, first = causes[0] if causes else (0, {"type": "Error", "message": "unknown"})
+        self.attempt_failed(job_id, token, f"rank {rank} failed: {first.get('type', 'Error')}: "
+                                           f"{first.get('message', '')}", first.get("type", ""), real)
+
+    def attempt_failed(self, job_id: str, token: str, message: str, error_type: str, rank_errors: dict) -> None:
+        """End the attempt; retry the job (back to PENDING, same queue position) or fail it."""
+        job = self.state.job(job_id) or {}
+        if job.get("token") != token or job.get("state") != JobState.RUNNING.value:
+            return
+        spec = self.state.spec(job_id)
+        attempt = int(job.get("attempt") or 1)
+        decision = decide(attempt, spec.max_failures if spec else 0, error_type)
+        history = json.loads(job.get("history") or "[]") + [
+            {"attempt": attempt, "token": token, "message": message, "decision": decision.reason,
+             "rank_errors": {str(k): v for k, v in rank_errors.items()}, "at": time.time()}]
+        if decision.action is FailureAction.FAIL:
+            self.r.hset(keys.job(job_id), "history", json.dumps(history))
+            self.fail(job_id, message + (f" ({decision.reason})" if attempt > 1 or is_retryable(error_type)
+                                         else ""), kind="TrainingFailedError", token=token,
+                      rank_errors=rank_errors)
+            return
+        prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.PENDING, token=token,
+                                     history=json.dumps(history), waiting=decision.reason)
+        if prev is None:
+            return
+        log.warning("job %s attempt %s failed (%s); %s", job_id, attempt, message, decision.reason)
+        self.r.zadd(keys.PENDING, {job_id: float(job.get("score") or 0)})
+        self.r.hset(keys.job(job_id), "persisted_at", time.time())   # the placement deadline restarts
+        self._end_attempt(job_id, token, abort=True)
 
     def fail(self, job_id: str, message: str, *, kind: str = "GangwayError", token: str = "",
              rank_errors: dict | None = None, allowed_from=_ACTIVE) -> bool:
@@ -203,7 +257,7 @@ class Coordinator:
 
     # timer ---------------------------------------------------------------
     def reap(self) -> None:
-        """Fail running jobs whose gang lost a worker (heartbeat lapsed)."""
+        """Count a worker whose heartbeat lapsed as a failed rank; decide attempts whose ranks went silent."""
         alive = {w.info.worker_id for w in self.state.workers() if w.alive}
         for job_id in self.r.smembers(keys.RUNNING):
             job = self.state.job(job_id) or {}
@@ -211,10 +265,17 @@ class Coordinator:
                 self.r.srem(keys.RUNNING, job_id)
                 continue
             dead = [w for w in json.loads(job.get("gang") or "{}").get("workers", []) if w not in alive]
-            if dead:
-                self.fail(job_id, f"worker(s) {dead} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
-                                  f"{self.settings.heartbeat_ttl:g}s)", kind="WorkerLostError",
-                          token=job.get("token", ""))
+            token = job.get("token", "")
+            gang = json.loads(job.get("gang") or "{}").get("workers", [])
+            for wid in dead:
+                if not self.r.hexists(self._errors_key(job_id, token), str(gang.index(wid))):
+                    self.rank_failed(job_id, token, gang.index(wid), {
+                        "type": "WorkerLostError", "traceback": "",
+                        "message": f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
+                                   f"{self.settings.heartbeat_ttl:g}s)"})
+            since = job.get(f"failing:{token}")
+            if since and time.time() - float(since) > self.settings.kill_grace + 2:
+                self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
     def tick(self) -> None:
         self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))

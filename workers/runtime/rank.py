@@ -134,7 +134,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     child = standby.take()
     ok = False
     try:
-        run.write(RankState.FETCHING)
+        run.write(RankState.FETCHING, pid=child.proc.pid)
         child.send(json.dumps(payload))
         ok = _supervise(run, child, abort)
         if ok and rank == 0:

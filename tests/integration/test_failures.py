@@ -1,0 +1,72 @@
+"""Faults really inflicted on the fleet: a training process killed mid-job."""
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from common.errors import TrainingFailedError
+from common.models import JobState
+from producer.xgboost import XGBEstimator, XGBScalingConfig
+from tests.integration.helpers import FEATURES, all_workers_idle, regression_frame, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _kill_rank_child_when_training(job, rank: int) -> int:
+    def training_pid():
+        st = job.status()
+        r = st.ranks.get(rank, {})
+        return r.get("pid") if st.state is JobState.RUNNING and (r.get("iteration") or 0) >= 2 else None
+    pid = wait_until(training_pid, 60, f"rank {rank} to be training")
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _long_job(seed: int) -> tuple[XGBEstimator, object]:
+    df = regression_frame(20000, seed=seed)
+    est = XGBEstimator(n_estimators=150, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=2))
+    return est, df
+
+
+def test_a_killed_training_process_fails_the_attempt_and_the_retry_succeeds(fleet, state, fleet_settings):
+    from common.store import S3Store
+    est, df = _long_job(41)
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+    pid = _kill_rank_child_when_training(job, 1)
+    booster = job.wait(180)
+    assert booster.num_boosted_rounds() == 150
+    st = job.status()
+    assert st.state is JobState.SUCCEEDED and st.attempt == 2
+    history = job.record().get("history")
+    assert '"ChildProcessError"' in history and "retrying" in history
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+    keys = S3Store(fleet_settings).list(fleet_settings.artifact_bucket, f"model/{job.job_id}/")
+    assert keys == [f"model/{job.job_id}/{n}" for n in ("eval_results.json", "metadata.json", "model.ubj")]
+
+
+def test_with_max_failures_0_the_first_infrastructure_failure_fails_the_job_with_its_history(fleet, state):
+    est, df = _long_job(42)
+    job = est.submit(df, FEATURES, "risk", max_failures=0)
+    _kill_rank_child_when_training(job, 0)
+    with pytest.raises(TrainingFailedError) as info:
+        job.wait(120)
+    err = info.value
+    assert err.rank_errors[0]["type"] == "ChildProcessError" and "signal 9" in err.rank_errors[0]["message"]
+    assert len(err.attempts) == 1 and "max_failures=0" in err.attempts[0]["decision"]
+    assert job.status().attempt == 1
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+
+
+def test_an_error_of_the_training_code_is_not_retried(fleet, state):
+    torch_jobs = pytest.importorskip("tests.integration.torch_jobs")
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
+    dist = PyTorchDistributor(torch_jobs.failing, PyTorchScalingConfig(num_workers_per_node=2))
+    with pytest.raises(TrainingFailedError) as info:
+        dist.run(timeout=120, max_failures=3)
+    assert info.value.rank_errors[1]["type"] == "ValueError"
+    assert dist.last_job.status().attempt == 1
+    assert "not retried" in info.value.attempts[0]["decision"]
