@@ -38,6 +38,10 @@ class JobNotFinishedError(GangwayError):
     """`result()` was asked of a job that has not ended."""
 
 
+class JobTimeoutError(GangwayError, TimeoutError):
+    """The job passed its whole-job ``timeout`` and was ended."""
+
+
 class JobCancelledError(GangwayError):
     """The job was cancelled before it produced a result."""
 

@@ -126,6 +126,7 @@ class JobSpec:
     priority: int = 0
     submitted_at: float = 0.0
     max_failures: int = 1          # retries after infrastructure failures (see coordinator.policy)
+    timeout: float = 0.0           # whole-job deadline in seconds from submission; 0 = none
 
     def to_json(self) -> str:
         data = asdict(self)

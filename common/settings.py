@@ -50,6 +50,7 @@ class Settings:
     job_ttl_days: float = 7.0
     kill_grace: float = 3.0
     max_failures: int = 1          # default retries of a job after infrastructure failures
+    progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":

@@ -89,11 +89,20 @@ def check_max_failures(value: int | None, settings) -> int:
     return value
 
 
+def check_timeout(value: float | None) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValidationError(f"timeout must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def submit_spec(client: Client, framework: str, resources: Resources, prepared: Prepared, params: dict,
-                train_opts: dict, loader, priority: int = 0, max_failures: int | None = None) -> TrainingJob:
+                train_opts: dict, loader, priority: int = 0, max_failures: int | None = None,
+                timeout: float | None = None) -> TrainingJob:
     spec = JobSpec(job_id=new_job_id(), framework=framework, resources=resources, datasets=prepared.datasets,
                    params=params, train=train_opts, priority=priority,
-                   max_failures=check_max_failures(max_failures, client.settings))
+                   max_failures=check_max_failures(max_failures, client.settings), timeout=check_timeout(timeout))
     client.submit(spec)
     return TrainingJob(spec.job_id, settings=client.settings, loader=loader)
 
@@ -169,16 +178,17 @@ class BoostingEstimator:
 
         ``max_failures``: retries after infrastructure failures (default ``GANGWAY_MAX_FAILURES``)."""
         job = self.submit(dataset, input_cols, label_col, eval_set, verbose_eval, weight_col=weight_col,
-                          early_stopping_rounds=early_stopping_rounds, max_failures=max_failures)
-        return job.wait(timeout, echo=verbose_eval is not None)
+                          early_stopping_rounds=early_stopping_rounds, max_failures=max_failures, timeout=timeout)
+        return job.wait(None if timeout is None else timeout + 30, echo=verbose_eval is not None)
 
     def submit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
                weight_col=None, early_stopping_rounds=None, priority: int = 0,
-               max_failures: int | None = None) -> TrainingJob:
+               max_failures: int | None = None, timeout: float | None = None) -> TrainingJob:
         """Validate, upload what the store lacks, enqueue; returns at once."""
         check_common_args(verbose_eval, early_stopping_rounds, self.n_estimators)
         if max_failures is not None:
             check_positive_int("max_failures", max_failures, minimum=0)
+        check_timeout(timeout)
         if early_stopping_rounds and eval_set is None:
             raise ValidationError("early_stopping_rounds needs an eval_set")
         self._before_submit()
@@ -196,7 +206,7 @@ class BoostingEstimator:
                 "early_stopping_rounds": early_stopping_rounds}
         self._input_cols = prepared.input_cols
         self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority,
-                                    max_failures)
+                                    max_failures, timeout)
         return self.last_job
 
     def _before_submit(self) -> None:

@@ -7,14 +7,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, PlacementError,
+from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, JobTimeoutError, PlacementError,
                            TrainingFailedError, ValidationError)
 from common.models import JobState
 from common.settings import Settings
 from producer.client import Client
 
 _POLL = 0.1
-_ERRORS = {"PlacementError": PlacementError, "ValidationError": ValidationError}
+_ERRORS = {"PlacementError": PlacementError, "ValidationError": ValidationError,
+           "JobTimeoutError": JobTimeoutError}
 
 
 @dataclass

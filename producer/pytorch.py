@@ -133,12 +133,13 @@ class PyTorchDistributor:
             max_failures: int | None = None) -> PyTorchDistributorResult:
         """Run ``train_func`` on the gang and wait; rank 0's model folder is uploaded when it returns."""
         job = self.submit(dataset_map=dataset_map, hyper_params=hyper_params,
-                          artifact_stage_location=artifact_stage_location, max_failures=max_failures)
-        return job.wait(timeout, echo=True)
+                          artifact_stage_location=artifact_stage_location, max_failures=max_failures,
+                          timeout=timeout)
+        return job.wait(None if timeout is None else timeout + 30, echo=True)
 
     def submit(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
                artifact_stage_location: str | None = None, priority: int = 0,
-               max_failures: int | None = None) -> TrainingJob:
+               max_failures: int | None = None, timeout: float | None = None) -> TrainingJob:
         client = Client.default()
         max_failures = check_max_failures(max_failures, client.settings)
         hyper_params = _check_hyper_params(hyper_params)
@@ -155,7 +156,7 @@ class PyTorchDistributor:
                 "artifact_stage_location": stage, "func_name": getattr(self.train_func, "__qualname__", "")}
         prepared = Prepared(datasets=datasets, input_cols=[], sample=None)
         self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, _load_result, priority,
-                                    max_failures)
+                                    max_failures, timeout)
         return self.last_job
 
 

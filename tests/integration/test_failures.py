@@ -70,3 +70,31 @@ def test_an_error_of_the_training_code_is_not_retried(fleet, state):
     assert info.value.rank_errors[1]["type"] == "ValueError"
     assert dist.last_job.status().attempt == 1
     assert "not retried" in info.value.attempts[0]["decision"]
+
+
+def test_a_hung_rank_is_detected_by_its_silence_and_the_attempt_is_retried(fleet, state):
+    est, df = _long_job(44)
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+
+    def training_pid():
+        r = job.status().ranks.get(1, {})
+        return r.get("pid") if (r.get("iteration") or 0) >= 2 else None
+    pid = wait_until(training_pid, 60, "rank 1 to be training")
+    os.kill(pid, signal.SIGSTOP)   # a rank stuck in a collective: alive, silent
+    try:
+        booster = job.wait(120)
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert booster.num_boosted_rounds() == 150 and job.status().attempt == 2
+    assert '"ProgressTimeoutError"' in job.record()["history"]
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+
+
+def test_the_whole_job_timeout_ends_a_running_job_naming_the_argument(fleet, state):
+    from common.errors import JobTimeoutError
+    est, df = _long_job(45)
+    est.n_estimators = 100000
+    with pytest.raises(JobTimeoutError, match=r"job timeout of 4s passed while running .*`timeout` argument"):
+        est.fit(df, FEATURES, "risk", timeout=4)
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")

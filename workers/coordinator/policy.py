@@ -1,7 +1,8 @@
 """Failure policy as a pure decision: retry the attempt or fail the job.
 
 Only failures of the infrastructure are retried: a training process killed by a
-signal, a lost worker, a rendezvous deadline, an object-store error. An exception
+signal, a lost worker, a rendezvous deadline, a rank that stopped making progress,
+an object-store error. An exception
 raised by training code or the framework (bad data, bad params, a bug in
 ``train_func``) would fail the same way again, so it fails the job at once.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-RETRYABLE = frozenset({"ChildProcessError", "WorkerLostError", "RendezvousError", "StoreError"})
+RETRYABLE = frozenset({"ChildProcessError", "WorkerLostError", "RendezvousError", "StoreError",
+                       "ProgressTimeoutError"})
 
 
 class FailureAction(str, enum.Enum):

@@ -277,8 +277,20 @@ class Coordinator:
             if since and time.time() - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
+    def expire_deadlines(self) -> None:
+        """Fail pending or running jobs past their whole-job ``timeout``."""
+        now = time.time()
+        for job_id in set(self.r.zrange(keys.PENDING, 0, -1)) | self.r.smembers(keys.RUNNING):
+            spec = self.state.spec(job_id)
+            if spec and spec.timeout > 0 and now - (spec.submitted_at or now) > spec.timeout:
+                state = self.state.job_state(job_id)
+                where = "waiting for its gang" if state is JobState.PENDING else "running"
+                self.fail(job_id, f"job timeout of {spec.timeout:g}s passed while {where} (raise the `timeout` "
+                                  "argument of fit()/run())", kind="JobTimeoutError")
+
     def tick(self) -> None:
         self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))
+        self.expire_deadlines()
         self.r.zremrangebyscore(keys.JOBS, 0, time.time() - self.settings.job_ttl_days * 86400)
         self.reap()
         self.schedule_pass()

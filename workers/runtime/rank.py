@@ -28,6 +28,10 @@ class Aborted(Exception):
     """The attempt was aborted (cancel, another rank failed, or the fence moved on)."""
 
 
+class ProgressTimeoutError(Exception):
+    """The rank made no progress (a hung collective, a stuck peer) for GANGWAY_PROGRESS_TIMEOUT."""
+
+
 class AbortWatcher:
     """Listens on the abort channel for this attempt; also set when a fenced write is refused."""
 
@@ -165,13 +169,20 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
 def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
     """Relay the child's events until it exits; returns whether it succeeded."""
     last_write, pending = 0.0, None
+    last_event = time.monotonic()
+    limit = run.settings.progress_timeout
     while True:
         if abort.event.is_set():
             raise Aborted(abort.reason)
         try:
             ev = child.events.get(timeout=0.2)
+            last_event = time.monotonic()
         except queue.Empty:
             ev = {"ev": "tick"}
+            if limit > 0 and time.monotonic() - last_event > limit:
+                raise ProgressTimeoutError(
+                    f"rank {run.rank} of job {run.job_id} reported no progress for {limit:g}s (a hung "
+                    f"collective or a stuck peer; raise GANGWAY_PROGRESS_TIMEOUT for longer silent phases)")
         if ev is None:
             break
         kind = ev["ev"]
