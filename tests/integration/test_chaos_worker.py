@@ -1,0 +1,71 @@
+"""A whole trainer worker killed mid-job (Celery parent and children, kill -9), on a fleet of its own."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from common.models import JobState
+from common.settings import Settings
+from tests.conftest import _free_block, _missing_binaries, IN_CI
+from tests.integration.helpers import FEATURES, regression_frame, wait_until
+from workers.local import services
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def three_workers(fleet):
+    """A second, private fleet of 3 workers; the producer is pointed at it for this module only."""
+    from common.state import State, connect
+    from workers.local.fleet import Fleet
+    missing = _missing_binaries()
+    if missing:
+        pytest.fail(missing) if IN_CI else pytest.skip(missing)
+    home = tempfile.mkdtemp(prefix="gangway-chaos-")
+    settings = Settings.from_env(
+        {}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
+        s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
+        heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
+        progress_timeout=8.0, chunk_rows=4096)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
+    os.environ.update(settings.as_env())
+    f = Fleet(settings, workers=3)
+    f.start(timeout=180)
+    try:
+        yield f, State(connect(settings))
+    finally:
+        f.stop()
+        os.environ.update(saved)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and_nothing_is_left(three_workers):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    fleet, state = three_workers
+    df = regression_frame(20000, seed=51)
+    est = XGBEstimator(n_estimators=150, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=2))
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+    victim_rank = wait_until(lambda: (job.status().ranks.get(1, {}).get("iteration") or 0) >= 2 and 1, 60,
+                             "rank 1 to be training")
+    victim = job.status().ranks[victim_rank]["worker"]
+    child_pid = job.status().ranks[victim_rank]["pid"]
+    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
+    killed_at = time.monotonic()
+    os.killpg(proc.pid, signal.SIGKILL)
+    wait_until(lambda: job.status().state is not JobState.RUNNING or job.status().attempt == 2, 30,
+               "the lost worker to be noticed")
+    assert time.monotonic() - killed_at <= 15
+    booster = job.wait(180)
+    st = job.status()
+    assert st.state is JobState.SUCCEEDED and st.attempt == 2 and booster.num_boosted_rounds() == 150
+    assert victim not in {r["worker"] for r in st.ranks.values()}
+    assert "WorkerLostError" in job.record()["history"] or "ProgressTimeoutError" in job.record()["history"]
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    alive = [w for w in state.workers() if w.alive]
+    assert len(alive) == 2 and all(not w.job_id for w in alive)
