@@ -51,6 +51,7 @@ class RankState(str, enum.Enum):
 class WorkerState(str, enum.Enum):
     IDLE = "idle"
     RESERVED = "reserved"
+    DRAINING = "draining"   # shutting down: takes no new gang
     DEAD = "dead"
 
 
@@ -90,15 +91,18 @@ class WorkerView:
     info: WorkerInfo
     alive: bool
     job_id: str = ""
+    draining: bool = False
 
     @property
     def free(self) -> bool:
-        return self.alive and not self.job_id
+        return self.alive and not self.job_id and not self.draining
 
     @property
     def state(self) -> WorkerState:
         if not self.alive:
             return WorkerState.DEAD
+        if self.draining:
+            return WorkerState.DRAINING
         return WorkerState.RESERVED if self.job_id else WorkerState.IDLE
 
 

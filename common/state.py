@@ -92,20 +92,20 @@ class State:
             return []
         pipe = self.r.pipeline()
         for wid in ids:
-            pipe.hmget(keys.worker(wid), "info", "job")
+            pipe.hmget(keys.worker(wid), "info", "job", "draining")
             pipe.exists(keys.worker_alive(wid))
         res = pipe.execute()
         out = []
         for i, _ in enumerate(ids):
-            (info, job), alive = res[2 * i], res[2 * i + 1]
+            (info, job, draining), alive = res[2 * i], res[2 * i + 1]
             if info:
-                out.append(WorkerView(WorkerInfo.from_json(info), bool(alive), job or ""))
+                out.append(WorkerView(WorkerInfo.from_json(info), bool(alive), job or "", draining == "1"))
         return out
 
     def register_worker(self, info: WorkerInfo, ttl: float) -> None:
         pipe = self.r.pipeline()
         pipe.sadd(keys.WORKERS, info.worker_id)
-        pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json()})
+        pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "0"})
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
         pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
         pipe.execute()

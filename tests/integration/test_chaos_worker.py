@@ -32,7 +32,7 @@ def three_workers(fleet):
         {}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
         s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
         heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
-        progress_timeout=8.0, chunk_rows=4096)
+        progress_timeout=8.0, drain_grace=3.0, chunk_rows=4096)
     saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
     os.environ.update(settings.as_env())
     f = Fleet(settings, workers=3)
@@ -69,3 +69,38 @@ def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and
     assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
     alive = [w for w in state.workers() if w.alive]
     assert len(alive) == 2 and all(not w.job_id for w in alive)
+
+
+def test_a_sigtermed_worker_drains_its_rank_is_retried_elsewhere_and_it_takes_no_new_gang(three_workers):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    fleet, state = three_workers
+    df = regression_frame(20000, seed=52)
+    est = XGBEstimator(n_estimators=3000, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=1))
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= 2, 60, "rank 0 to be training")
+    victim = job.status().ranks[0]["worker"]
+    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: any(w.info.worker_id == victim and w.state.value == "draining" for w in state.workers()),
+               10, "the worker to report draining")
+    booster = job.wait(180)
+    st = job.status()
+    assert st.state is JobState.SUCCEEDED and st.attempt == 2 and booster.num_boosted_rounds() == 3000
+    assert st.ranks[0]["worker"] != victim
+    assert "WorkerDrainedError" in job.record()["history"]
+    proc.wait(timeout=30)   # the drained worker exits once its rank is gone, and deregisters
+    assert victim not in {w.info.worker_id for w in state.workers()}
+
+
+def test_a_sigtermed_worker_lets_a_rank_that_finishes_within_the_grace_complete(three_workers):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    fleet, state = three_workers
+    df = regression_frame(5000, seed=53)
+    est = XGBEstimator(n_estimators=150, params={"max_depth": 4}, scaling_config=XGBScalingConfig(num_workers=1))
+    job = est.submit(df, FEATURES, "risk", max_failures=0)
+    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= 1, 60, "rank 0 to be training")
+    victim = job.status().ranks[0]["worker"]
+    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
+    proc.send_signal(signal.SIGTERM)
+    assert job.wait(60).num_boosted_rounds() == 150 and job.status().attempt == 1
+    proc.wait(timeout=30)

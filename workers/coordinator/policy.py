@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 
 RETRYABLE = frozenset({"ChildProcessError", "WorkerLostError", "RendezvousError", "StoreError",
-                       "ProgressTimeoutError"})
+                       "ProgressTimeoutError", "WorkerDrainedError"})
 
 
 class FailureAction(str, enum.Enum):

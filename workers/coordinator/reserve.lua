@@ -12,6 +12,9 @@ for i = 1, n do
   if redis.call('EXISTS', akey) == 0 then
     return {0, 'dead:' .. wkey}
   end
+  if redis.call('HGET', wkey, 'draining') == '1' then
+    return {0, 'draining:' .. wkey}
+  end
   local holder = redis.call('HGET', wkey, 'job')
   if holder and holder ~= '' then
     return {0, 'busy:' .. wkey}

@@ -46,7 +46,7 @@ def _rank_order(workers: Iterable[WorkerView]) -> list[WorkerView]:
 
 def infeasibility(resources: Resources, workers: Sequence[WorkerView]) -> str:
     """Why the fleet can *never* run this gang (counting busy workers), or ''."""
-    alive = [w for w in workers if w.alive]
+    alive = [w for w in workers if w.alive and not w.draining]   # draining workers are leaving
     n = resources.num_workers
     if n == 0 or n < -1:
         return f"num_workers must be -1 (all free workers) or >= 1, got {n}"

@@ -164,7 +164,10 @@ class Coordinator:
         grace period ends), so the root cause wins over its echoes (peers' socket errors)."""
         ekey = self._errors_key(job_id, token)
         pipe = self.r.pipeline()
-        pipe.hset(ekey, str(rank), json.dumps(error))
+        if error.get("type") == "Aborted":   # an echo never overwrites the cause reported for this rank
+            pipe.hsetnx(ekey, str(rank), json.dumps(error))
+        else:
+            pipe.hset(ekey, str(rank), json.dumps(error))
         pipe.expire(ekey, 86400)
         pipe.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error))
         pipe.hsetnx(keys.job(job_id), f"failing:{token}", time.time())

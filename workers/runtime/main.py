@@ -15,7 +15,7 @@ from common.state import State, connect
 from workers.celery_app import make_app
 from workers.runtime.gpus import worker_gpus
 from workers.runtime.rank import run_rank
-from workers.runtime.registry import Heartbeat, worker_info
+from workers.runtime.registry import Drain, Heartbeat, worker_info
 from workers.runtime.supervisor import Standby
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ def _register(**_) -> None:
     global _heartbeat
     _heartbeat = Heartbeat(settings, _get_state(), app, INFO)
     _heartbeat.start()
+
+
+_drainer: Drain | None = None
+
+
+@signals.worker_shutting_down.connect(weak=False)
+def _drain(**_) -> None:
+    global _drainer
+    if _drainer is None:
+        _drainer = Drain(settings, _get_state(), app, INFO.worker_id)
+    _drainer.start()
 
 
 @signals.worker_shutdown.connect(weak=False)

@@ -1,6 +1,7 @@
 """Trainer worker registration: advertise on start, heartbeat on a TTL, deregister on clean stop."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -59,3 +60,45 @@ class Heartbeat:
             self.state.deregister_worker(self.info.worker_id)
         except Exception as exc:
             log.warning("worker %s could not deregister: %s", self.info.worker_id, exc)
+
+
+class Drain:
+    """SIGTERM: take no new gang; let the running rank finish for ``drain_grace`` seconds, then hand its
+    attempt back to the coordinator (a retryable ``WorkerDrainedError``) so it is retried elsewhere."""
+
+    def __init__(self, settings: Settings, state: State, app: Celery, worker_id: str) -> None:
+        self.settings, self.state, self.app, self.worker_id = settings, state, app, worker_id
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        if self._started.is_set():
+            return
+        self._started.set()
+        threading.Thread(target=self._run, name="gangway-drain", daemon=True).start()
+
+    def _run(self) -> None:
+        key = keys.worker(self.worker_id)
+        try:
+            self.state.r.hset(key, "draining", "1")
+        except Exception as exc:
+            log.warning("worker %s could not mark itself draining: %s", self.worker_id, exc)
+            return
+        log.info("worker %s draining: no new gangs; a running rank gets %ss", self.worker_id,
+                 self.settings.drain_grace)
+        deadline = time.monotonic() + self.settings.drain_grace
+        while time.monotonic() < deadline:
+            if not self.state.r.hget(key, "job"):
+                return
+            time.sleep(0.5)
+        job_id, token = self.state.r.hmget(key, "job", "token")
+        if not job_id:
+            return
+        gang = json.loads(self.state.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
+        rank = gang.index(self.worker_id) if self.worker_id in gang else 0
+        log.warning("worker %s: rank %s of job %s did not finish within GANGWAY_DRAIN_GRACE=%ss; handing the "
+                    "attempt back", self.worker_id, rank, job_id, self.settings.drain_grace)
+        self.app.send_task("gangway.rank_finished", queue=keys.COORDINATOR_QUEUE, args=[
+            job_id, token, rank, False, {"type": "WorkerDrainedError", "traceback": "",
+                                         "message": f"worker {self.worker_id} was shut down (SIGTERM) and its rank "
+                                                    f"did not finish within GANGWAY_DRAIN_GRACE="
+                                                    f"{self.settings.drain_grace:g}s"}, None])
