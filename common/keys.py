@@ -49,5 +49,10 @@ def barrier(job_id: str, token: int | str) -> str:
     return f"{PREFIX}job:{job_id}:barrier:{token}"
 
 
+def deliveries(job_id: str, token: int | str) -> str:
+    """Hash rank -> how many times its train_rank task was delivered (proof of no redelivery)."""
+    return f"{PREFIX}job:{job_id}:deliveries:{token}"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job(job_id), job_ranks(job_id), job_log(job_id)]

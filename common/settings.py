@@ -50,6 +50,7 @@ class Settings:
     job_ttl_days: float = 7.0
     kill_grace: float = 3.0
     max_failures: int = 1          # default retries of a job after infrastructure failures
+    visibility_timeout: float = 300.0  # Redis redelivers an unacknowledged (coordinator) task after this
     drain_grace: float = 60.0      # a SIGTERMed worker's running rank may finish this long, then is retried
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
 

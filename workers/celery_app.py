@@ -23,9 +23,10 @@ def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         task_routes={name: {"queue": keys.COORDINATOR_QUEUE} for name in COORDINATOR_TASKS},
         task_default_queue=keys.COORDINATOR_QUEUE,
         broker_connection_retry_on_startup=True,
-        # Leases and heartbeats decide what runs again, not redelivery: train_rank is
-        # acknowledged on receipt, and a long visibility timeout keeps Redis from re-sending.
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        # Leases and heartbeats decide what runs again, not redelivery: train_rank is acknowledged
+        # when it starts, so only the short, acks_late coordinator tasks are ever redelivered (after
+        # this timeout, e.g. when the coordinator was killed mid-task).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -98,3 +99,38 @@ def test_the_whole_job_timeout_ends_a_running_job_naming_the_argument(fleet, sta
     with pytest.raises(JobTimeoutError, match=r"job timeout of 4s passed while running .*`timeout` argument"):
         est.fit(df, FEATURES, "risk", timeout=4)
     wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+
+
+def test_a_long_rank_is_delivered_once_even_with_a_3s_visibility_timeout(fleet, state, fleet_settings):
+    assert fleet_settings.visibility_timeout == 3.0
+    from common import keys
+    est, df = _long_job(46)
+    est.n_estimators = 1500
+    job = est.submit(df, FEATURES, "risk", max_failures=0)
+    job.wait(120)
+    started = float(job.record()["started_at"])
+    assert float(job.record()["finished_at"]) - started > 3 * fleet_settings.visibility_timeout
+    token = job.record()["token"]
+    assert state.r.hgetall(keys.deliveries(job.job_id, token)) == {"0": "1", "1": "1"}
+    assert job.status().attempt == 1
+
+
+def test_a_redelivered_or_stale_train_rank_is_a_no_op(fleet, state, fleet_settings):
+    """Replay an old attempt's task at a worker: it must not train, write, or touch the worker's reservation."""
+    import json
+    from common import keys
+    est = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))
+    est.fit(regression_frame(2000, seed=47), FEATURES, "risk", timeout=60)
+    job = est.last_job
+    rec = job.record()
+    ranks_before = state.ranks(job.job_id)
+    payload = {"job_id": job.job_id, "token": rec["token"], "attempt": 1, "rank": 0,
+               "worker_id": ranks_before[0]["worker"], "use_gpu": False, "rendezvous": json.loads(rec["rendezvous"]),
+               "host_gpus": [], "spec": json.loads(rec["spec"])}
+    job.client.app.send_task("gangway.train_rank", args=[payload],
+                             queue=keys.worker_queue(ranks_before[0]["worker"]))
+    wait_until(lambda: state.r.hget(keys.deliveries(job.job_id, rec["token"]), "0") == "2", 20,
+               "the replayed task to be delivered")
+    time.sleep(0.5)
+    assert state.ranks(job.job_id) == ranks_before and job.status().state is JobState.SUCCEEDED
+    assert all_workers_idle(state)

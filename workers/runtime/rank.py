@@ -128,6 +128,10 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
 def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, payload: dict) -> dict:
     """Run one rank to its end and report to the coordinator. Stale deliveries are no-ops."""
     job_id, token, rank = payload["job_id"], payload["token"], payload["rank"]
+    pipe = state.r.pipeline()
+    pipe.hincrby(keys.deliveries(job_id, token), str(rank), 1)
+    pipe.expire(keys.deliveries(job_id, token), 86400)
+    pipe.execute()
     if not is_current(state, job_id, token):
         log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
         return {"status": "stale"}
