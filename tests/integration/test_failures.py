@@ -16,11 +16,11 @@ from tests.integration.helpers import FEATURES, all_workers_idle, regression_fra
 pytestmark = pytest.mark.integration
 
 
-def _kill_rank_child_when_training(job, rank: int) -> int:
+def _kill_rank_child_when_training(job, rank: int, after: int = 2) -> int:
     def training_pid():
         st = job.status()
         r = st.ranks.get(rank, {})
-        return r.get("pid") if st.state is JobState.RUNNING and (r.get("iteration") or 0) >= 2 else None
+        return r.get("pid") if st.state is JobState.RUNNING and (r.get("iteration") or 0) >= after else None
     pid = wait_until(training_pid, 60, f"rank {rank} to be training")
     os.kill(pid, signal.SIGKILL)
     return pid
@@ -32,13 +32,18 @@ def _long_job(seed: int) -> tuple[XGBEstimator, object]:
     return est, df
 
 
-def test_a_killed_training_process_fails_the_attempt_and_the_retry_succeeds(fleet, state, fleet_settings):
+def test_a_killed_training_process_fails_the_attempt_and_the_retry_resumes_from_its_checkpoint(
+        fleet, state, fleet_settings):
     from common.store import S3Store
     est, df = _long_job(41)
-    job = est.submit(df, FEATURES, "risk", max_failures=1)
-    pid = _kill_rank_child_when_training(job, 1)
+    est.n_estimators = 600
+    job = est.submit(df, FEATURES, "risk", max_failures=1, verbose_eval=100)
+    pid = _kill_rank_child_when_training(job, 1, after=25)
     booster = job.wait(180)
-    assert booster.num_boosted_rounds() == 150
+    assert booster.num_boosted_rounds() == 600
+    resumed = {r["summary"]["resumed_from_round"] for r in job.status().ranks.values()}
+    assert len(resumed) == 1 and resumed.pop() >= 20   # every rank resumed from the same checkpoint
+    assert any("resuming from the checkpoint" in ln for ln in job.logs())
     st = job.status()
     assert st.state is JobState.SUCCEEDED and st.attempt == 2
     history = job.record().get("history")
@@ -134,3 +139,23 @@ def test_a_redelivered_or_stale_train_rank_is_a_no_op(fleet, state, fleet_settin
     time.sleep(0.5)
     assert state.ranks(job.job_id) == ranks_before and job.status().state is JobState.SUCCEEDED
     assert all_workers_idle(state)
+
+
+def test_killing_the_coordinator_loses_no_job_and_a_restarted_one_finishes_them(fleet, state):
+    from common import keys
+    running_est, df = _long_job(48)
+    running = running_est.submit(df, FEATURES, "risk", max_failures=0)
+    wait_until(lambda: (running.status().ranks.get(0, {}).get("iteration") or 0) >= 1, 60, "the first job to train")
+    pending = XGBEstimator(n_estimators=5, scaling_config=XGBScalingConfig(num_workers=2)).submit(
+        regression_frame(2000, seed=49), FEATURES, "risk")
+    wait_until(lambda: pending.status().state is JobState.PENDING, 20, "the second job to queue")
+    old = next(s for s in fleet.started if s.name.startswith("coordinator"))
+    os.killpg(old.proc.pid, signal.SIGKILL)
+    old.proc.wait(timeout=10)
+    fleet.started.remove(old)
+    wait_until(lambda: not state.coordinator_alive(), 20, "the coordinator's heartbeat to lapse")
+    fleet._start_coordinator()   # a fresh coordinator reconciles from Redis alone
+    assert running.wait(120).num_boosted_rounds() == 150 and running.status().attempt == 1
+    assert pending.wait(120).num_boosted_rounds() == 5
+    wait_until(lambda: all_workers_idle(state), 10, "the gangs to be freed")
+    assert not state.r.smembers(keys.RUNNING)

@@ -14,7 +14,8 @@ from xgboost.tracker import RabitTracker
 
 from common.settings import Settings
 from workers.runtime.events import Emitter
-from workers.runtime.shards import RankData, fetch_datasets
+from workers.runtime.checkpoints import BoosterCheckpoints
+from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
 
 @dataclass
@@ -36,11 +37,18 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
     prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, payload["rank"]))
     if payload["rank"] == 0:
+        latest = _checkpoints(prep).latest() if payload.get("attempt", 1) > 1 else None
+        if latest is not None:
+            prep.published["resume_key"], prep.published["resume_rounds"] = latest
         # The tracker lives in rank 0's training child: it starts before the barrier, so peers
         # find it listening, and an abort that kills the child takes the tracker with it.
         prep.tracker, port = start_tracker(payload["rendezvous"], world, settings.rendezvous_timeout)
         prep.published["tracker_port"] = port
     return prep
+
+
+def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
+    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"], "ubj")
 
 
 def start_tracker(rdv: dict, world: int, timeout: float) -> tuple[RabitTracker, int]:
@@ -92,20 +100,27 @@ def _np(col: pa.Array) -> np.ndarray:
 
 
 class Relay(xgb.callback.TrainingCallback):
-    """Progress every round (droppable) and rank 0's eval line every ``verbose_eval`` rounds."""
+    """Progress every round (droppable), rank 0's eval line every ``verbose_eval`` rounds and its
+    checkpoint every ``checkpoint_every`` rounds."""
 
-    def __init__(self, emitter: Emitter, rank: int, total: int, verbose_eval: int | None) -> None:
+    def __init__(self, emitter: Emitter, rank: int, total: int, verbose_eval: int | None,
+                 checkpoints: BoosterCheckpoints | None = None, checkpoint_every: int = 0) -> None:
         self.emitter, self.rank, self.total, self.every = emitter, rank, total, verbose_eval
+        self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self._t = time.perf_counter()
 
     def after_iteration(self, model, epoch: int, evals_log) -> bool:
         latest = {f"{d}-{m}": float(v[-1]) for d, ms in evals_log.items() for m, v in ms.items()}
+        done = model.num_boosted_rounds()
         now = time.perf_counter()
-        self.emitter.emit("progress", droppable=True, iter=epoch + 1, total=self.total, metrics=latest,
+        self.emitter.emit("progress", droppable=True, iter=done, total=self.total, metrics=latest,
                           iter_seconds=now - self._t)
         self._t = now
-        if self.rank == 0 and self.every and (epoch % self.every == 0 or epoch + 1 == self.total):
+        if self.rank == 0 and self.every and (epoch % self.every == 0 or done == self.total):
             self.emitter.emit("eval", line=f"[{epoch}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+        if self.checkpoints is not None and self.checkpoint_every and done % self.checkpoint_every == 0 \
+                and done < self.total:
+            self.checkpoints.save_async(done, bytes(model.save_raw("ubj")))
         return False
 
 
@@ -139,15 +154,27 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
             evals.append((deval, "eval"))
         prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
-        booster = xgb.train(params, dtrain, num_boost_round=rounds, evals=evals, evals_result=evals_result,
+        ckpt = _checkpoints(prep)
+        start, done_before = None, int(shared.get("resume_rounds") or 0)
+        if shared.get("resume_key"):   # a retry: every rank resumes from the checkpoint rank 0 chose
+            start = xgb.Booster()
+            start.load_model(bytearray(ckpt.load(shared["resume_key"])))
+            if rank == 0:
+                emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
+        relay = Relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
+                      prep.settings.checkpoint_rounds)
+        booster = xgb.train(params, dtrain, num_boost_round=rounds - done_before, evals=evals,
+                            evals_result=evals_result, xgb_model=start,
                             early_stopping_rounds=opts.get("early_stopping_rounds"), verbose_eval=False,
-                            callbacks=[Relay(emitter, rank, rounds, opts.get("verbose_eval"))])
+                            callbacks=[relay])
+        ckpt.flush()
     if prep.tracker is not None:
         prep.tracker.wait_for(int(prep.settings.rendezvous_timeout))
     raw = booster.save_raw("ubj")
     summary = {"model_sha256": hashlib.sha256(raw).hexdigest(), "num_boosted_rounds": booster.num_boosted_rounds(),
-               "connect_seconds": t_connected - t0, "dmatrix_seconds": t_data - t_connected, "train_seconds": time.perf_counter() - t_data,
-               "best_iteration": getattr(booster, "best_iteration", None)}
+               "connect_seconds": t_connected - t0, "dmatrix_seconds": t_data - t_connected,
+               "train_seconds": time.perf_counter() - t_data,
+               "best_iteration": getattr(booster, "best_iteration", None), "resumed_from_round": done_before}
     if rank == 0:
         out = p["workdir"]
         with open(os.path.join(out, "model.ubj"), "wb") as f:
