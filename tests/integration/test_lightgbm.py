@@ -94,3 +94,24 @@ def test_invalid_lightgbm_params_reach_the_caller_in_the_librarys_words(fleet):
     with pytest.raises(ValidationError, match="Unknown objective type name: no_such"):
         LightGBMEstimator(n_estimators=2, objective="no_such",
                           scaling_config=LightGBMScalingConfig(num_workers=2)).fit(df, FEATURES, "risk")
+
+
+def test_a_killed_lightgbm_rank_is_retried_from_the_latest_checkpoint(fleet, state):
+    import os
+    import signal
+
+    from common.models import JobState
+    from tests.integration.helpers import wait_until
+    df = regression_frame(20000, seed=26)
+    est = LightGBMEstimator(n_estimators=400, params=PARAMS, scaling_config=LightGBMScalingConfig(num_workers=2))
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+
+    def pid():
+        st = job.status()
+        r = st.ranks.get(1, {})
+        return r.get("pid") if st.state is JobState.RUNNING and (r.get("iteration") or 0) >= 25 else None
+    os.kill(wait_until(pid, 60, "rank 1 to pass round 25"), signal.SIGKILL)
+    booster = job.wait(180)
+    assert booster.current_iteration() == 400 and job.status().attempt == 2
+    resumed = {r["summary"]["resumed_from_round"] for r in job.status().ranks.values()}
+    assert len(resumed) == 1 and resumed.pop() >= 20

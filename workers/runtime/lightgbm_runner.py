@@ -20,7 +20,8 @@ import numpy as np
 from common.settings import Settings
 from workers.runtime.events import Emitter
 from workers.runtime.ports import first_free_port
-from workers.runtime.shards import RankData, fetch_datasets
+from workers.runtime.checkpoints import BoosterCheckpoints
+from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
 PARALLEL_LEARNERS = ("data", "feature", "voting", "data_parallel", "feature_parallel", "voting_parallel")
 _GPU_DEVICES = ("gpu", "cuda")
@@ -50,7 +51,15 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, rank))
     if world > 1:
         prep.published[f"listen_port_{rank}"] = free_listen_port(settings)
+    if rank == 0 and payload.get("attempt", 1) > 1:
+        latest = _checkpoints(prep).latest()
+        if latest is not None:
+            prep.published["resume_key"], prep.published["resume_rounds"] = latest
     return prep
+
+
+def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
+    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"], "txt")
 
 
 def _matrix(table, cols: list[str]) -> np.ndarray:
@@ -92,17 +101,21 @@ def train_params(payload: dict, settings: Settings, shared: dict, emitter: Emitt
     return params
 
 
-def _relay(emitter: Emitter, rank: int, total: int, every: int | None):
+def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoints: BoosterCheckpoints | None,
+           checkpoint_every: int):
     state = {"t": time.perf_counter()}
 
     def callback(env: lgb.callback.CallbackEnv) -> None:
         latest = {f"{d}-{m}": float(v) for d, m, v, *_ in env.evaluation_result_list or []}
+        done = env.iteration + 1   # LightGBM counts init_model's rounds in env.iteration
         now = time.perf_counter()
-        emitter.emit("progress", droppable=True, iter=env.iteration + 1, total=total, metrics=latest,
+        emitter.emit("progress", droppable=True, iter=done, total=total, metrics=latest,
                      iter_seconds=now - state["t"])
         state["t"] = now
-        if rank == 0 and every and (env.iteration % every == 0 or env.iteration + 1 == total):
+        if rank == 0 and every and (env.iteration % every == 0 or done == total):
             emitter.emit("eval", line=f"[{env.iteration}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+        if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
+            checkpoints.save_async(done, env.model.model_to_string().encode())
 
     callback.order = 30   # after record_evaluation (20), before early stopping (30 is fine: it only reads)
     return callback
@@ -119,16 +132,25 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         valid_sets.append(_dataset(prep.data.tables["eval"], opts, reference=dtrain))
         names.append("eval")
     evals_result: dict = {}
-    callbacks = [lgb.record_evaluation(evals_result), _relay(emitter, rank, rounds, opts.get("verbose_eval"))]
+    ckpt = _checkpoints(prep)
+    init_model, done_before = None, int(shared.get("resume_rounds") or 0)
+    if shared.get("resume_key"):   # a retry: every rank resumes from the checkpoint rank 0 chose
+        init_model = lgb.Booster(model_str=ckpt.load(shared["resume_key"]).decode())
+        if rank == 0:
+            emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
+    callbacks = [lgb.record_evaluation(evals_result),
+                 _relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
+                        prep.settings.checkpoint_rounds)]
     if opts.get("early_stopping_rounds"):
         callbacks.append(lgb.early_stopping(int(opts["early_stopping_rounds"]), first_metric_only=True,
                                             verbose=False))
-    booster = lgb.train(params, dtrain, num_boost_round=rounds, valid_sets=valid_sets, valid_names=names,
-                        callbacks=callbacks)
+    booster = lgb.train(params, dtrain, num_boost_round=rounds - done_before, valid_sets=valid_sets,
+                        valid_names=names, callbacks=callbacks, init_model=init_model)
+    ckpt.flush()
     trees = json.dumps(booster.dump_model()["tree_info"], sort_keys=True)
     summary = {"model_sha256": hashlib.sha256(trees.encode()).hexdigest(),
                "num_boosted_rounds": booster.current_iteration(), "best_iteration": booster.best_iteration,
-               "train_seconds": time.perf_counter() - t0}
+               "train_seconds": time.perf_counter() - t0, "resumed_from_round": done_before}
     if rank == 0:
         with open(os.path.join(p["workdir"], "model.txt"), "w") as f:
             f.write(booster.model_to_string())
