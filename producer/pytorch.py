@@ -15,7 +15,7 @@ from typing import Any, Callable
 from common.errors import ValidationError
 from common.models import Resources
 from common.store import parse_s3_uri
-from producer.client import Client, new_job_id
+from producer.client import Client
 from producer.connectors import DataConnector, ShardedDataConnector
 from producer.estimator import Prepared, as_connector, check_max_failures, submit_spec
 from producer.jobs import TrainingJob

@@ -74,7 +74,7 @@ def redis_url():
     import subprocess
     import time
     try:
-        binary = services.redis_binary()
+        services.redis_binary()
     except Exception as exc:
         if IN_CI:
             pytest.fail(f"redis-server missing under CI: {exc}")

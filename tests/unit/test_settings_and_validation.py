@@ -1,3 +1,5 @@
+import dataclasses
+
 import pyarrow as pa
 import pytest
 
@@ -23,7 +25,7 @@ def test_bad_setting_values_name_the_variable():
 
 def test_settings_are_frozen_and_their_repr_hides_secrets():
     s = Settings.from_env({"GANGWAY_S3_SECRET_KEY": "hunter2", "GANGWAY_BROKER_URL": "redis://:pw@h:1/0"})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.data_bucket = "x"
     assert "hunter2" not in repr(s) and "pw@" not in repr(s)
     assert redact_url("rediss://user:pw@h:6380/0") == "rediss://user:***@h:6380/0"

@@ -127,7 +127,7 @@ class Relay(xgb.callback.TrainingCallback):
 def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     p, spec, rdv = prep.payload, prep.payload["spec"], prep.payload["rendezvous"]
     opts = spec["train"]
-    rank, world = p["rank"], rdv["world_size"]
+    rank = p["rank"]
     params = dict(spec["params"])
     params.setdefault("nthread", prep.settings.worker_cpus or os.cpu_count() or 1)   # the worker's CPU share
     if p.get("use_gpu"):
