@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.errors import DatasetError, StoreError
+from common.errors import DatasetError
 from common.manifest import MANIFEST_NAME, ChunkInfo, Manifest, assign_shard, dataset_hash
 from common.store import ObjectStore, parse_s3_uri
 
@@ -77,11 +77,11 @@ def write_dataset(table: pa.Table, store: ObjectStore, bucket: str, *, chunk_row
 def read_manifest(store: ObjectStore, uri: str) -> Manifest:
     bucket, prefix = parse_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/"
+    if not store.exists(bucket, prefix + MANIFEST_NAME):   # a store outage raises StoreError (retryable)
+        raise DatasetError(f"no gangway dataset at {uri!r} (missing {prefix + MANIFEST_NAME} "
+                           f"in bucket {bucket!r})")
     try:
         return Manifest.from_json(store.get(bucket, prefix + MANIFEST_NAME))
-    except StoreError as exc:
-        raise DatasetError(f"no gangway dataset at {uri!r} (missing {prefix + MANIFEST_NAME} "
-                           f"in bucket {bucket!r})") from exc
     except ValueError as exc:
         raise DatasetError(f"dataset manifest at {uri!r} is unreadable: {exc}") from exc
 

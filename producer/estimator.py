@@ -104,7 +104,7 @@ def submit_spec(client: Client, framework: str, resources: Resources, prepared: 
                    params=params, train=train_opts, priority=priority,
                    max_failures=check_max_failures(max_failures, client.settings), timeout=check_timeout(timeout))
     client.submit(spec)
-    return TrainingJob(spec.job_id, settings=client.settings, loader=loader)
+    return TrainingJob(spec.job_id, settings=client.settings, loader=loader, submitted=True)
 
 
 def download_artifacts(job: TrainingJob, names: tuple[str, ...]) -> dict[str, bytes]:

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, JobTimeoutError, PlacementError,
+from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, JobNotFoundError, JobTimeoutError,
+                           PlacementError,
                            TrainingFailedError, ValidationError)
 from common.models import JobState
 from common.settings import Settings
@@ -36,9 +37,10 @@ class TrainingJob:
     """A submitted job. ``wait()`` returns what ``fit``/``run`` would have returned."""
 
     def __init__(self, job_id: str, *, settings: Settings | None = None,
-                 loader: Callable[["TrainingJob"], Any] | None = None) -> None:
+                 loader: Callable[["TrainingJob"], Any] | None = None, submitted: bool = False) -> None:
         self.job_id = job_id
         self._client = Client.default(settings)
+        self._submitted_at = time.monotonic() if submitted else None
         self._loader = loader
         self._result: Any = None
         self._have_result = False
@@ -50,7 +52,12 @@ class TrainingJob:
     def status(self) -> JobStatus:
         job = self._client.state.job(self.job_id)
         if job is None:
-            return JobStatus(self.job_id, JobState.SUBMITTED)
+            grace = self._client.settings.visibility_timeout + 30
+            if self._submitted_at is not None and time.monotonic() - self._submitted_at < grace:
+                return JobStatus(self.job_id, JobState.SUBMITTED)   # the coordinator has not persisted it yet
+            why = ("the coordinator never persisted it: is one running?" if self._submitted_at is not None
+                   else "never submitted here, or expired after GANGWAY_JOB_TTL_DAYS")
+            raise JobNotFoundError(f"no job {self.job_id!r} at {self._client.settings.redacted_broker_url} ({why})")
         return JobStatus(self.job_id, JobState(job["state"]), int(job.get("attempt") or 0),
                          self._client.state.ranks(self.job_id),
                          json.loads(job["error"]) if job.get("error") else None, job.get("waiting", ""))
@@ -77,6 +84,7 @@ class TrainingJob:
 
     def cancel(self, wait: float | None = 10.0) -> JobStatus:
         """Cancel a pending or running job; waits up to ``wait`` seconds for it to end."""
+        self.status()   # a job that does not exist is an error, not a silent no-op
         self._client.cancel(self.job_id)
         deadline = time.monotonic() + (wait or 0)
         st = self.status()

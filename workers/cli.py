@@ -157,7 +157,10 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
 def jobs_cancel(ctx: click.Context, job_id: str) -> None:
     """Cancel a pending or running job."""
     from producer.jobs import TrainingJob
-    st = TrainingJob(job_id, settings=_settings(ctx)).cancel(wait=10)
+    try:
+        st = TrainingJob(job_id, settings=_settings(ctx)).cancel(wait=10)
+    except GangwayError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{job_id}: {st.state.value}")
 
 

@@ -67,3 +67,12 @@ def test_parquet_under_an_s3_prefix_is_read_through_the_configured_store(fleet, 
         store.put(fleet_settings.data_bucket, f"raw/events/part-{i}.parquet", buf.getvalue())
     conn = DataConnector.from_parquet(f"s3://{fleet_settings.data_bucket}/raw/events/")
     assert sorted(conn.to_pandas(settings=fleet_settings)["a"].tolist()) == [0, 1, 10, 11]
+
+
+def test_a_job_id_that_does_not_exist_is_an_error_not_a_wait_forever(fleet, fleet_settings):
+    from common.errors import JobNotFoundError
+    from producer import TrainingJob
+    with pytest.raises(JobNotFoundError, match="no job 'nope-123'"):
+        TrainingJob("nope-123").wait()
+    out = gangway(fleet_settings, "jobs", "cancel", "nope-123", ok=False)
+    assert out.returncode != 0 and "no job 'nope-123'" in out.stderr

@@ -1,10 +1,15 @@
 -- Release the workers of one attempt; a worker already holding another attempt is left alone.
--- KEYS: worker hashes.  ARGV: job_id, token.  Returns the number released.
+-- KEYS: job hash, running set, then worker hashes.  ARGV: job_id, token.  Returns the number released.
+-- The job leaves the running set only while this attempt's token is still the job's (a newer attempt
+-- placed in the meantime stays watched).
 local released = 0
-for i = 1, #KEYS do
+for i = 3, #KEYS do
   if redis.call('HGET', KEYS[i], 'job') == ARGV[1] and redis.call('HGET', KEYS[i], 'token') == ARGV[2] then
     redis.call('HSET', KEYS[i], 'job', '', 'token', '', 'lease', '')
     released = released + 1
   end
+end
+if redis.call('HGET', KEYS[1], 'token') == ARGV[2] then
+  redis.call('SREM', KEYS[2], ARGV[1])
 end
 return released

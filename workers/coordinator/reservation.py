@@ -33,12 +33,11 @@ class Reservations:
         now = time.time()
         gang = {"workers": list(placement.worker_ids), "use_gpu": placement.use_gpu}
         ok, reason = self._reserve(
-            keys=[keys.job(placement.job_id), keys.PENDING, *wkeys],
+            keys=[keys.job(placement.job_id), keys.PENDING, *wkeys, keys.RUNNING],
             args=[placement.job_id, token, now + lease_seconds, json.dumps(gang),
                   json.dumps(rendezvous.to_dict()), now, len(placement.worker_ids)])
         return (token, "") if int(ok) == 1 else ("", reason)
 
     def release(self, job_id: str, token: str, worker_ids: list[str]) -> int:
-        if not worker_ids:
-            return 0
-        return int(self._release(keys=[keys.worker(w) for w in worker_ids], args=[job_id, token]))
+        return int(self._release(keys=[keys.job(job_id), keys.RUNNING, *[keys.worker(w) for w in worker_ids]],
+                                 args=[job_id, token]))

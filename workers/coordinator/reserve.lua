@@ -1,5 +1,5 @@
 -- All-or-nothing gang reservation.
--- KEYS: job hash, pending zset, then for each of N workers: worker hash, worker alive key
+-- KEYS: job hash, pending zset, then for each of N workers: worker hash, worker alive key; last: running set
 -- ARGV: job_id, token, lease_deadline, gang_json, rendezvous_json, now, N
 -- Returns {1, ""} on success, {0, reason} when any worker is dead or busy or the job is not pending.
 local n = tonumber(ARGV[7])
@@ -28,4 +28,5 @@ redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'token', ARGV[2], 'gang', ARGV[4],
            'rendezvous', ARGV[5], 'started_at', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[2 + 2 * n + 1], ARGV[1])
 return {1, ''}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 
 from celery import Celery
 
@@ -52,12 +53,13 @@ class Coordinator:
     def submit(self, spec: JobSpec) -> JobState:
         """Validate and persist ``spec`` as PENDING (idempotent), then run a scheduling pass."""
         key = keys.job(spec.job_id)
-        if not self.r.hsetnx(key, "state", JobState.PENDING.value):
+        if self.r.hexists(key, "spec"):
             return JobState(self.r.hget(key, "state"))   # redelivered submit: already persisted
         seq = self.r.incr(keys.SEQ)
-        pipe = self.r.pipeline()
-        pipe.hset(key, mapping={"spec": spec.to_json(), "framework": spec.framework, "attempt": 0,
-                                "token": "", "priority": spec.priority, "submitted_at": spec.submitted_at,
+        pipe = self.r.pipeline(transaction=True)   # the whole record or nothing, if we die here
+        pipe.hset(key, mapping={"state": JobState.PENDING.value, "spec": spec.to_json(),
+                                "framework": spec.framework, "attempt": 0, "token": "",
+                                "priority": spec.priority, "submitted_at": spec.submitted_at,
                                 "persisted_at": time.time()})
         pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or time.time()})
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
@@ -74,13 +76,14 @@ class Coordinator:
     # scheduling ----------------------------------------------------------
     def schedule_pass(self) -> int:
         """One pass: place what fits, fail what never can. Returns the number of jobs placed."""
-        lock = self.r.set(keys.SCHEDULE_LOCK, "1", nx=True, px=5000)
-        if not lock:
+        mine = uuid.uuid4().hex
+        if not self.r.set(keys.SCHEDULE_LOCK, mine, nx=True, px=5000):
             return 0
         try:
             return self._pass()
         finally:
-            self.r.delete(keys.SCHEDULE_LOCK)
+            if self.r.get(keys.SCHEDULE_LOCK) == mine:   # never delete a later pass's lock
+                self.r.delete(keys.SCHEDULE_LOCK)
 
     def _pass(self) -> int:
         ids = self.r.zrange(keys.PENDING, 0, 99)
@@ -90,15 +93,23 @@ class Coordinator:
         workers = self.state.workers()
         placed = 0
         for decision in plan_pass(specs, workers):
-            if decision.action is Action.FAIL:
+            if decision.action is Action.FAIL and int(self.r.hget(keys.job(decision.job_id), "attempt") or 0):
+                # A retry whose fleet shrank (a worker died or drains) waits, bounded by the placement deadline.
+                self._note_waiting(decision.job_id, decision.reason)
+            elif decision.action is Action.FAIL:
                 self.fail(decision.job_id, f"the gang can never be placed: {decision.reason}",
                           kind="PlacementError", allowed_from=(JobState.PENDING,))
             elif decision.action is Action.WAIT:
                 self._note_waiting(decision.job_id, decision.reason)
-            elif self._place(decision.placement, {w.info.worker_id: w for w in workers}):
-                placed += 1
             else:
-                break   # the snapshot went stale; the next pass takes a fresh one
+                outcome = self._place(decision.placement, {w.info.worker_id: w for w in workers},
+                                      {sp.job_id: sp for sp in specs}[decision.job_id])
+                if outcome == "placed":
+                    placed += 1
+                elif outcome == "gone":
+                    self.r.zrem(keys.PENDING, decision.job_id)   # cancelled meanwhile: never block the queue
+                else:
+                    break   # the snapshot went stale; the next pass takes a fresh one
         return placed
 
     def _note_waiting(self, job_id: str, reason: str) -> None:
@@ -109,15 +120,13 @@ class Coordinator:
                               f"(raise GANGWAY_PLACEMENT_TIMEOUT or add workers)",
                       kind="PlacementError", allowed_from=(JobState.PENDING,))
 
-    def _place(self, placement, by_id: dict[str, WorkerView]) -> bool:
+    def _place(self, placement, by_id: dict[str, WorkerView], spec: JobSpec) -> str:
         gang = [by_id[w] for w in placement.worker_ids]
         rdv = compute_rendezvous(gang)
         token, reason = self.reservations.reserve(placement, rdv, self.settings.lease_seconds)
         if not token:
             log.info("job %s: reservation lost a race (%s)", placement.job_id, reason)
-            return False
-        self.r.sadd(keys.RUNNING, placement.job_id)
-        spec = self.state.spec(placement.job_id)
+            return "gone" if reason == "job not pending" else "raced"
         attempt = int(self.r.hget(keys.job(placement.job_id), "attempt") or 1)
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
@@ -129,7 +138,7 @@ class Coordinator:
                        "host_gpus": host_gpus, "spec": json.loads(spec.to_json())}
             self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
                                task_id=f"{placement.job_id}.{token}.r{rank}")
-        return True
+        return "placed"
 
     # endings -------------------------------------------------------------
     def rank_finished(self, job_id: str, token: str, rank: int, ok: bool,
@@ -162,6 +171,8 @@ class Coordinator:
     def rank_failed(self, job_id: str, token: str, rank: int, error: dict) -> None:
         """Record a rank's error and abort the attempt; decide once every rank has reported (or the
         grace period ends), so the root cause wins over its echoes (peers' socket errors)."""
+        if self.r.sismember(f"{keys.job(job_id)}:done:{token}", rank):
+            return   # it finished; a later loss of its worker changes nothing
         ekey = self._errors_key(job_id, token)
         pipe = self.r.pipeline()
         if error.get("type") == "Aborted":   # an echo never overwrites the cause reported for this rank
@@ -204,14 +215,14 @@ class Coordinator:
                                          else ""), kind="TrainingFailedError", token=token,
                       rank_errors=rank_errors)
             return
+        gang = json.loads(job.get("gang") or "{}").get("workers", [])
         prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.PENDING, token=token,
-                                     history=json.dumps(history), waiting=decision.reason)
+                                     history=json.dumps(history), waiting=decision.reason,
+                                     persisted_at=str(time.time()))   # re-queued; the placement deadline restarts
         if prev is None:
             return
         log.warning("job %s attempt %s failed (%s); %s", job_id, attempt, message, decision.reason)
-        self.r.zadd(keys.PENDING, {job_id: float(job.get("score") or 0)})
-        self.r.hset(keys.job(job_id), "persisted_at", time.time())   # the placement deadline restarts
-        self._end_attempt(job_id, token, abort=True)
+        self._end_attempt(job_id, token, abort=True, gang=gang)
 
     def fail(self, job_id: str, message: str, *, kind: str = "GangwayError", token: str = "",
              rank_errors: dict | None = None, allowed_from=_ACTIVE) -> bool:
@@ -247,15 +258,17 @@ class Coordinator:
             pipe.expire(key, ttl)
         pipe.execute()
 
-    def _end_attempt(self, job_id: str, token: str, *, abort: bool) -> None:
-        gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
+    def _end_attempt(self, job_id: str, token: str, *, abort: bool, gang: list[str] | None = None) -> None:
+        """Abort and release the attempt ``token``; ``gang`` is that attempt's (a retry may already
+        have been placed on another gang, so it is never re-read after a re-queue)."""
+        if gang is None:
+            gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
         if abort:
             self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
             # Ranks still queued never start. No terminate: the running supervisors got the
             # pub/sub abort and kill their training children themselves, then report.
             self.app.control.revoke([f"{job_id}.{token}.r{rank}" for rank in range(len(gang))])
-        self.reservations.release(job_id, token, gang)
-        self.r.srem(keys.RUNNING, job_id)
+        self.reservations.release(job_id, token, gang)   # also leaves the running set, if still this attempt
         self.schedule_pass()
 
     # timer ---------------------------------------------------------------
@@ -276,9 +289,32 @@ class Coordinator:
                         "type": "WorkerLostError", "traceback": "",
                         "message": f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
                                    f"{self.settings.heartbeat_ttl:g}s)"})
+            self._reap_silent_ranks(job_id, job, gang)
             since = job.get(f"failing:{token}")
             if since and time.time() - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
+
+    def _reap_silent_ranks(self, job_id: str, job: dict, gang: list[str]) -> None:
+        """A reservation is a lease the rank renews with every status write (at least every few
+        seconds while it lives); a rank silent past GANGWAY_LEASE_SECONDS, or never started within the
+        rendezvous deadline, has lost it (a worker restarted under the same id, a task never sent)."""
+        token, now = job.get("token", ""), time.time()
+        statuses = self.state.ranks(job_id)
+        started = float(job.get("started_at") or now)
+        done = self.r.smembers(f"{keys.job(job_id)}:done:{token}")
+        for rank, wid in enumerate(gang):
+            st = statuses.get(rank)
+            if str(rank) in done or self.r.hexists(self._errors_key(job_id, token), str(rank)):
+                continue
+            if st is None and now - started > self.settings.rendezvous_timeout + self.settings.lease_seconds:
+                why = f"rank {rank} never started on worker {wid}"
+            elif st is not None and now - float(st.get("updated") or now) > self.settings.lease_seconds:
+                why = f"rank {rank} on worker {wid} went silent"
+            else:
+                continue
+            self.rank_failed(job_id, token, rank, {"type": "WorkerLostError", "traceback": "",
+                                                   "message": f"{why} (GANGWAY_LEASE_SECONDS="
+                                                              f"{self.settings.lease_seconds:g}s)"})
 
     def expire_deadlines(self) -> None:
         """Fail pending or running jobs past their whole-job ``timeout``."""

@@ -22,6 +22,7 @@ from workers.runtime.supervisor import Standby, TrainingChild
 
 log = logging.getLogger(__name__)
 _WRITE_EVERY = 0.25   # seconds between coalesced progress writes
+_RENEW_EVERY = 3.0    # a quiet rank still writes its status this often (the reservation's lease)
 
 
 class Aborted(Exception):
@@ -110,8 +111,11 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
     pipe.expire(key, int(timeout) + 600)
     pipe.execute()
     deadline = time.monotonic() + timeout
-    delay = 0.005
+    delay, renewed = 0.005, time.monotonic()
     while True:
+        if time.monotonic() - renewed > _RENEW_EVERY:   # waiting peers keep their lease
+            run.write(None)
+            renewed = time.monotonic()
         if state.r.scard(key) >= world:
             return {k: json.loads(v) for k, v in state.r.hgetall(info).items()}
         if abort.event.is_set():
@@ -132,16 +136,18 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     pipe.hincrby(keys.deliveries(job_id, token), str(rank), 1)
     pipe.expire(keys.deliveries(job_id, token), 86400)
     pipe.execute()
+    abort = AbortWatcher(state, job_id, token)   # listening before the fence check: no abort slips by
     if not is_current(state, job_id, token):
+        abort.close()
         log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
         return {"status": "stale"}
     run = RankRun(settings, state, payload)
     workdir = tempfile.mkdtemp(prefix=f"gangway-{job_id}-r{rank}-")
     payload = {**payload, "workdir": workdir}
-    abort = AbortWatcher(state, job_id, token)
-    child = standby.take()
+    child = None
     ok = False
     try:
+        child = standby.take()
         run.write(RankState.FETCHING, pid=child.proc.pid)
         child.send(json.dumps(payload))
         ok = _supervise(run, child, abort)
@@ -156,18 +162,27 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         ok, run.error = False, {"type": type(exc).__name__, "message": str(exc),
                                 "traceback": traceback.format_exc()}
     finally:
-        child.kill(settings.kill_grace)
-        child.close()
+        if child is not None:
+            child.kill(settings.kill_grace)
+            child.close()
         abort.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    run.write(RankState.SUCCEEDED if ok else (RankState.ABORTED if abort.event.is_set() else RankState.FAILED),
-              error=run.error, summary=run.summary)
-    app.send_task("gangway.rank_finished", args=[job_id, token, rank, ok, run.error, run.summary],
-                  queue=keys.COORDINATOR_QUEUE)
+        _report(run, app, ok, abort.event.is_set())
     log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
     standby.refill()
     return {"status": "succeeded" if ok else "failed"}
+
+
+def _report(run: RankRun, app: Celery, ok: bool, aborted: bool) -> None:
+    """Final status (best effort) and the coordinator report (always), so no rank ends unheard."""
+    try:
+        run.write(RankState.SUCCEEDED if ok else (RankState.ABORTED if aborted else RankState.FAILED),
+                  error=run.error, summary=run.summary)
+    except Exception as exc:
+        log.warning("job %s rank %s: final status write failed: %s", run.job_id, run.rank, exc)
+    app.send_task("gangway.rank_finished", args=[run.job_id, run.token, run.rank, ok, run.error, run.summary],
+                  queue=keys.COORDINATOR_QUEUE)
 
 
 def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
@@ -183,6 +198,10 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             last_event = time.monotonic()
         except queue.Empty:
             ev = {"ev": "tick"}
+            if time.monotonic() - last_write > _RENEW_EVERY:   # renew the lease while the child is quiet
+                if not run.write(None):
+                    abort.set("the attempt is no longer current")
+                last_write = time.monotonic()
             if limit > 0 and time.monotonic() - last_event > limit:
                 raise ProgressTimeoutError(
                     f"rank {run.rank} of job {run.job_id} reported no progress for {limit:g}s (a hung "
@@ -198,6 +217,7 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             shared = barrier(run.state, run, abort, run.settings.rendezvous_timeout, ev.get("publish") or {})
             child.send("go " + json.dumps(shared))
             run.write(RankState.TRAINING)
+            last_event = time.monotonic()   # the barrier's wait is not silence of the training
         elif kind == "eval":
             if not run.state.fenced_write(run.job_id, run.token, run.rank, None, [ev["line"]]):
                 abort.set("the attempt is no longer current")
