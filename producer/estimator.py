@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from common.errors import ValidationError
+from common.arrays import float32_matrix as feature_matrix  # noqa: F401  (re-exported to the estimators)
 from common.models import JobSpec, Resources
 from producer.client import Client, new_job_id
 from producer.connectors import DataConnector
@@ -127,11 +128,6 @@ def load_json(data: bytes) -> Any:
     return json.loads(data.decode())
 
 
-
-
-def feature_matrix(table, cols: list[str]):
-    import numpy as np
-    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cols])
 
 
 class BoostingEstimator:

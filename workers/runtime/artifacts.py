@@ -9,6 +9,7 @@ import time
 
 from common.settings import Settings
 from common.store import S3Store, parse_s3_uri
+from workers.runtime.shards import warm_store
 
 MODEL_FILES = ("model.ubj", "model.txt", "eval_results.json")
 
@@ -17,14 +18,9 @@ def artifact_prefix(job_id: str) -> str:
     return f"model/{job_id}/"
 
 
-_stores: dict[Settings, S3Store] = {}
-
-
 def artifact_store(settings: Settings) -> S3Store:
-    """One S3 client per process (boto3 takes ~0.2 s to build one)."""
-    if settings not in _stores:
-        _stores[settings] = S3Store(settings)
-    return _stores[settings]
+    """The process's S3 client (shared with shard fetching; boto3 takes ~0.2 s to build one)."""
+    return warm_store(settings)
 
 
 def destination(settings: Settings, spec: dict, job_id: str) -> tuple[str, str]:

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 import lightgbm as lgb
-import numpy as np
 
+from common.arrays import float32_matrix
 from common.settings import Settings
 from workers.runtime.events import Emitter
 from workers.runtime.ports import first_free_port
@@ -62,14 +62,9 @@ def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
     return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"], "txt")
 
 
-def _matrix(table, cols: list[str]) -> np.ndarray:
-    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-                            for c in cols])
-
-
 def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
     feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
-    return lgb.Dataset(_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
+    return lgb.Dataset(float32_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
                        weight=table.column(weight).to_numpy(zero_copy_only=False) if weight else None,
                        feature_name=feats, reference=reference, free_raw_data=True)
 

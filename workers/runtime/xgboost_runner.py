@@ -7,11 +7,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 from xgboost.tracker import RabitTracker
 
+from common.arrays import float32_column, float32_matrix
 from common.settings import Settings
 from workers.runtime.events import Emitter
 from workers.runtime.checkpoints import BoosterCheckpoints
@@ -83,20 +83,16 @@ class ArrowBatches(xgb.DataIter):
         if self._i == len(self._batches):
             return False
         b = self._batches[self._i]
-        X = np.column_stack([_np(b.column(b.schema.get_field_index(c))) for c in self._features])
-        kw = {"label": _np(b.column(b.schema.get_field_index(self._label)))}
+        X = float32_matrix(b, self._features)
+        kw = {"label": float32_column(b.column(b.schema.get_field_index(self._label)))}
         if self._weight:
-            kw["weight"] = _np(b.column(b.schema.get_field_index(self._weight)))
+            kw["weight"] = float32_column(b.column(b.schema.get_field_index(self._weight)))
         input_data(data=X, feature_names=self._features, **kw)
         self._i += 1
         return True
 
     def reset(self) -> None:
         self._i = 0
-
-
-def _np(col: pa.Array) -> np.ndarray:
-    return col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
 class Relay(xgb.callback.TrainingCallback):
