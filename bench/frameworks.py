@@ -15,7 +15,6 @@ import argparse
 import inspect
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import FEATURES, LABEL, log, row, start_fleet  # noqa: E402  (same fleet and table helpers)
+from overhead import FEATURES, LABEL, log, print_table, row, start_fleet  # noqa: E402  (same fleet and table helpers)
 
 from common.manifest import shard_bounds  # noqa: E402
 from workers.local import services  # noqa: E402
@@ -331,12 +330,10 @@ def main() -> int:
             log("stopping the fleet")
             fleet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"command: `{shlex.join(['python', *sys.argv])}`\n")
-    print(f"{a.rows:,} rows x 28 float32 features + float32 target; LightGBM {a.rounds} rounds, num_leaves 31; "
-          f"DDP MLP 28-256-256-1, batch {BATCH}, {a.steps} steps, gloo; {os.cpu_count()} CPUs; "
-          f"lightgbm {lgb.__version__}, torch {torch.__version__}; best of {a.repeat} runs each\n")
-    print("| metric | measured | target | pass/fail |\n|---|---|---|---|")
-    print("\n".join(report(m, a.steps)))
+    print_table(f"{a.rows:,} rows x 28 float32 features + float32 target; LightGBM {a.rounds} rounds, "
+                f"num_leaves 31; DDP MLP 28-256-256-1, batch {BATCH}, {a.steps} steps, gloo; {os.cpu_count()} "
+                f"CPUs; lightgbm {lgb.__version__}, torch {torch.__version__}; best of {a.repeat} runs each",
+                report(m, a.steps))
     return 0
 
 

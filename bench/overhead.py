@@ -334,12 +334,17 @@ def main() -> int:
             log("stopping the fleet")
             fleet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"command: `{shlex.join(['python', *sys.argv])}`\n")
-    print(f"{a.rows:,} rows x 28 float32 features, {a.rounds} rounds, max_depth 6, 2 workers x 1 thread; "
-          f"{os.cpu_count()} CPUs; xgboost {xgb.__version__}\n")
-    print("| metric | measured | target | pass/fail |\n|---|---|---|---|")
-    print("\n".join(report(m, a.rows)))
+    print_table(f"{a.rows:,} rows x 28 float32 features, {a.rounds} rounds, max_depth 6, 2 workers x 1 thread; "
+                f"{os.cpu_count()} CPUs; xgboost {xgb.__version__}", report(m, a.rows))
     return 0
+
+
+def print_table(description: str, rows: list[str]) -> None:
+    """The command line, what was measured, and the markdown table (stdout)."""
+    print(f"command: `{shlex.join(['python', *sys.argv])}`\n")
+    print(description + "\n")
+    print("| metric | measured | target | pass/fail |\n|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
