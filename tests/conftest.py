@@ -4,6 +4,7 @@ Integration tests skip with a reason when a server binary is missing, but fail u
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -34,6 +35,37 @@ def _free_block(size: int = 10) -> str:
     raise RuntimeError("no free port block")
 
 
+def private_fleet_settings(**overrides) -> Settings:
+    """Settings for a fleet of a test module's own (fresh ports, home and Redis)."""
+    missing = _missing_binaries()
+    if missing:
+        pytest.fail(missing) if IN_CI else pytest.skip(missing)
+    base = dict(home=tempfile.mkdtemp(prefix="gangway-private-"),
+                broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
+                s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
+                heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
+                progress_timeout=8.0, chunk_rows=4096)
+    return Settings.from_env({}, **{**base, **overrides})
+
+
+@contextlib.contextmanager
+def running_fleet(settings: Settings, workers: int):
+    """Start a fleet and point this process's producer at it; restore everything afterwards."""
+    from workers.local.fleet import Fleet
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
+    os.environ.update(settings.as_env())
+    f = Fleet(settings, workers=workers)
+    try:
+        f.start(timeout=180)
+        yield f
+    finally:
+        f.stop()
+        for k in [k for k in os.environ if k.startswith("GANGWAY_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+        shutil.rmtree(settings.home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def fleet_settings():
     missing = _missing_binaries()
@@ -53,19 +85,8 @@ def fleet_settings():
 @pytest.fixture(scope="session")
 def fleet(fleet_settings):
     """A running 2-worker fleet; the producer in this process is pointed at it through env."""
-    from workers.local.fleet import Fleet
-    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
-    os.environ.update(fleet_settings.as_env())
-    f = Fleet(fleet_settings, workers=2)
-    f.start(timeout=180)
-    try:
+    with running_fleet(fleet_settings, workers=2) as f:
         yield f
-    finally:
-        f.stop()
-        for k in [k for k in os.environ if k.startswith("GANGWAY_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-        shutil.rmtree(fleet_settings.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 
 import psutil
 import pytest
 
 from common.models import JobState
-from common.settings import Settings
-from tests.conftest import _free_block, _missing_binaries, IN_CI
+from tests.conftest import private_fleet_settings, running_fleet
 from tests.integration.helpers import FEATURES, regression_frame, wait_until
-from workers.local import services
 
 pytestmark = pytest.mark.integration
 
@@ -23,26 +19,9 @@ pytestmark = pytest.mark.integration
 def three_workers(fleet):
     """A second, private fleet of 3 workers; the producer is pointed at it for this module only."""
     from common.state import State, connect
-    from workers.local.fleet import Fleet
-    missing = _missing_binaries()
-    if missing:
-        pytest.fail(missing) if IN_CI else pytest.skip(missing)
-    home = tempfile.mkdtemp(prefix="gangway-chaos-")
-    settings = Settings.from_env(
-        {}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
-        s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
-        heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
-        progress_timeout=8.0, drain_grace=3.0, chunk_rows=4096)
-    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
-    os.environ.update(settings.as_env())
-    f = Fleet(settings, workers=3)
-    f.start(timeout=180)
-    try:
+    settings = private_fleet_settings(drain_grace=3.0)
+    with running_fleet(settings, workers=3) as f:
         yield f, State(connect(settings))
-    finally:
-        f.stop()
-        os.environ.update(saved)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and_nothing_is_left(three_workers):
