@@ -159,3 +159,21 @@ def test_killing_the_coordinator_loses_no_job_and_a_restarted_one_finishes_them(
     assert pending.wait(120).num_boosted_rounds() == 5
     wait_until(lambda: all_workers_idle(state), 10, "the gangs to be freed")
     assert not state.r.smembers(keys.RUNNING)
+
+
+def test_a_queued_gang_is_not_starved_by_a_stream_of_small_jobs_and_priorities_are_honoured(fleet, state):
+    def job(n_workers: int, rounds: int, seed: int, priority: int = 0):
+        est = XGBEstimator(n_estimators=rounds, params={"max_depth": 6},
+                           scaling_config=XGBScalingConfig(num_workers=n_workers))
+        return est.submit(regression_frame(8000, seed=seed), FEATURES, "risk", priority=priority)
+
+    blocker = job(1, 400, 70)                       # holds one of the two workers for a while
+    wait_until(lambda: blocker.status().state is JobState.RUNNING, 30, "the blocker to run")
+    gang = job(2, 5, 71)                            # needs both workers
+    small = [job(1, 5, 72 + i) for i in range(3)]   # would fit the free worker right away
+    urgent = job(1, 5, 80, priority=5)              # submitted last, placed first
+    for j in [blocker, gang, *small, urgent]:
+        j.wait(180)
+    started = {j.job_id: float(j.record()["started_at"]) for j in [gang, *small, urgent]}
+    assert started[urgent.job_id] < started[gang.job_id]      # priority beats FIFO
+    assert all(started[gang.job_id] < started[s.job_id] for s in small)   # no backfill past the gang
