@@ -30,6 +30,10 @@ class RendezvousError(GangwayError):
     """Ranks did not all join before the rendezvous deadline."""
 
 
+class SecurityError(GangwayError):
+    """A job message or code blob is unsigned or does not match its signature; it is never executed."""
+
+
 class JobNotFoundError(GangwayError, KeyError):
     """No job with this id exists in the coordination store."""
 

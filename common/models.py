@@ -131,6 +131,7 @@ class JobSpec:
     submitted_at: float = 0.0
     max_failures: int = 1          # retries after infrastructure failures (see coordinator.policy)
     timeout: float = 0.0           # whole-job deadline in seconds from submission; 0 = none
+    signature: str = ""            # HMAC of the rest, when GANGWAY_SECRET is set (common.signing)
 
     def to_json(self) -> str:
         data = asdict(self)

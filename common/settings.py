@@ -27,6 +27,7 @@ class Settings:
     s3_access_key: str = field(default="gangway", repr=False)
     s3_secret_key: str = field(default="gangway-secret", repr=False)
     s3_secure: bool = False
+    secret: str = field(default="", repr=False)   # HMAC key for job specs; empty = no signing
     s3_region: str = "us-east-1"
     data_bucket: str = "gangway-data"
     artifact_bucket: str = "gangway-artifacts"

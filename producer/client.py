@@ -47,7 +47,7 @@ class Client:
         return max(1, sum(w.free for w in workers))
 
     def submit(self, spec: JobSpec) -> str:
-        spec.submitted_at = spec.submitted_at or time.time()
+        spec.submitted_at = spec.submitted_at or time.time()   # signed specs set it before signing
         self.app.send_task("gangway.submit_job", args=[_as_dict(spec)], queue=keys.COORDINATOR_QUEUE)
         return spec.job_id
 

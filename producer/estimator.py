@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from common.errors import ValidationError
 from common.arrays import float32_matrix as feature_matrix  # noqa: F401  (re-exported to the estimators)
 from common.models import JobSpec, Resources
+from common.signing import sign
 from producer.client import Client, new_job_id
 from producer.connectors import DataConnector
 from producer.jobs import TrainingJob
@@ -104,6 +106,9 @@ def submit_spec(client: Client, framework: str, resources: Resources, prepared: 
     spec = JobSpec(job_id=new_job_id(), framework=framework, resources=resources, datasets=prepared.datasets,
                    params=params, train=train_opts, priority=priority,
                    max_failures=check_max_failures(max_failures, client.settings), timeout=check_timeout(timeout))
+    if client.settings.secret:
+        spec.submitted_at = time.time()
+        spec.signature = sign(client.settings.secret, json.loads(spec.to_json()))
     client.submit(spec)
     return TrainingJob(spec.job_id, settings=client.settings, loader=loader, submitted=True)
 

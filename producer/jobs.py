@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, JobNotFoundError, JobTimeoutError,
-                           PlacementError,
+                           PlacementError, SecurityError,
                            TrainingFailedError, ValidationError)
 from common.models import JobState
 from common.settings import Settings
@@ -16,7 +16,7 @@ from producer.client import Client
 
 _POLL = 0.1
 _ERRORS = {"PlacementError": PlacementError, "ValidationError": ValidationError,
-           "JobTimeoutError": JobTimeoutError}
+           "JobTimeoutError": JobTimeoutError, "SecurityError": SecurityError}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from celery import Celery
 from common import keys
 from common.models import JobSpec, JobState, WorkerView
 from common.settings import Settings
+from common.signing import SecurityError, verify
 from common.state import State
 from workers.coordinator.policy import FailureAction, decide, is_retryable
 from workers.coordinator.reservation import Reservations
@@ -65,6 +66,12 @@ class Coordinator:
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
         pipe.hset(key, "score", pending_score(spec.priority, seq))
         pipe.execute()
+        try:
+            verify(self.settings.secret, json.loads(spec.to_json()))
+        except SecurityError as exc:
+            log.error("SECURITY job %s refused at submit: %s", spec.job_id, exc)
+            self.fail(spec.job_id, str(exc), kind="SecurityError")
+            return JobState.FAILED
         problems = spec_problems(spec)
         if problems:
             self.fail(spec.job_id, "invalid job: " + "; ".join(problems), kind="ValidationError")

@@ -16,6 +16,7 @@ from common import keys
 from common.errors import RendezvousError
 from common.models import JobState, RankState
 from common.settings import Settings
+from common.signing import SecurityError, verify
 from common.state import State
 from workers.runtime.artifacts import upload_artifacts
 from workers.runtime.supervisor import Standby, TrainingChild
@@ -136,6 +137,13 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     pipe.hincrby(keys.deliveries(job_id, token), str(rank), 1)
     pipe.expire(keys.deliveries(job_id, token), 86400)
     pipe.execute()
+    try:
+        verify(settings.secret, payload["spec"])
+    except SecurityError as exc:   # never run it; the coordinator learns why
+        log.error("SECURITY job %s rank %s refused: %s", job_id, rank, exc)
+        app.send_task("gangway.rank_finished", queue=keys.COORDINATOR_QUEUE, args=[
+            job_id, token, rank, False, {"type": "SecurityError", "message": str(exc), "traceback": ""}, None])
+        return {"status": "refused"}
     abort = AbortWatcher(state, job_id, token)   # listening before the fence check: no abort slips by
     if not is_current(state, job_id, token):
         abort.close()

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from common.settings import Settings
+from common.signing import verify_blob
 from common.store import parse_s3_uri
 from workers.runtime import torch_context
 from workers.runtime.events import Emitter
@@ -36,7 +37,9 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     spec, rank = payload["spec"], payload["rank"]
     world = payload["rendezvous"]["world_size"]
     bucket, key = parse_s3_uri(spec["train"]["func_uri"])
-    func = cloudpickle.loads(warm_store(settings).get(bucket, key))
+    blob = warm_store(settings).get(bucket, key)
+    verify_blob(blob, key)   # the signed spec names the blob by its hash: nothing else is unpickled
+    func = cloudpickle.loads(blob)
     prep = Prepared(payload, settings, fetch_datasets(settings, spec["datasets"], world, rank), func)
     if rank == 0:
         prep.published["master_port"] = free_master_port(settings)
