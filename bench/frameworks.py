@@ -29,10 +29,10 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import FEATURES, LABEL, log, print_table, row, start_fleet  # noqa: E402  (same fleet and table helpers)
+from overhead import FEATURES, LABEL, log, print_table, row, start_fleet
 
-from common.manifest import shard_bounds  # noqa: E402
-from workers.local import services  # noqa: E402
+from common.manifest import shard_bounds
+from workers.local import services
 
 LGB_PARAMS = {"objective": "regression", "num_leaves": 31, "verbose": -1}
 BATCH = 1024
@@ -159,6 +159,7 @@ def loader_rates(table: pa.Table, repeat: int = 3) -> tuple[float, float]:
 def ddp_loop(X, y, steps, batch):
     """What both launchers run: MLP 28->256->256->1, SGD, ``steps`` batches of ``batch`` rows of this rank's half."""
     import time
+
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -187,6 +188,7 @@ def ddp_loop(X, y, steps, batch):
 def gangway_train():
     """The PyTorchDistributor train_func: this rank's shard to numpy, then ``ddp_loop``."""
     import numpy as np
+
     from producer.pytorch import get_context
     ctx = get_context()
     hp = ctx.get_hyper_params()
@@ -211,7 +213,11 @@ if rank == 0:
 
 def ddp_gangway(uri: str, steps: int) -> dict:
     from producer.connectors import ShardedDataConnector
-    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig, WorkerResourceConfig
+    from producer.pytorch import (
+        PyTorchDistributor,
+        PyTorchScalingConfig,
+        WorkerResourceConfig,
+    )
     dist = PyTorchDistributor(gangway_train, PyTorchScalingConfig(
         num_nodes=1, num_workers_per_node=2,
         resource_requirements_per_worker=WorkerResourceConfig(num_cpus=1, num_gpus=0)))

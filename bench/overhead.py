@@ -227,7 +227,7 @@ class RssSampler:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self.sample())
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 

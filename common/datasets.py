@@ -19,7 +19,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from common.errors import DatasetError
-from common.manifest import MANIFEST_NAME, ChunkInfo, Manifest, assign_shard, dataset_hash
+from common.manifest import (
+    MANIFEST_NAME,
+    ChunkInfo,
+    Manifest,
+    assign_shard,
+    dataset_hash,
+)
 from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ class Manifest:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Manifest":
+    def from_json(cls, text: str | bytes) -> Manifest:
         d = json.loads(text)
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"unsupported manifest format_version {d.get('format_version')!r}")

@@ -78,7 +78,7 @@ class WorkerInfo:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "WorkerInfo":
+    def from_json(cls, text: str) -> WorkerInfo:
         data = json.loads(text)
         data["gpus"] = tuple(data.get("gpus", ()))
         return cls(**data)
@@ -138,13 +138,13 @@ class JobSpec:
         return json.dumps(data)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "JobSpec":
+    def from_dict(cls, data: dict) -> JobSpec:
         data = dict(data)
         data["resources"] = Resources(**data["resources"])
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobSpec":
+    def from_json(cls, text: str) -> JobSpec:
         return cls.from_dict(json.loads(text))
 
 
@@ -174,7 +174,7 @@ class Rendezvous:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Rendezvous":
+    def from_dict(cls, d: dict) -> Rendezvous:
         d = dict(d)
         d["machines"] = tuple(d["machines"])
         d["listen_ports"] = tuple(d["listen_ports"])

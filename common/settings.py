@@ -5,7 +5,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from common.errors import ConfigurationError
@@ -57,7 +57,7 @@ class Settings:
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Build from ``env`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
         env = os.environ if env is None else env
         values = {}
@@ -68,7 +68,7 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def as_env(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ from common.store import S3Store
 from workers.celery_app import make_app
 from workers.coordinator.scheduler import infeasibility
 
-_clients: dict[Settings, "Client"] = {}
+_clients: dict[Settings, Client] = {}
 _lock = threading.Lock()
 
 
@@ -26,7 +26,7 @@ class Client:
         self.app = make_app(settings)
 
     @classmethod
-    def default(cls, settings: Settings | None = None) -> "Client":
+    def default(cls, settings: Settings | None = None) -> Client:
         settings = settings or Settings.from_env()
         with _lock:
             if settings not in _clients:

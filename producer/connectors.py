@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import pyarrow as pa
 
-from common.datasets import ChunkCache, DatasetReader, WriteResult, read_manifest, write_dataset
+from common.datasets import (
+    ChunkCache,
+    DatasetReader,
+    WriteResult,
+    read_manifest,
+    write_dataset,
+)
 from common.errors import DatasetError
 from common.manifest import Manifest
 from common.settings import Settings
@@ -31,7 +38,7 @@ class DataConnector:
 
     # constructors ---------------------------------------------------------
     @classmethod
-    def from_arrow(cls, table: pa.Table | pa.RecordBatch, **kw) -> "DataConnector":
+    def from_arrow(cls, table: pa.Table | pa.RecordBatch, **kw) -> DataConnector:
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         if not isinstance(table, pa.Table):
@@ -39,14 +46,14 @@ class DataConnector:
         return cls(table=table, **kw)
 
     @classmethod
-    def from_pandas(cls, df, **kw) -> "DataConnector":
+    def from_pandas(cls, df, **kw) -> DataConnector:
         import pandas as pd
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"from_pandas expects a pandas.DataFrame, got {type(df).__name__}")
         return cls(table=pa.Table.from_pandas(df, preserve_index=False), **kw)
 
     @classmethod
-    def from_dataframe(cls, obj: Any, **kw) -> "DataConnector":
+    def from_dataframe(cls, obj: Any, **kw) -> DataConnector:
         """pandas, polars, pyarrow, or anything exposing ``__arrow_c_stream__``."""
         if isinstance(obj, DataConnector):
             return obj
@@ -64,14 +71,14 @@ class DataConnector:
                         "__arrow_c_stream__")
 
     @classmethod
-    def from_parquet(cls, path: str | Sequence[str], **kw) -> "DataConnector":
+    def from_parquet(cls, path: str | Sequence[str], **kw) -> DataConnector:
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("from_parquet needs at least one path")
         return cls(parquet=paths, **kw)
 
     @classmethod
-    def from_sql(cls, query: str, con=None, **kw) -> "DataConnector":
+    def from_sql(cls, query: str, con=None, **kw) -> DataConnector:
         """The result of ``query`` on a DuckDB connection (default: DuckDB's in-process default)."""
         import duckdb
         con = con if con is not None else duckdb.default_connection()
@@ -90,7 +97,7 @@ class DataConnector:
         return cls.from_arrow(table, **kw)
 
     @classmethod
-    def from_uri(cls, uri: str, **kw) -> "DataConnector":
+    def from_uri(cls, uri: str, **kw) -> DataConnector:
         """A dataset already in the store (``s3://bucket/datasets/<hash>/``): nothing is uploaded."""
         parse_s3_uri(uri)
         return cls(uri=uri.rstrip("/") + "/", **kw)

@@ -6,14 +6,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from common.arrays import float32_matrix as feature_matrix
 from common.errors import ValidationError
-from common.arrays import float32_matrix as feature_matrix  # noqa: F401  (re-exported to the estimators)
 from common.models import JobSpec, Resources
 from common.signing import sign
 from producer.client import Client, new_job_id
 from producer.connectors import DataConnector
 from producer.jobs import TrainingJob
-from producer.validation import check_columns, check_positive_int, check_table, manifest_types
+from producer.validation import (
+    check_columns,
+    check_positive_int,
+    check_table,
+    manifest_types,
+)
 
 
 @dataclass

@@ -5,11 +5,20 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
-from common.errors import (GangwayError, JobCancelledError, JobNotFinishedError, JobNotFoundError, JobTimeoutError,
-                           PlacementError, SecurityError,
-                           TrainingFailedError, ValidationError)
+from common.errors import (
+    GangwayError,
+    JobCancelledError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    PlacementError,
+    SecurityError,
+    TrainingFailedError,
+    ValidationError,
+)
 from common.models import JobState
 from common.settings import Settings
 from producer.client import Client
@@ -37,7 +46,7 @@ class TrainingJob:
     """A submitted job. ``wait()`` returns what ``fit``/``run`` would have returned."""
 
     def __init__(self, job_id: str, *, settings: Settings | None = None,
-                 loader: Callable[["TrainingJob"], Any] | None = None, submitted: bool = False) -> None:
+                 loader: Callable[[TrainingJob], Any] | None = None, submitted: bool = False) -> None:
         self.job_id = job_id
         self._client = Client.default(settings)
         self._submitted_at = time.monotonic() if submitted else None

@@ -11,7 +11,12 @@ import warnings
 from typing import Any
 
 from common.errors import ValidationError
-from producer.estimator import BoostingEstimator, Prepared, ScalingConfig, feature_matrix
+from producer.estimator import (
+    BoostingEstimator,
+    Prepared,
+    ScalingConfig,
+    feature_matrix,
+)
 
 __all__ = ["LightGBMEstimator", "LightGBMScalingConfig"]
 

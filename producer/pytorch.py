@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from common.errors import ValidationError
 from common.models import Resources

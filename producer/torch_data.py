@@ -1,7 +1,7 @@
 """``to_torch_dataset``: an IterableDataset streaming an Arrow table chunk by chunk as dicts of tensors."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -1,7 +1,8 @@
 """Checks of user input at the caller, before anything is queued."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -4,7 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import ValidationError
-from producer.estimator import BoostingEstimator, Prepared, ScalingConfig, feature_matrix
+from producer.estimator import (
+    BoostingEstimator,
+    Prepared,
+    ScalingConfig,
+    feature_matrix,
+)
 
 __all__ = ["XGBEstimator", "XGBScalingConfig"]
 

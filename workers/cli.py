@@ -199,6 +199,7 @@ def worker(ctx: click.Context, worker_id: str | None, ports: str | None) -> None
     """Run one trainer worker (Celery, concurrency 1, its own direct queue)."""
     import socket
     import uuid
+
     from common import keys
     s = _settings(ctx)
     wid = worker_id or s.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"

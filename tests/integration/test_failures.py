@@ -11,7 +11,12 @@ import pytest
 from common.errors import TrainingFailedError
 from common.models import JobState
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, all_workers_idle, regression_frame, wait_until
+from tests.integration.helpers import (
+    FEATURES,
+    all_workers_idle,
+    regression_frame,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +128,7 @@ def test_a_long_rank_is_delivered_once_even_with_a_3s_visibility_timeout(fleet, 
 def test_a_redelivered_or_stale_train_rank_is_a_no_op(fleet, state, fleet_settings):
     """Replay an old attempt's task at a worker: it must not train, write, or touch the worker's reservation."""
     import json
+
     from common import keys
     est = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))
     est.fit(regression_frame(2000, seed=47), FEATURES, "risk", timeout=60)

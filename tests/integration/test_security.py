@@ -61,7 +61,11 @@ def test_a_tampered_train_func_blob_is_refused_and_never_executed(signed_fleet):
     import cloudpickle
 
     from common.store import S3Store
-    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig, pickle_function
+    from producer.pytorch import (
+        PyTorchDistributor,
+        PyTorchScalingConfig,
+        pickle_function,
+    )
     _, settings = signed_fleet
     if os.path.exists(MARKER):
         os.unlink(MARKER)

@@ -7,7 +7,12 @@ import pytest
 from common.errors import PlacementError, TrainingFailedError, ValidationError
 from producer import DataConnector
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, all_workers_idle, regression_frame, wait_until
+from tests.integration.helpers import (
+    FEATURES,
+    all_workers_idle,
+    regression_frame,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 

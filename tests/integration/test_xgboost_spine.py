@@ -10,7 +10,12 @@ import xgboost as xgb
 from common.models import JobState
 from producer import DataConnector, TrainingJob
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, all_workers_idle, regression_frame, wait_until
+from tests.integration.helpers import (
+    FEATURES,
+    all_workers_idle,
+    regression_frame,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 PARAMS = {"objective": "reg:squarederror", "max_depth": 4, "learning_rate": 0.2}

@@ -23,6 +23,7 @@ def seed_style_train_func():
     """The issue's seed code, unchanged but for its imports."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     from producer.pytorch import get_context
 
     context = get_context()

@@ -1,6 +1,12 @@
 from common.models import JobSpec, Resources, WorkerInfo, WorkerView
-from workers.coordinator.scheduler import (Action, compute_rendezvous, infeasibility, pending_score, plan_pass,
-                                           select_gang)
+from workers.coordinator.scheduler import (
+    Action,
+    compute_rendezvous,
+    infeasibility,
+    pending_score,
+    plan_pass,
+    select_gang,
+)
 
 
 def w(wid, host="h1", gpus=(), cpus=4, alive=True, job="", port=29500):

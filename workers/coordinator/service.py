@@ -19,7 +19,12 @@ from common.signing import SecurityError, verify
 from common.state import State
 from workers.coordinator.policy import FailureAction, decide, is_retryable
 from workers.coordinator.reservation import Reservations
-from workers.coordinator.scheduler import Action, compute_rendezvous, plan_pass, pending_score
+from workers.coordinator.scheduler import (
+    Action,
+    compute_rendezvous,
+    pending_score,
+    plan_pass,
+)
 
 log = logging.getLogger(__name__)
 

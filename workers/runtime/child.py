@@ -23,7 +23,8 @@ PREIMPORT = ("workers.runtime.xgboost_runner",)
 
 def _preimport(settings) -> None:
     """Pay for imports and the S3 client while waiting as a standby, not when a job arrives."""
-    import pyarrow  # noqa: F401
+    import pyarrow
+
     from workers.runtime.shards import warm_store
     for mod in PREIMPORT:
         try:

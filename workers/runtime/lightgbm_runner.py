@@ -18,9 +18,9 @@ import lightgbm as lgb
 
 from common.arrays import float32_matrix
 from common.settings import Settings
+from workers.runtime.checkpoints import BoosterCheckpoints
 from workers.runtime.events import Emitter
 from workers.runtime.ports import first_free_port
-from workers.runtime.checkpoints import BoosterCheckpoints
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
 PARALLEL_LEARNERS = ("data", "feature", "voting", "data_parallel", "feature_parallel", "voting_parallel")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 from contextlib import closing
-from typing import Iterable
+from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 

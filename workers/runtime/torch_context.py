@@ -4,20 +4,21 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
-_current: "TrainingContext | None" = None
+_current: TrainingContext | None = None
 _lock = threading.Lock()
 
 
-def current() -> "TrainingContext":
+def current() -> TrainingContext:
     if _current is None:
         raise RuntimeError("get_context() is only available inside a train_func run by PyTorchDistributor "
                            "on a gangway worker")
     return _current
 
 
-def install(ctx: "TrainingContext | None") -> None:
+def install(ctx: TrainingContext | None) -> None:
     global _current
     with _lock:
         _current = ctx

@@ -13,8 +13,8 @@ from xgboost.tracker import RabitTracker
 
 from common.arrays import float32_column, float32_matrix
 from common.settings import Settings
-from workers.runtime.events import Emitter
 from workers.runtime.checkpoints import BoosterCheckpoints
+from workers.runtime.events import Emitter
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
 
