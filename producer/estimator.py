@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from common.arrays import float32_matrix as feature_matrix
+from common.arrays import float32_matrix as feature_matrix  # noqa: F401  (re-exported to the estimators)
 from common.errors import ValidationError
 from common.models import JobSpec, Resources
 from common.signing import sign

@@ -10,17 +10,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from common.errors import PlacementError, TrainingFailedError, ValidationError
-from common.store import S3Store, parse_s3_uri
-from producer import DataConnector, ShardedDataConnector
-from producer.pytorch import (
+from common.errors import PlacementError, TrainingFailedError, ValidationError  # noqa: E402
+from common.store import S3Store, parse_s3_uri  # noqa: E402
+from producer import DataConnector, ShardedDataConnector  # noqa: E402
+from producer.pytorch import (  # noqa: E402
     PyTorchDistributor,
     PyTorchScalingConfig,
     WorkerResourceConfig,
     get_context,
 )
-from tests.integration import torch_jobs
-from tests.integration.helpers import regression_frame
+from tests.integration import torch_jobs  # noqa: E402
+from tests.integration.helpers import regression_frame  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

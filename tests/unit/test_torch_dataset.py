@@ -3,9 +3,9 @@ import pyarrow as pa
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader  # noqa: E402
 
-from producer import DataConnector
+from producer import DataConnector  # noqa: E402
 
 
 def _table(n=100, chunk=16):

@@ -23,7 +23,7 @@ PREIMPORT = ("workers.runtime.xgboost_runner",)
 
 def _preimport(settings) -> None:
     """Pay for imports and the S3 client while waiting as a standby, not when a job arrives."""
-    import pyarrow
+    import pyarrow  # noqa: F401  (warm the import)
 
     from workers.runtime.shards import warm_store
     for mod in PREIMPORT:
