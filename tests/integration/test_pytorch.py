@@ -116,3 +116,35 @@ def test_a_topology_the_fleet_can_never_satisfy_fails_fast(fleet):
 def test_get_context_outside_a_train_func_is_a_clear_error():
     with pytest.raises(RuntimeError, match="only available inside a train_func"):
         get_context()
+
+
+def test_a_train_func_calling_sys_exit_fails_the_job_with_its_exit_code(fleet):
+    with pytest.raises(TrainingFailedError) as info:
+        PyTorchDistributor(torch_jobs.exits_early, PyTorchScalingConfig()).run(timeout=60)
+    err = info.value.rank_errors[0]
+    assert err["type"] == "SystemExit" and err["message"] == "3"
+
+
+def test_processes_a_train_func_forks_do_not_outlive_the_job(fleet, state):
+    import psutil
+
+    from tests.integration.helpers import all_workers_idle, wait_until
+    result = PyTorchDistributor(torch_jobs.forks_a_sleeper, PyTorchScalingConfig()).run(timeout=60)
+    pid = result.get_metrics()["sleeper_pid"]
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+               "the forked process to be gone")
+    assert all_workers_idle(state)
+
+
+def test_a_malformed_artifact_location_is_refused_at_run(fleet):
+    with pytest.raises(ValidationError, match="artifact_stage_location: not an s3:// URI"):
+        PyTorchDistributor(torch_jobs.failing).run(artifact_stage_location="gs://bucket/runs")
+
+
+def test_unicode_column_names_train_end_to_end(fleet):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    df = regression_frame(2000, seed=95).rename(columns={"age": "âge", "income": "収入"})
+    est = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))
+    booster = est.fit(df, ["âge", "収入", "score"], "risk", timeout=60)
+    assert booster.feature_names == ["âge", "収入", "score"]
+    assert len(est.predict(df)) == len(df)

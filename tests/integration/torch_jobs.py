@@ -92,3 +92,18 @@ def failing():
     from producer.pytorch import get_context
     if get_context().get_rank() == 1:
         raise ValueError("rank 1 does not like this data")
+
+
+def exits_early():
+    import sys
+    sys.exit(3)
+
+
+def forks_a_sleeper():
+    from producer.pytorch import get_context
+    pid = os.fork()
+    if pid == 0:   # the grandchild: would outlive the job if nothing reaped it
+        import time
+        time.sleep(600)
+        os._exit(0)
+    get_context().get_metrics_reporter().log_metrics({"sleeper_pid": pid})

@@ -206,6 +206,10 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             last_event = time.monotonic()
         except queue.Empty:
             ev = {"ev": "tick"}
+            if child.proc.poll() is not None:
+                child.wait_reader(2.0)   # EOF follows the exit at once, unless a forked process holds the pipe
+                if child.events.empty():
+                    break
             if time.monotonic() - last_write > _RENEW_EVERY:   # renew the lease while the child is quiet
                 if not run.write(None):
                     abort.set("the attempt is no longer current")

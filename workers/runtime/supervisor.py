@@ -37,7 +37,8 @@ class TrainingChild:
         self.stderr = tempfile.TemporaryFile(mode="w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers.runtime.child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, env=env, text=True, bufsize=1, preexec_fn=_die_with_parent)
+            stderr=self.stderr, env=env, text=True, bufsize=1, preexec_fn=_die_with_parent,
+            start_new_session=True)   # its own process group: whatever train_func forks goes with it
         self.events: queue.Queue[dict | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="gangway-child-reader", daemon=True)
         self._reader.start()
@@ -49,6 +50,9 @@ class TrainingChild:
             if msg is not None:
                 self.events.put(msg)
         self.events.put(None)   # EOF: the child is gone or closed its protocol stream
+
+    def wait_reader(self, timeout: float) -> None:
+        self._reader.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -62,15 +66,22 @@ class TrainingChild:
         except (BrokenPipeError, OSError):
             pass   # the child died; its exit code tells the story
 
-    def kill(self, grace: float) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
+    def _signal_group(self, sig: int) -> None:
         try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self, grace: float) -> None:
+        """Stop the child and everything it started (its process group)."""
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._signal_group(signal.SIGKILL)   # grandchildren left behind by the training code
 
     def stderr_tail(self, limit: int = 4000) -> str:
         self.stderr.flush()
