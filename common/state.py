@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import redis
 
 from common import keys
-from common.models import JobSpec, JobState, WorkerInfo, WorkerView
+from common.models import ALLOWED_TRANSITIONS, JobSpec, JobState, WorkerInfo, WorkerView
 from common.settings import Settings
 
 _LUA_DIR = Path(__file__).parent
@@ -73,6 +73,10 @@ class State:
     def transition(self, job_id: str, allowed_from: Iterable[JobState], to: JobState,
                    token: str = "", **fields: Any) -> JobState | None:
         """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state."""
+        allowed_from = tuple(allowed_from)
+        illegal = [s.value for s in allowed_from if to not in ALLOWED_TRANSITIONS[s]]
+        if illegal:   # a caller asking for a move the state machine does not have is a bug
+            raise ValueError(f"no transition {illegal} -> {to.value} in models.ALLOWED_TRANSITIONS")
         args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]

@@ -50,16 +50,22 @@ def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and
     assert len(alive) == 2 and all(not w.job_id for w in alive)
 
 
+
+def _sigterm_worker_of_rank0(fleet, job, after: int):
+    """Wait for rank 0 to pass round ``after``, then SIGTERM its worker; returns (worker id, Popen)."""
+    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= after, 60, "rank 0 to be training")
+    victim = job.status().ranks[0]["worker"]
+    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
+    proc.send_signal(signal.SIGTERM)
+    return victim, proc
+
 def test_a_sigtermed_worker_drains_its_rank_is_retried_elsewhere_and_it_takes_no_new_gang(three_workers):
     from producer.xgboost import XGBEstimator, XGBScalingConfig
     fleet, state = three_workers
     df = regression_frame(20000, seed=52)
     est = XGBEstimator(n_estimators=3000, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=1))
     job = est.submit(df, FEATURES, "risk", max_failures=1)
-    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= 2, 60, "rank 0 to be training")
-    victim = job.status().ranks[0]["worker"]
-    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
-    proc.send_signal(signal.SIGTERM)
+    victim, proc = _sigterm_worker_of_rank0(fleet, job, after=2)
     wait_until(lambda: any(w.info.worker_id == victim and w.state.value == "draining" for w in state.workers()),
                10, "the worker to report draining")
     booster = job.wait(180)
@@ -77,9 +83,6 @@ def test_a_sigtermed_worker_lets_a_rank_that_finishes_within_the_grace_complete(
     df = regression_frame(5000, seed=53)
     est = XGBEstimator(n_estimators=150, params={"max_depth": 4}, scaling_config=XGBScalingConfig(num_workers=1))
     job = est.submit(df, FEATURES, "risk", max_failures=0)
-    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= 1, 60, "rank 0 to be training")
-    victim = job.status().ranks[0]["worker"]
-    proc = next(s.proc for s in fleet.started if s.name == f"worker-{victim}")
-    proc.send_signal(signal.SIGTERM)
+    _, proc = _sigterm_worker_of_rank0(fleet, job, after=1)
     assert job.wait(60).num_boosted_rounds() == 150 and job.status().attempt == 1
     proc.wait(timeout=30)

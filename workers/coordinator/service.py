@@ -66,7 +66,7 @@ class Coordinator:
         pipe.hset(key, mapping={"state": JobState.PENDING.value, "spec": spec.to_json(),
                                 "framework": spec.framework, "attempt": 0, "token": "",
                                 "priority": spec.priority, "submitted_at": spec.submitted_at,
-                                "persisted_at": time.time()})
+                                "timeout": spec.timeout, "persisted_at": time.time()})
         pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or time.time()})
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
         pipe.hset(key, "score", pending_score(spec.priority, seq))
@@ -331,12 +331,15 @@ class Coordinator:
     def expire_deadlines(self) -> None:
         """Fail pending or running jobs past their whole-job ``timeout``."""
         now = time.time()
-        for job_id in set(self.r.zrange(keys.PENDING, 0, -1)) | self.r.smembers(keys.RUNNING):
-            spec = self.state.spec(job_id)
-            if spec and spec.timeout > 0 and now - (spec.submitted_at or now) > spec.timeout:
-                state = self.state.job_state(job_id)
-                where = "waiting for its gang" if state is JobState.PENDING else "running"
-                self.fail(job_id, f"job timeout of {spec.timeout:g}s passed while {where} (raise the `timeout` "
+        ids = list(set(self.r.zrange(keys.PENDING, 0, -1)) | self.r.smembers(keys.RUNNING))
+        pipe = self.r.pipeline()
+        for job_id in ids:   # two small fields per job each tick, not the whole spec
+            pipe.hmget(keys.job(job_id), "timeout", "submitted_at", "state")
+        for job_id, (timeout, submitted, state) in zip(ids, pipe.execute()):
+            timeout = float(timeout or 0)
+            if timeout > 0 and now - float(submitted or now) > timeout:
+                where = "waiting for its gang" if state == JobState.PENDING.value else "running"
+                self.fail(job_id, f"job timeout of {timeout:g}s passed while {where} (raise the `timeout` "
                                   "argument of fit()/run())", kind="JobTimeoutError")
 
     def tick(self) -> None:

@@ -11,9 +11,6 @@ from common.settings import Settings
 from common.store import S3Store, parse_s3_uri
 from workers.runtime.shards import warm_store
 
-MODEL_FILES = ("model.ubj", "model.txt", "eval_results.json")
-
-
 def artifact_prefix(job_id: str) -> str:
     return f"model/{job_id}/"
 
