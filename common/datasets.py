@@ -128,6 +128,8 @@ class FetchStats:
     bytes_cached: int = 0
     seconds: float = 0.0
     chunks: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 _writers: list[threading.Thread] = []
@@ -163,6 +165,7 @@ class DatasetReader:
         if hit is not None:
             with self._lock:
                 self.stats.bytes_cached += chunk.nbytes
+                self.stats.cache_hits += 1
             return pa.memory_map(str(hit)).read_buffer()
         data = self.store.get(bucket, prefix + chunk.key)
         digest = hashlib.sha256(data).hexdigest()
@@ -171,6 +174,7 @@ class DatasetReader:
                                f"but the manifest says {chunk.sha256[:16]}…")
         with self._lock:
             self.stats.bytes_fetched += len(data)
+            self.stats.cache_misses += 1
             self._to_cache.append((chunk.sha256, data))
         return pa.py_buffer(data)
 

@@ -11,6 +11,7 @@ FENCE = PREFIX + "fence"                     # fencing-token counter
 SCHEDULE_LOCK = PREFIX + "lock:schedule"
 ABORT_CHANNEL = PREFIX + "abort"             # pub/sub: "<job_id>:<token>"
 COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
+COORDINATOR_INFO = PREFIX + "coordinator:info"   # hash: metrics_url, host, pid (of the newest coordinator)
 RUNNING = PREFIX + "running"                 # set of job ids holding a gang
 
 COORDINATOR_QUEUE = "gangway.coordinator"

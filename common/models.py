@@ -69,6 +69,7 @@ class WorkerInfo:
     gpus: tuple[str, ...] = ()
     pid: int = 0
     started_at: float = 0.0
+    metrics_url: str = ""
 
     @property
     def num_gpus(self) -> int:

@@ -98,22 +98,32 @@ def check(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Coordinator and workers, with their metrics URLs.")
 @click.pass_context
 def fleet(ctx: click.Context, as_json: bool) -> None:
     """List trainer workers: id, host, CPUs/GPUs, state, current job."""
     from common.state import State, connect
-    views = State(connect(_settings(ctx))).workers()
-    rows = [{"id": w.info.worker_id, "host": w.info.host, "address": w.info.address, "cpus": w.info.cpus,
-             "gpus": list(w.info.gpus), "state": w.state.value, "job": w.job_id,
-             "ports": f"{w.info.port_lo}-{w.info.port_hi}"} for w in views]
+    from workers.local.prometheus import fleet_description
+    desc = fleet_description(State(connect(_settings(ctx))))
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(desc, indent=2))
         return
     click.echo(f"{'ID':<16} {'HOST':<20} {'CPUS':>4} {'GPUS':<6} {'STATE':<9} JOB")
-    for r in rows:
+    for r in desc["workers"]:
         click.echo(f"{r['id']:<16} {r['host']:<20} {r['cpus']:>4} {','.join(r['gpus']) or '-':<6} "
                    f"{r['state']:<9} {r['job'] or '-'}")
+
+
+@main.command("prometheus-config")
+@click.option("--scrape-interval", default="5s", show_default=True)
+@click.option("--rules", "rule_files", multiple=True, help="Rule files to load (repeatable).")
+@click.pass_context
+def prometheus_config_cmd(ctx: click.Context, scrape_interval: str, rule_files: tuple[str, ...]) -> None:
+    """Print a prometheus.yml that scrapes this fleet's coordinator and workers."""
+    from common.state import State, connect
+    from workers.local.prometheus import prometheus_config
+    click.echo(prometheus_config(State(connect(_settings(ctx))), scrape_interval=scrape_interval,
+                                 rule_files=rule_files), nl=False)
 
 
 @main.group(invoke_without_command=True)
@@ -207,6 +217,10 @@ def worker(ctx: click.Context, worker_id: str | None, ports: str | None) -> None
     os.environ["GANGWAY_WORKER_ID"] = wid
     if ports:
         os.environ["GANGWAY_WORKER_PORTS"] = ports
+    if s.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # prefork: the main process serves what it and its training child recorded
+        from common.metrics import prepare_multiprocess_dir
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_multiprocess_dir(os.path.join(s.home, "metrics", wid))
     _exec_celery("workers.runtime.main", keys.worker_queue(wid), f"{wid}@%h", "prefork", 1)
 
 
@@ -217,6 +231,36 @@ def coordinator(ctx: click.Context) -> None:
     from common import keys
     os.environ.update(_settings(ctx).as_env())
     _exec_celery("workers.coordinator.main", keys.COORDINATOR_QUEUE, "coordinator@%h", "solo", 1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--port", default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to bind; other than loopback only with --basic-auth.")
+@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASSWORD",
+              help="Require HTTP basic auth (repeatable); Flower's full API, control included.")
+@click.option("--read-only", is_flag=True, help="No revoke/shutdown/send-task even with --basic-auth.")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def flower(ctx: click.Context, port: int, address: str, basic_auth: tuple[str, ...], read_only: bool,
+           flower_args: tuple[str, ...]) -> None:
+    """Run Celery Flower on the fleet's broker. Without --basic-auth its API is open but read-only.
+
+    Further arguments go to Flower as they are, e.g. `gangway flower -- --url_prefix=flower`.
+    """
+    from workers.flower import flower_command
+    s = _settings(ctx)
+    try:
+        cmd = flower_command(s, port=port, address=address, basic_auth=basic_auth, read_only=read_only,
+                             extra=flower_args, environ=os.environ)
+    except GangwayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    access = "basic auth" if cmd.authenticated else "API open without auth"
+    click.echo(f"gangway flower: http://{address}:{port} on broker {s.redacted_broker_url}; {access}"
+               f"{', read-only' if cmd.read_only else ''}")
+    sys.stdout.flush()
+    os.environ.update(cmd.env)
+    os.execvp(cmd.argv[0], cmd.argv)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ def test_check_fails_when_nothing_answers(fleet_settings):
 
 
 def test_fleet_lists_every_worker_with_its_resources_and_state(fleet, fleet_settings):
-    rows = json.loads(gangway(fleet_settings, "fleet", "--json").stdout)
+    desc = json.loads(gangway(fleet_settings, "fleet", "--json").stdout)
+    rows = desc["workers"]
     assert sorted(r["id"] for r in rows) == sorted(fleet.worker_ids)
     assert all(r["state"] in ("idle", "reserved") and r["cpus"] >= 1 and r["gpus"] == [] for r in rows)
+    assert desc["coordinator"]["alive"] is True
+    urls = [desc["coordinator"]["metrics_url"]] + [r["metrics_url"] for r in rows]
+    assert all(u.startswith("http://127.0.0.1:") and u.endswith("/metrics") for u in urls), urls
+    assert len(set(urls)) == 3   # one endpoint per process
     assert "STATE" in gangway(fleet_settings, "fleet").stdout
 
 

@@ -1,13 +1,38 @@
 """Entry point of the coordinator process: ``celery -A workers.coordinator.main worker -Q gangway.coordinator``."""
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
+
+from celery import signals
+
+from common import keys, metrics
 from common.settings import Settings
 from common.state import State, connect
 from workers.celery_app import make_app
+from workers.coordinator.gauges import fleet_gauges
 from workers.coordinator.service import Coordinator
 from workers.coordinator.tasks import register
+
+log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_app(settings)
 coordinator = Coordinator(settings, State(connect(settings)), app)
 register(app, coordinator)
+
+
+@signals.worker_ready.connect(weak=False)
+def _serve_metrics(**_) -> None:
+    """/metrics on GANGWAY_METRICS_PORT, its URL advertised in Redis for `gangway fleet --json`."""
+    gauges_state = State(connect(settings))   # its own connection: scrapes come from the server's thread
+    port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(
+        lambda: fleet_gauges(gauges_state))])
+    if port:
+        url = metrics.metrics_url(settings.worker_host, port)
+        coordinator.advertise = {"metrics_url": url, "host": socket.gethostname(), "pid": os.getpid(),
+                                 "started_at": time.time()}
+        coordinator.r.hset(keys.COORDINATOR_INFO, mapping=coordinator.advertise)
+        log.info("coordinator metrics at %s", url)

@@ -12,7 +12,7 @@ import uuid
 
 from celery import Celery
 
-from common import keys
+from common import keys, metrics
 from common.models import JobSpec, JobState, WorkerView
 from common.settings import Settings
 from common.signing import SecurityError, verify
@@ -54,6 +54,7 @@ class Coordinator:
         self.r = state.r
         self.reservations = Reservations(state.r)
         self.app = app
+        self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
 
     # submission ----------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobState:
@@ -75,13 +76,16 @@ class Coordinator:
             verify(self.settings.secret, json.loads(spec.to_json()))
         except SecurityError as exc:
             log.error("SECURITY job %s refused at submit: %s", spec.job_id, exc)
+            metrics.JOBS_REJECTED.labels("security").inc()
             self.fail(spec.job_id, str(exc), kind="SecurityError")
             return JobState.FAILED
         problems = spec_problems(spec)
         if problems:
+            metrics.JOBS_REJECTED.labels("invalid").inc()
             self.fail(spec.job_id, "invalid job: " + "; ".join(problems), kind="ValidationError")
             return JobState.FAILED
         log.info("job %s persisted (%s, priority %s)", spec.job_id, spec.framework, spec.priority)
+        metrics.JOBS_SUBMITTED.labels(spec.framework).inc()
         self.schedule_pass()
         return self.state.job_state(spec.job_id) or JobState.PENDING
 
@@ -92,7 +96,8 @@ class Coordinator:
         if not self.r.set(keys.SCHEDULE_LOCK, mine, nx=True, px=5000):
             return 0
         try:
-            return self._pass()
+            with metrics.SCHEDULING_PASS.time():
+                return self._pass()
         finally:
             if self.r.get(keys.SCHEDULE_LOCK) == mine:   # never delete a later pass's lock
                 self.r.delete(keys.SCHEDULE_LOCK)
@@ -139,7 +144,9 @@ class Coordinator:
         if not token:
             log.info("job %s: reservation lost a race (%s)", placement.job_id, reason)
             return "gone" if reason == "job not pending" else "raced"
-        attempt = int(self.r.hget(keys.job(placement.job_id), "attempt") or 1)
+        attempt_raw, persisted = self.r.hmget(keys.job(placement.job_id), "attempt", "persisted_at")
+        attempt = int(attempt_raw or 1)
+        metrics.GANG_WAIT.labels(spec.framework).observe(max(0.0, time.time() - float(persisted or time.time())))
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
         for rank, wid in enumerate(placement.worker_ids):
@@ -149,7 +156,9 @@ class Coordinator:
                        "worker_id": wid, "use_gpu": placement.use_gpu, "rendezvous": rdv.to_dict(),
                        "host_gpus": host_gpus, "spec": json.loads(spec.to_json())}
             self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
-                               task_id=f"{placement.job_id}.{token}.r{rank}")
+                               task_id=f"{placement.job_id}.{token}.r{rank}",
+                               # what Flower shows instead of the payload (which carries the whole spec)
+                               argsrepr=f"job_id={placement.job_id} attempt={attempt} rank={rank} worker={wid}")
         return "placed"
 
     # endings -------------------------------------------------------------
@@ -173,6 +182,7 @@ class Coordinator:
                                          finished_at=str(time.time()))
             if prev:
                 log.info("job %s succeeded", job_id)
+                metrics.JOBS_FINISHED.labels(job.get("framework", "unknown"), "succeeded").inc()
                 self._expire(job_id)
                 self._end_attempt(job_id, token, abort=False)
 
@@ -194,7 +204,9 @@ class Coordinator:
         pipe.expire(ekey, 86400)
         pipe.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error))
         pipe.hsetnx(keys.job(job_id), f"failing:{token}", time.time())
-        pipe.execute()
+        pipe.hget(keys.job(job_id), "framework")
+        kind = pipe.execute()[-1] or "unknown"
+        metrics.RANK_FAILURES.labels(kind, metrics.failure_reason(error.get("type", ""))).inc()
         self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
         job = self.state.job(job_id) or {}
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))
@@ -234,6 +246,7 @@ class Coordinator:
         if prev is None:
             return
         log.warning("job %s attempt %s failed (%s); %s", job_id, attempt, message, decision.reason)
+        metrics.RETRIES.labels(job.get("framework", "unknown")).inc()
         self._end_attempt(job_id, token, abort=True, gang=gang)
 
     def fail(self, job_id: str, message: str, *, kind: str = "GangwayError", token: str = "",
@@ -245,6 +258,7 @@ class Coordinator:
         if prev is None:
             return False
         log.warning("job %s failed: %s", job_id, message)
+        self._count_finished(job_id, "failed")
         self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or token, abort=True)
@@ -257,10 +271,14 @@ class Coordinator:
         if prev is None:
             return False
         log.info("job %s cancelled (was %s)", job_id, prev.value)
+        self._count_finished(job_id, "cancelled")
         self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or "", abort=True)
         return True
+
+    def _count_finished(self, job_id: str, outcome: str) -> None:
+        metrics.JOBS_FINISHED.labels(self.r.hget(keys.job(job_id), "framework") or "unknown", outcome).inc()
 
     def _expire(self, job_id: str) -> None:
         """Ended jobs stay readable for GANGWAY_JOB_TTL_DAYS, then leave Redis."""
@@ -344,6 +362,8 @@ class Coordinator:
 
     def tick(self) -> None:
         self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))
+        if self.advertise:
+            self.r.hset(keys.COORDINATOR_INFO, mapping=self.advertise)
         self.expire_deadlines()
         self.r.zremrangebyscore(keys.JOBS, 0, time.time() - self.settings.job_ttl_days * 86400)
         self.reap()

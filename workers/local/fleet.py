@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from common import keys
+from common import keys, metrics
 from common.errors import ConfigurationError, GangwayError
 from common.settings import Settings
 from common.state import State, connect
@@ -98,9 +98,15 @@ class Fleet:
         if State(connect(self.settings)).coordinator_alive():
             self.reused.append("coordinator")
             return
+        env = self._env(GANGWAY_METRICS_PORT=str(self._metrics_port(0)))
+        env.pop(metrics.MULTIPROC_ENV, None)   # one process: plain registry
         self._spawn("coordinator", self._celery("workers.coordinator.main", keys.COORDINATOR_QUEUE,
-                                                f"coordinator-{uuid.uuid4().hex[:6]}@%h", "solo"),
-                    self._env())
+                                                f"coordinator-{uuid.uuid4().hex[:6]}@%h", "solo"), env)
+
+    def _metrics_port(self, index: int) -> int:
+        """GANGWAY_METRICS_PORT + index when set (coordinator 0, worker i at i + 1), else a free port."""
+        base = self.settings.metrics_port
+        return base + index if base else services.free_port()
 
     def _start_workers(self) -> None:
         lo, hi = self.settings.port_block
@@ -116,7 +122,9 @@ class Fleet:
             block = f"{lo + i * size}-{lo + i * size + size - 1}"
             extra = {"GANGWAY_WORKER_ID": wid, "GANGWAY_WORKER_PORTS": block,
                      "GANGWAY_WORKER_CPUS": str(self.settings.worker_cpus or cpus),
-                     "GANGWAY_WORKER_GPUS": gpu_ids[i] if self.gpus else "none"}
+                     "GANGWAY_WORKER_GPUS": gpu_ids[i] if self.gpus else "none",
+                     "GANGWAY_METRICS_PORT": str(self._metrics_port(i + 1)),
+                     metrics.MULTIPROC_ENV: metrics.prepare_multiprocess_dir(self.home / "metrics" / wid)}
             if self.gpus:
                 extra["CUDA_VISIBLE_DEVICES"] = gpu_ids[i]
             self._spawn(f"worker-{wid}", self._celery("workers.runtime.main", keys.worker_queue(wid),

@@ -37,3 +37,29 @@ def worker_gpus(setting: str, cuda_visible: str | None) -> tuple[str, ...]:
         return tuple(x.strip() for x in cuda_visible.split(",") if x.strip() and x.strip() != "-1")
     found = detect_gpus()
     return tuple(found[:1])
+
+
+def gpu_gauges(gpus: tuple[str, ...]):
+    """Utilisation and memory of this worker's GPUs, read through NVML at scrape time (none without it)."""
+    from prometheus_client.core import GaugeMetricFamily
+    if not gpus:
+        return
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:   # no driver or no nvidia-ml-py: no GPU series, never a failed scrape
+        return
+    util = GaugeMetricFamily("gangway_gpu_utilization_ratio", "GPU busy fraction over the last sample period.",
+                             labels=["gpu"])
+    used = GaugeMetricFamily("gangway_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+    total = GaugeMetricFamily("gangway_gpu_memory_total_bytes", "GPU memory installed.", labels=["gpu"])
+    try:
+        for gpu in gpus:
+            h = pynvml.nvmlDeviceGetHandleByIndex(int(gpu))
+            util.add_metric([gpu], pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            used.add_metric([gpu], float(mem.used))
+            total.add_metric([gpu], float(mem.total))
+    finally:
+        pynvml.nvmlShutdown()
+    yield from (util, used, total)

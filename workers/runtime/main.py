@@ -5,15 +5,17 @@ child, which supervises the training subprocess.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 from celery import signals
 
+from common import metrics
 from common.settings import Settings
 from common.state import State, connect
 from workers.celery_app import make_app
-from workers.runtime.gpus import worker_gpus
+from workers.runtime.gpus import gpu_gauges, worker_gpus
 from workers.runtime.rank import run_rank
 from workers.runtime.registry import Drain, Heartbeat, worker_info
 from workers.runtime.supervisor import Standby
@@ -62,7 +64,10 @@ def _close_pool_child(**_) -> None:
 @signals.worker_ready.connect(weak=False)
 def _register(**_) -> None:
     global _heartbeat
-    _heartbeat = Heartbeat(settings, _get_state(), app, INFO)
+    # Served by the main process; the prefork child writes to the same PROMETHEUS_MULTIPROC_DIR.
+    port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(lambda: gpu_gauges(GPUS))])
+    info = dataclasses.replace(INFO, metrics_url=metrics.metrics_url(settings.worker_host, port))
+    _heartbeat = Heartbeat(settings, _get_state(), app, info)
     _heartbeat.start()
 
 

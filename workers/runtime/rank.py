@@ -19,6 +19,7 @@ from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
 from workers.runtime.artifacts import upload_artifacts
+from workers.runtime.instruments import RankInstruments
 from workers.runtime.supervisor import Standby, TrainingChild
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class RankRun:
     status: dict = field(default_factory=dict)
     error: dict | None = None
     summary: dict = field(default_factory=dict)
+    instruments: RankInstruments = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.instruments = RankInstruments(self.payload.get("spec", {}).get("framework", ""))
 
     @property
     def job_id(self) -> str:
@@ -142,7 +147,8 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     except SecurityError as exc:   # never run it; the coordinator learns why
         log.error("SECURITY job %s rank %s refused: %s", job_id, rank, exc)
         app.send_task("gangway.rank_finished", queue=keys.COORDINATOR_QUEUE, args=[
-            job_id, token, rank, False, {"type": "SecurityError", "message": str(exc), "traceback": ""}, None])
+            job_id, token, rank, False, {"type": "SecurityError", "message": str(exc), "traceback": ""}, None],
+            argsrepr=f"job_id={job_id} attempt={payload.get('attempt')} rank={rank} ok=False error=SecurityError")
         return {"status": "refused"}
     abort = AbortWatcher(state, job_id, token)   # listening before the fence check: no abort slips by
     if not is_current(state, job_id, token):
@@ -162,6 +168,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         if ok and rank == 0:
             if not is_current(state, job_id, token):
                 raise Aborted("the attempt ended before its artifacts were written")
+            run.write(None, t_uploading=time.time())   # training ended: the job timeline's upload phase
             run.summary["artifacts"] = upload_artifacts(settings, state, run, workdir)
     except Aborted as exc:
         ok, run.error = False, {"type": "Aborted", "message": str(exc), "traceback": ""}
@@ -184,19 +191,23 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
 
 def _report(run: RankRun, app: Celery, ok: bool, aborted: bool) -> None:
     """Final status (best effort) and the coordinator report (always), so no rank ends unheard."""
+    run.instruments.finished(ok)
     try:
         run.write(RankState.SUCCEEDED if ok else (RankState.ABORTED if aborted else RankState.FAILED),
                   error=run.error, summary=run.summary)
     except Exception as exc:
         log.warning("job %s rank %s: final status write failed: %s", run.job_id, run.rank, exc)
+    outcome = "ok=True" if ok else f"ok=False error={(run.error or {}).get('type')}"
     app.send_task("gangway.rank_finished", args=[run.job_id, run.token, run.rank, ok, run.error, run.summary],
-                  queue=keys.COORDINATOR_QUEUE)
+                  queue=keys.COORDINATOR_QUEUE,
+                  argsrepr=f"job_id={run.job_id} attempt={run.payload.get('attempt')} rank={run.rank} {outcome}")
 
 
 def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
     """Relay the child's events until it exits; returns whether it succeeded."""
     last_write, pending = 0.0, None
     last_event = time.monotonic()
+    inst = run.instruments
     limit = run.settings.progress_timeout
     while True:
         if abort.event.is_set():
@@ -223,10 +234,13 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
         kind = ev["ev"]
         if kind == "fetched":
             run.summary["fetch"] = {k: v for k, v in ev.items() if k != "ev"}
+            inst.fetched(ev)
             if not run.write(RankState.WAITING, fetch=run.summary["fetch"]):
                 abort.set("the attempt is no longer current")
                 continue
+            arrived = time.monotonic()
             shared = barrier(run.state, run, abort, run.settings.rendezvous_timeout, ev.get("publish") or {})
+            inst.rendezvous(time.monotonic() - arrived)
             child.send("go " + json.dumps(shared))
             run.write(RankState.TRAINING)
             last_event = time.monotonic()   # the barrier's wait is not silence of the training
@@ -235,7 +249,9 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 abort.set("the attempt is no longer current")
         elif kind == "progress":
             pending = ev
+            inst.progress(int(ev.get("iter") or 0))
         elif kind == "metrics":
+            inst.step()
             run.summary.setdefault("metrics", {}).update(ev.get("metrics") or {})
             if not run.write(None, metrics=run.summary["metrics"]):
                 abort.set("the attempt is no longer current")

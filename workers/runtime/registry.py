@@ -10,7 +10,7 @@ import time
 
 from celery import Celery
 
-from common import keys
+from common import keys, metrics
 from common.models import WorkerInfo
 from common.settings import Settings
 from common.state import State
@@ -51,6 +51,7 @@ class Heartbeat:
                     self.app.send_task("gangway.schedule", queue=keys.COORDINATOR_QUEUE)
                 else:
                     self.state.heartbeat(self.info.worker_id, self.settings.heartbeat_ttl)
+                metrics.HEARTBEATS.inc()
             except Exception as exc:   # keep beating through Redis restarts
                 log.warning("worker %s heartbeat failed: %s", self.info.worker_id, exc)
 

@@ -17,12 +17,14 @@ class RankData:
     bytes_fetched: int = 0
     bytes_cached: int = 0
     seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"rows": {k: t.num_rows for k, t in self.tables.items()},
                 "bytes_fetched": self.bytes_fetched, "bytes_cached": self.bytes_cached,
-                "fetch_seconds": self.seconds,
+                "fetch_seconds": self.seconds, "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
                 "shard_nbytes": sum(t.nbytes for t in self.tables.values())}
 
 
@@ -51,4 +53,4 @@ def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: in
         else:
             tables[name] = reader.read(ref["uri"])
     st = reader.stats
-    return RankData(tables, st.bytes_fetched, st.bytes_cached, st.seconds)
+    return RankData(tables, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
