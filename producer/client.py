@@ -48,11 +48,13 @@ class Client:
 
     def submit(self, spec: JobSpec) -> str:
         spec.submitted_at = spec.submitted_at or time.time()   # signed specs set it before signing
-        self.app.send_task("gangway.submit_job", args=[_as_dict(spec)], queue=keys.COORDINATOR_QUEUE)
+        self.app.send_task("gangway.submit_job", args=[_as_dict(spec)], queue=keys.COORDINATOR_QUEUE,
+                           argsrepr=f"job_id={spec.job_id} framework={spec.framework}")   # for Flower
         return spec.job_id
 
     def cancel(self, job_id: str) -> None:
-        self.app.send_task("gangway.cancel_job", args=[job_id], queue=keys.COORDINATOR_QUEUE)
+        self.app.send_task("gangway.cancel_job", args=[job_id], queue=keys.COORDINATOR_QUEUE,
+                           argsrepr=f"job_id={job_id}")
 
 
 def _as_dict(spec: JobSpec) -> dict:

@@ -1,0 +1,85 @@
+"""``gangway flower``: Celery Flower on the fleet's broker, knowing gangway's task routes.
+
+``celery -A workers.flower:app flower`` loads :data:`app` from here; :func:`flower_command` builds
+that command line and the environment it needs. Without credentials Flower's HTTP API is opened
+read-only and only on a loopback address; with ``--basic-auth`` it is Flower's full API.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from common.errors import ConfigurationError
+from common.settings import Settings
+
+APP = "workers.flower:app"
+# Flower reads its options from FLOWER_<OPTION> too; these mean someone already configured auth.
+AUTH_ENV = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_AUTH_PROVIDER")
+AUTH_ARGS = ("--basic_auth", "--basic-auth", "--auth", "--auth_provider", "--auth-provider")
+
+
+@dataclass(frozen=True)
+class FlowerCommand:
+    """What to exec: ``argv`` with ``env`` laid over the caller's environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(repr=False)   # holds the broker URL and any credentials
+    authenticated: bool
+    read_only: bool
+
+
+def flower_command(settings: Settings, *, port: int = 5555, address: str = "127.0.0.1",
+                   basic_auth: Sequence[str] = (), read_only: bool = False, extra: Sequence[str] = (),
+                   environ: Mapping[str, str] | None = None) -> FlowerCommand:
+    """The ``celery flower`` command for ``settings``.
+
+    Unauthenticated (no ``basic_auth``, no Flower auth in ``environ`` or ``extra``): the API is
+    opened with ``FLOWER_UNAUTHENTICATED_API``, Flower runs ``--read_only`` (no revoke, shutdown
+    or send-task from anyone who reaches the port) and ``address`` must be a loopback address.
+    Credentials go through ``FLOWER_BASIC_AUTH``, never argv (``ps`` shows argv to every user).
+    """
+    for cred in basic_auth:
+        user, sep, password = cred.partition(":")
+        if not (user and sep and password) or "," in cred:
+            raise ConfigurationError(f"--basic-auth must look like 'user:password' without commas, got user "
+                                     f"{user!r} and {'a' if password else 'no'} password")
+    environ = environ or {}
+    authenticated = bool(basic_auth) or any(environ.get(k) for k in AUTH_ENV) or \
+        any(a.partition("=")[0] in AUTH_ARGS for a in extra)
+    if not authenticated and not _is_loopback(address):
+        raise ConfigurationError(f"gangway flower without --basic-auth opens its HTTP API to anyone who reaches "
+                                 f"--address {address!r}; bind a loopback address (127.0.0.1) or pass "
+                                 "--basic-auth user:password")
+    env = {**settings.as_env(), "PYTHONUNBUFFERED": "1"}
+    if basic_auth:
+        env["FLOWER_BASIC_AUTH"] = ",".join(basic_auth)
+    if not authenticated:
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    read_only = read_only or not authenticated
+    argv = [sys.executable, "-m", "celery", "-A", APP, "flower", f"--port={port}", f"--address={address}"]
+    if read_only:
+        argv.append("--read_only=True")
+    return FlowerCommand(argv + list(extra), env, authenticated, read_only)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP))
+    except (OSError, ValueError):
+        return False
+
+
+def __getattr__(name: str) -> Celery:
+    # The app is built on first use (by ``celery -A``), so importing this module reads no environment.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from workers.celery_app import make_app
+    app = make_app(Settings.from_env())
+    globals()["app"] = app
+    return app
