@@ -31,3 +31,57 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.1):
 def all_workers_idle(state) -> bool:
     views = state.workers()
     return bool(views) and all(w.alive and not w.job_id for w in views)
+
+
+def training_processes(fleet) -> dict[str, list[int]]:
+    """Per worker of ``fleet``: pids of live ``workers.runtime.child`` processes (the warm standby
+    included) and of anything a training process forked, i.e. every non-Celery descendant."""
+    import psutil
+    out = {}
+    for s in fleet.started:
+        if not s.name.startswith("worker-") or s.proc.poll() is not None:
+            continue
+        try:
+            kids = psutil.Process(s.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        out[s.name] = [k.pid for k in kids if _live(k) and "celery" not in " ".join(_cmdline(k))]
+    return out
+
+
+def _live(p) -> bool:
+    import psutil
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def assert_nothing_left(fleet, state, settings, job, *, artifacts: tuple[str, ...] = (), pids=()) -> None:
+    """The end-of-fault contract: no worker stays reserved, no training process survives (each worker
+    keeps at most its one warm standby; the ``pids`` the test saw are gone), and the job's artifacts
+    exist exactly once (``artifacts`` names them; empty = none may exist)."""
+    import psutil
+
+    from common.store import S3Store
+    wait_until(lambda: all(not w.job_id for w in state.workers() if w.alive), 10, "no worker to stay reserved")
+
+    def no_survivors():
+        gone = all(not psutil.pid_exists(p) or not _live(psutil.Process(p)) for p in pids)
+        return gone and all(len(v) <= 1 for v in training_processes(fleet).values())
+    wait_until(no_survivors, 10, f"training processes to be gone (left: {training_processes(fleet)})")
+    keys = S3Store(settings).list(settings.artifact_bucket, f"model/{job.job_id}/")
+    assert keys == sorted(f"model/{job.job_id}/{a}" for a in artifacts), keys
+    from common import keys as redis_keys
+    assert not state.r.sismember(redis_keys.RUNNING, job.job_id)
+
+
+XGB_ARTIFACTS = ("eval_results.json", "metadata.json", "model.ubj")

@@ -48,7 +48,8 @@ def main() -> int:
     try:
         runner = importlib.import_module(RUNNERS[payload["spec"]["framework"]])
         t0 = time.perf_counter()
-        prepared = runner.prepare(payload, settings)
+        with emitter.alive("fetch"):   # bounded by the store's retries and timeouts, not the progress timeout
+            prepared = runner.prepare(payload, settings)
         emitter.emit("fetched", seconds=time.perf_counter() - t0, **prepared.fetch_summary())
         answer, _, shared = sys.stdin.readline().strip().partition(" ")
         if answer != GO:

@@ -1,12 +1,13 @@
 """The line protocol between a rank's supervisor and its training child.
 
 Child -> supervisor, one JSON object per line on the child's stdout:
-``fetched``, ``progress``, ``eval``, ``done``, ``error``.  Supervisor -> child on
+``alive``, ``fetched``, ``progress``, ``eval``, ``done``, ``error``.  Supervisor -> child on
 stdin: the payload line, then ``go`` (or ``abort``).  The child emits through a
 bounded queue drained by a thread, so a slow reader never blocks a training round.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -42,6 +43,23 @@ class Emitter:
                 self.dropped += 1   # progress is coalesced anyway; never stall a round for it
         else:
             self._q.put(line)
+
+    @contextlib.contextmanager
+    def alive(self, phase: str, every: float = 1.0):
+        """Say ``alive`` every ``every`` s while a phase bounded by its own deadlines runs (a shard fetch,
+        whose store retries with backoff), so the supervisor's progress timeout does not call it hung."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every):
+                self.emit("alive", droppable=True, phase=phase)
+        t = threading.Thread(target=beat, name="gangway-alive", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join(timeout=every + 1)
 
     def error(self, exc: BaseException) -> None:
         self.emit("error", type=type(exc).__name__, message=str(exc),
