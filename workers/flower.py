@@ -6,6 +6,7 @@ read-only and only on a loopback address; with ``--basic-auth`` it is Flower's f
 """
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import socket
 import sys
@@ -20,7 +21,8 @@ from common.settings import Settings
 APP = "workers.flower:app"
 # Flower reads its options from FLOWER_<OPTION> too; these mean someone already configured auth.
 AUTH_ENV = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_AUTH_PROVIDER")
-AUTH_ARGS = ("--basic_auth", "--basic-auth", "--auth", "--auth_provider", "--auth-provider")
+AUTH_ARGS = ("auth", "auth_provider")
+OWN_ARGS = ("address", "port", "read_only", "basic_auth", "unix_socket")   # gangway flower's own flags decide these
 
 
 @dataclass(frozen=True)
@@ -48,23 +50,40 @@ def flower_command(settings: Settings, *, port: int = 5555, address: str = "127.
         if not (user and sep and password) or "," in cred:
             raise ConfigurationError(f"--basic-auth must look like 'user:password' without commas, got user "
                                      f"{user!r} and {'a' if password else 'no'} password")
+    names = [a.partition("=")[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")]
+    if set(names) & set(OWN_ARGS):
+        raise ConfigurationError(f"Flower options {sorted(set(names) & set(OWN_ARGS))} after -- are set by gangway "
+                                 "flower itself: use its --port, --address, --read-only, --basic-auth")
     environ = environ or {}
     authenticated = bool(basic_auth) or any(environ.get(k) for k in AUTH_ENV) or \
-        any(a.partition("=")[0] in AUTH_ARGS for a in extra)
+        any(n in AUTH_ARGS for n in names)
     if not authenticated and not _is_loopback(address):
         raise ConfigurationError(f"gangway flower without --basic-auth opens its HTTP API to anyone who reaches "
                                  f"--address {address!r}; bind a loopback address (127.0.0.1) or pass "
                                  "--basic-auth user:password")
+    read_only = read_only or not authenticated
+    _check_flower(read_only)
     env = {**settings.as_env(), "PYTHONUNBUFFERED": "1"}
     if basic_auth:
         env["FLOWER_BASIC_AUTH"] = ",".join(basic_auth)
     if not authenticated:
         env["FLOWER_UNAUTHENTICATED_API"] = "true"
-    read_only = read_only or not authenticated
     argv = [sys.executable, "-m", "celery", "-A", APP, "flower", f"--port={port}", f"--address={address}"]
     if read_only:
         argv.append("--read_only=True")
     return FlowerCommand(argv + list(extra), env, authenticated, read_only)
+
+
+def _check_flower(read_only: bool) -> None:
+    try:
+        version = importlib.metadata.version("flower")
+        from flower.options import default_options
+    except (ImportError, importlib.metadata.PackageNotFoundError) as exc:
+        raise ConfigurationError(f"gangway flower needs Flower ({exc}): pip install 'flower>=2.2'") from exc
+    # Flower drops options it does not know without a word: an old one would serve an open API with control.
+    if read_only and not hasattr(default_options, "read_only"):
+        raise ConfigurationError(f"Flower {version} has no --read_only, which an API without auth needs: "
+                                 "pip install 'flower>=2.2', or pass --basic-auth user:password")
 
 
 def _is_loopback(address: str) -> bool:
