@@ -74,6 +74,28 @@ class TrainingJob:
     def record(self) -> dict[str, str]:
         return self._client.state.job(self.job_id) or {}
 
+    def plot(self, path: str | None = None):
+        """A matplotlib Figure of the eval curves and the timeline (queued, reserved, fetching, rendezvous,
+        training, upload per rank); also written as PNG to ``path`` if given. Needs matplotlib."""
+        from producer import plot
+        self.status()   # a job that does not exist is an error
+        job = self.record()
+        return plot.render(self.job_id, job, self._client.state.ranks(self.job_id),
+                           eval_results=self._eval_results(job), log_lines=self.logs(), now=time.time(),
+                           path=path)
+
+    def _eval_results(self, job: dict[str, str]) -> dict | None:
+        """``eval_results.json`` of a succeeded GBDT job, or None (then the log's eval lines stand in)."""
+        from common.store import parse_s3_uri
+        uri = json.loads(job.get("rank0_summary") or "{}").get("artifacts")
+        if job.get("state") != JobState.SUCCEEDED.value or job.get("framework") == "pytorch" or not uri:
+            return None
+        try:
+            bucket, prefix = parse_s3_uri(uri)
+            return json.loads(self._client.store.get(bucket, prefix + "eval_results.json"))
+        except (GangwayError, ValueError):   # gone or unreadable: the log still has the eval lines
+            return None
+
     def logs(self, follow: bool = False) -> list[str] | Iterator[str]:
         """Rank 0's log and eval lines; with ``follow`` an iterator that ends with the job."""
         if not follow:

@@ -147,8 +147,10 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 @jobs.command("show")
 @click.argument("job_id")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="Also draw its eval curves and timeline (per rank) to this PNG (needs matplotlib).")
 @click.pass_context
-def jobs_show(ctx: click.Context, job_id: str) -> None:
+def jobs_show(ctx: click.Context, job_id: str, plot_path: str | None) -> None:
     """One job: state, gang, ranks, error, log."""
     from common.state import State, connect
     state = State(connect(_settings(ctx)))
@@ -159,6 +161,13 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
     out["ranks"] = state.ranks(job_id)
     out["log"] = state.log(job_id)[-20:]
     click.echo(json.dumps(out, indent=2, default=str))
+    if plot_path:
+        from producer.jobs import TrainingJob
+        try:
+            TrainingJob(job_id, settings=_settings(ctx)).plot(plot_path)
+        except (GangwayError, ImportError, OSError) as exc:
+            raise click.ClickException(f"could not draw {plot_path}: {exc}") from exc
+        click.echo(f"plot of job {job_id} written to {plot_path}", err=True)
 
 
 @jobs.command("cancel")
