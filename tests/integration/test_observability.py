@@ -230,16 +230,30 @@ _LITERAL = re.compile(r"^(vector\(\s*)?[-+]?[0-9.eE+]+(\s*\))?$")
 _LEVELS = (("or",), ("and", "unless"), ("==", "!=", ">=", "<=", ">", "<"))
 
 
+def _operator_at(expr: str, i: int, ops: tuple[str, ...]) -> str | None:
+    for op in ops:
+        after = expr[i + len(op):i + len(op) + 1]
+        if not expr.startswith(op, i):
+            continue
+        if op.isalpha() and (re.match(r"\w", expr[i - 1:i]) or re.match(r"\w", after)):
+            continue   # part of a name: "sort", "order_total"
+        if op in (">", "<") and after == "=":
+            continue
+        return op
+    return None
+
+
 def _split_top_level(expr: str, ops: tuple[str, ...]) -> list[str]:
     """``expr`` split at binary operators ``ops`` outside brackets, braces and strings."""
     parts, start, depth, quote, i = [], 0, 0, None, 0
     while i < len(expr):
         c = expr[i]
+        op = None
         if quote:
             if c == "\\":
-                i += 2
-                continue
-            quote = None if c == quote else quote
+                i += 1
+            elif c == quote:
+                quote = None
         elif c in "\"'`":
             quote = c
         elif c in "([{":
@@ -247,20 +261,12 @@ def _split_top_level(expr: str, ops: tuple[str, ...]) -> list[str]:
         elif c in ")]}":
             depth -= 1
         elif depth == 0:
-            for op in ops:
-                if not expr.startswith(op, i):
-                    continue
-                if op.isalpha() and (re.match(r"\w", expr[i - 1:i] or " ") or re.match(r"\w", expr[i + len(op):][:1] or " ")):
-                    continue
-                if op in (">", "<") and expr[i + 1:i + 2] == "=":
-                    continue
-                parts.append(expr[start:i])
-                start = i = i + len(op)
-                break
-            else:
-                i += 1
-            continue
-        i += 1
+            op = _operator_at(expr, i, ops)
+        if op:
+            parts.append(expr[start:i])
+            start = i = i + len(op)
+        else:
+            i += 1
     parts.append(expr[start:])
     return [parts[0].strip()] + [_MODIFIER.sub("", p, count=1).strip() for p in parts[1:]]
 
@@ -399,19 +405,15 @@ def rule_problems(prom: Prometheus) -> list[str]:
 @dataclass
 class Observed:
     prom: Prometheus
-    fleet_settings: object
-    state: object
     running: object          # a TrainingJob kept RUNNING while the tests query
-    finished: dict           # outcome -> job_id of the jobs run before it
 
 
-def _start_jobs(settings, state) -> tuple[object, dict]:
+def _start_jobs(settings, state):
     """Run the jobs whose metrics the dashboards show; return the long job (RUNNING, attempt 2)."""
     from common.errors import SecurityError, TrainingFailedError
     from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
     from producer.xgboost import XGBEstimator, XGBScalingConfig
     from tests.integration import torch_jobs
-    finished = {}
     df, holdout = regression_frame(6000, seed=70), regression_frame(1000, seed=71)
     two = XGBScalingConfig(num_workers=2)
 
@@ -420,18 +422,15 @@ def _start_jobs(settings, state) -> tuple[object, dict]:
         est = XGBEstimator(n_estimators=2, scaling_config=two)
         with pytest.raises(SecurityError):
             est.fit(df, FEATURES, "risk", timeout=60)
-        finished["rejected"] = est.last_job.job_id
     finally:
         os.environ.update(settings.as_env())
 
     est = XGBEstimator(n_estimators=15, params={"max_depth": 3}, scaling_config=two)
     est.fit(df, FEATURES, "risk", eval_set=holdout, timeout=120)
-    finished["succeeded"] = est.last_job.job_id
 
     dist = PyTorchDistributor(torch_jobs.failing, PyTorchScalingConfig(num_workers_per_node=2))
     with pytest.raises(TrainingFailedError):
         dist.run(timeout=120)
-    finished["failed"] = dist.last_job.job_id
     wait_until(lambda: all_workers_idle(state), 20, "the failed job's gang to be freed")
 
     est = XGBEstimator(n_estimators=100_000, params={"max_depth": 3}, scaling_config=two)
@@ -447,7 +446,7 @@ def _start_jobs(settings, state) -> tuple[object, dict]:
         st = job.status()
         return st.state is JobState.RUNNING and st.attempt == 2 and (st.ranks.get(0, {}).get("iteration") or 0) >= 3
     wait_until(retried_and_training, 90, "the long job's second attempt to train")
-    return job, finished
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -467,12 +466,12 @@ def observed():
             config["global"] = {**config.get("global", {}), "scrape_interval": "1s", "evaluation_interval": "1s"}
             config["rule_files"] = [str(RULES)]
             prom = Prometheus(config, folder)
-            job, finished = _start_jobs(settings, state)
+            job = _start_jobs(settings, state)
             # rate() needs two samples in its window; the job's gauges need a scrape: poll, bounded.
             deadline = time.monotonic() + 45
             while (dashboard_problems(prom, job.job_id) or rule_problems(prom)) and time.monotonic() < deadline:
                 time.sleep(1)
-            yield Observed(prom, settings, state, job, finished)
+            yield Observed(prom, job)
         finally:
             if job is not None and not job.status().is_terminal:
                 job.cancel(wait=30)
