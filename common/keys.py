@@ -55,5 +55,10 @@ def deliveries(job_id: str, token: int | str) -> str:
     return f"{PREFIX}job:{job_id}:deliveries:{token}"
 
 
+def job_done(job_id: str, token: int | str) -> str:
+    """Set of the ranks of attempt ``token`` that reported success to the coordinator."""
+    return f"{PREFIX}job:{job_id}:done:{token}"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job(job_id), job_ranks(job_id), job_log(job_id)]

@@ -66,6 +66,34 @@ def failure_reason(error_type: str) -> str:
     return FAILURE_REASONS.get(error_type, "training_error")
 
 
+KINDS = ("xgboost", "lightgbm", "pytorch")
+
+
+def init_coordinator_series() -> None:
+    """Create every known label combination at 0, so a first event is a visible increase to rate()."""
+    for kind in KINDS:
+        JOBS_SUBMITTED.labels(kind)
+        RETRIES.labels(kind)
+        for outcome in ("succeeded", "failed", "cancelled"):
+            JOBS_FINISHED.labels(kind, outcome)
+        for reason in {*FAILURE_REASONS.values(), "training_error"}:
+            RANK_FAILURES.labels(kind, reason)
+    for reason in ("invalid", "security"):
+        JOBS_REJECTED.labels(reason)
+
+
+def init_worker_series() -> None:
+    """The worker's counters at 0 from the start (see init_coordinator_series)."""
+    for kind in KINDS:
+        ITERATIONS.labels(kind)
+        for outcome in ("succeeded", "failed"):
+            RANKS_FINISHED.labels(kind, outcome)
+    for source in ("store", "cache"):
+        FETCH_BYTES.labels(source)
+    for result in ("hit", "miss"):
+        CACHE_LOOKUPS.labels(result)
+
+
 def prepare_multiprocess_dir(path: str | os.PathLike) -> str:
     """Empty the multiprocess directory a worker is about to use (stale files from a previous run)."""
     p = Path(path)

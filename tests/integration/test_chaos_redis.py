@@ -6,9 +6,15 @@ import time
 import pytest
 
 from tests.conftest import private_fleet_settings, running_fleet
-from tests.integration.helpers import FEATURES, regression_frame, wait_until
+from tests.integration.helpers import (
+    FEATURES,
+    XGB_ARTIFACTS,
+    assert_nothing_left,
+    regression_frame,
+    wait_until,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 def test_after_a_redis_restart_workers_re_register_and_new_jobs_run_within_30s(fleet):
@@ -30,3 +36,4 @@ def test_after_a_redis_restart_workers_re_register_and_new_jobs_run_within_30s(f
         again = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))
         assert again.fit(regression_frame(2000, seed=62), FEATURES, "risk", timeout=60).num_boosted_rounds() == 3
         assert float(again.last_job.record()["started_at"]) - restarted <= 30   # a gang reserved within 30 s
+        assert_nothing_left(f, state, settings, again.last_job, artifacts=XGB_ARTIFACTS)

@@ -10,9 +10,15 @@ import pytest
 
 from common.models import JobState
 from tests.conftest import private_fleet_settings, running_fleet
-from tests.integration.helpers import FEATURES, regression_frame, wait_until
+from tests.integration.helpers import (
+    FEATURES,
+    XGB_ARTIFACTS,
+    assert_nothing_left,
+    regression_frame,
+    wait_until,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,8 @@ def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and
     assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
     alive = [w for w in state.workers() if w.alive]
     assert len(alive) == 2 and all(not w.job_id for w in alive)
+    assert_nothing_left(fleet, state, fleet.settings, job, artifacts=XGB_ARTIFACTS,
+                        pids=[child_pid])
 
 
 
@@ -75,6 +83,7 @@ def test_a_sigtermed_worker_drains_its_rank_is_retried_elsewhere_and_it_takes_no
     assert "WorkerDrainedError" in job.record()["history"]
     proc.wait(timeout=30)   # the drained worker exits once its rank is gone, and deregisters
     assert victim not in {w.info.worker_id for w in state.workers()}
+    assert_nothing_left(fleet, state, fleet.settings, job, artifacts=XGB_ARTIFACTS)
 
 
 def test_a_sigtermed_worker_lets_a_rank_that_finishes_within_the_grace_complete(three_workers):
@@ -86,3 +95,4 @@ def test_a_sigtermed_worker_lets_a_rank_that_finishes_within_the_grace_complete(
     _, proc = _sigterm_worker_of_rank0(fleet, job, after=1)
     assert job.wait(60).num_boosted_rounds() == 150 and job.status().attempt == 1
     proc.wait(timeout=30)
+    assert_nothing_left(fleet, state, fleet.settings, job, artifacts=XGB_ARTIFACTS)

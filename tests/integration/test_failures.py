@@ -13,12 +13,14 @@ from common.models import JobState
 from producer.xgboost import XGBEstimator, XGBScalingConfig
 from tests.integration.helpers import (
     FEATURES,
+    XGB_ARTIFACTS,
     all_workers_idle,
+    assert_nothing_left,
     regression_frame,
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 def _kill_rank_child_when_training(job, rank: int, after: int = 2) -> int:
@@ -39,7 +41,6 @@ def _long_job(seed: int) -> tuple[XGBEstimator, object]:
 
 def test_a_killed_training_process_fails_the_attempt_and_the_retry_resumes_from_its_checkpoint(
         fleet, state, fleet_settings):
-    from common.store import S3Store
     est, df = _long_job(41)
     est.n_estimators = 600
     job = est.submit(df, FEATURES, "risk", max_failures=1, verbose_eval=100)
@@ -53,26 +54,25 @@ def test_a_killed_training_process_fails_the_attempt_and_the_retry_resumes_from_
     assert st.state is JobState.SUCCEEDED and st.attempt == 2
     history = job.record().get("history")
     assert '"ChildProcessError"' in history and "retrying" in history
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
-    keys = S3Store(fleet_settings).list(fleet_settings.artifact_bucket, f"model/{job.job_id}/")
-    assert keys == [f"model/{job.job_id}/{n}" for n in ("eval_results.json", "metadata.json", "model.ubj")]
+    assert_nothing_left(fleet, state, fleet_settings, job, artifacts=XGB_ARTIFACTS,
+                        pids=[pid])
 
 
-def test_with_max_failures_0_the_first_infrastructure_failure_fails_the_job_with_its_history(fleet, state):
+def test_with_max_failures_0_the_first_infrastructure_failure_fails_the_job_with_its_history(
+        fleet, state, fleet_settings):
     est, df = _long_job(42)
     job = est.submit(df, FEATURES, "risk", max_failures=0)
-    _kill_rank_child_when_training(job, 0)
+    pid = _kill_rank_child_when_training(job, 0)
     with pytest.raises(TrainingFailedError) as info:
         job.wait(120)
     err = info.value
     assert err.rank_errors[0]["type"] == "ChildProcessError" and "signal 9" in err.rank_errors[0]["message"]
     assert len(err.attempts) == 1 and "max_failures=0" in err.attempts[0]["decision"]
     assert job.status().attempt == 1
-    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+    assert_nothing_left(fleet, state, fleet_settings, job, pids=[pid])
 
 
-def test_an_error_of_the_training_code_is_not_retried(fleet, state):
+def test_an_error_of_the_training_code_is_not_retried(fleet, state, fleet_settings):
     torch_jobs = pytest.importorskip("tests.integration.torch_jobs")
     from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
     dist = PyTorchDistributor(torch_jobs.failing, PyTorchScalingConfig(num_workers_per_node=2))
@@ -81,9 +81,10 @@ def test_an_error_of_the_training_code_is_not_retried(fleet, state):
     assert info.value.rank_errors[1]["type"] == "ValueError"
     assert dist.last_job.status().attempt == 1
     assert "not retried" in info.value.attempts[0]["decision"]
+    assert_nothing_left(fleet, state, fleet_settings, dist.last_job)
 
 
-def test_a_hung_rank_is_detected_by_its_silence_and_the_attempt_is_retried(fleet, state):
+def test_a_hung_rank_is_detected_by_its_silence_and_the_attempt_is_retried(fleet, state, fleet_settings):
     est, df = _long_job(44)
     job = est.submit(df, FEATURES, "risk", max_failures=1)
 
@@ -99,16 +100,17 @@ def test_a_hung_rank_is_detected_by_its_silence_and_the_attempt_is_retried(fleet
             os.kill(pid, signal.SIGKILL)
     assert booster.num_boosted_rounds() == 150 and job.status().attempt == 2
     assert '"ProgressTimeoutError"' in job.record()["history"]
-    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+    assert_nothing_left(fleet, state, fleet_settings, job, artifacts=XGB_ARTIFACTS,
+                        pids=[pid])
 
 
-def test_the_whole_job_timeout_ends_a_running_job_naming_the_argument(fleet, state):
+def test_the_whole_job_timeout_ends_a_running_job_naming_the_argument(fleet, state, fleet_settings):
     from common.errors import JobTimeoutError
     est, df = _long_job(45)
     est.n_estimators = 100000
     with pytest.raises(JobTimeoutError, match=r"job timeout of 4s passed while running .*`timeout` argument"):
         est.fit(df, FEATURES, "risk", timeout=4)
-    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+    assert_nothing_left(fleet, state, fleet_settings, est.last_job)
 
 
 def test_a_long_rank_is_delivered_once_even_with_a_3s_visibility_timeout(fleet, state, fleet_settings):
@@ -123,6 +125,7 @@ def test_a_long_rank_is_delivered_once_even_with_a_3s_visibility_timeout(fleet, 
     token = job.record()["token"]
     assert state.r.hgetall(keys.deliveries(job.job_id, token)) == {"0": "1", "1": "1"}
     assert job.status().attempt == 1
+    assert_nothing_left(fleet, state, fleet_settings, job, artifacts=XGB_ARTIFACTS)
 
 
 def test_a_redelivered_or_stale_train_rank_is_a_no_op(fleet, state, fleet_settings):
@@ -147,7 +150,7 @@ def test_a_redelivered_or_stale_train_rank_is_a_no_op(fleet, state, fleet_settin
     assert all_workers_idle(state)
 
 
-def test_killing_the_coordinator_loses_no_job_and_a_restarted_one_finishes_them(fleet, state):
+def test_killing_the_coordinator_loses_no_job_and_a_restarted_one_finishes_them(fleet, state, fleet_settings):
     from common import keys
     running_est, df = _long_job(48)
     running = running_est.submit(df, FEATURES, "risk", max_failures=0)
@@ -163,11 +166,13 @@ def test_killing_the_coordinator_loses_no_job_and_a_restarted_one_finishes_them(
     fleet._start_coordinator()   # a fresh coordinator reconciles from Redis alone
     assert running.wait(120).num_boosted_rounds() == 150 and running.status().attempt == 1
     assert pending.wait(120).num_boosted_rounds() == 5
-    wait_until(lambda: all_workers_idle(state), 10, "the gangs to be freed")
+    for job in (running, pending):
+        assert_nothing_left(fleet, state, fleet_settings, job, artifacts=XGB_ARTIFACTS)
     assert not state.r.smembers(keys.RUNNING)
 
 
-def test_a_queued_gang_is_not_starved_by_a_stream_of_small_jobs_and_priorities_are_honoured(fleet, state):
+def test_a_queued_gang_is_not_starved_by_a_stream_of_small_jobs_and_priorities_are_honoured(
+        fleet, state, fleet_settings):
     def job(n_workers: int, rounds: int, seed: int, priority: int = 0):
         est = XGBEstimator(n_estimators=rounds, params={"max_depth": 6},
                            scaling_config=XGBScalingConfig(num_workers=n_workers))
@@ -183,3 +188,26 @@ def test_a_queued_gang_is_not_starved_by_a_stream_of_small_jobs_and_priorities_a
     started = {j.job_id: float(j.record()["started_at"]) for j in [gang, *small, urgent]}
     assert started[urgent.job_id] < started[gang.job_id]      # priority beats FIFO
     assert all(started[gang.job_id] < started[s.job_id] for s in small)   # no backfill past the gang
+    for j in [blocker, gang, *small, urgent]:
+        assert j.status().attempt == 1
+        assert_nothing_left(fleet, state, fleet_settings, j, artifacts=XGB_ARTIFACTS)
+
+
+def test_cancelling_a_pending_job_never_places_it_and_a_running_one_frees_its_gang(fleet, state, fleet_settings):
+    est, df = _long_job(81)
+    est.n_estimators = 100000
+    running = est.submit(df, FEATURES, "risk")
+    wait_until(lambda: (running.status().ranks.get(0, {}).get("iteration") or 0) >= 1, 60, "the first job to train")
+    pending = XGBEstimator(n_estimators=5, scaling_config=XGBScalingConfig(num_workers=2)).submit(
+        regression_frame(2000, seed=82), FEATURES, "risk")
+    wait_until(lambda: pending.status().state is JobState.PENDING, 20, "the second job to queue")
+    assert pending.cancel(wait=10).state is JobState.CANCELLED
+    assert pending.status().attempt == 0 and running.status().state is JobState.RUNNING
+    cancelled_at = time.monotonic()
+    assert running.cancel(wait=10).state is JobState.CANCELLED
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+    assert time.monotonic() - cancelled_at <= 10
+    assert_nothing_left(fleet, state, fleet_settings, running)
+    assert_nothing_left(fleet, state, fleet_settings, pending)
+    with pytest.raises(Exception, match="cancelled"):
+        pending.wait(5)

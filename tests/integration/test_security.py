@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import SecurityError, TrainingFailedError
 from tests.conftest import private_fleet_settings, running_fleet
-from tests.integration.helpers import FEATURES, regression_frame
+from tests.integration.helpers import FEATURES, assert_nothing_left, regression_frame
 
 pytestmark = pytest.mark.integration
 MARKER = "/tmp/gangway-test-tampered-function-ran"
@@ -57,6 +57,7 @@ def test_a_job_signed_with_another_secret_is_refused_before_it_runs(signed_fleet
         _as_producer(settings)
 
 
+@pytest.mark.chaos
 def test_a_tampered_train_func_blob_is_refused_and_never_executed(signed_fleet):
     import cloudpickle
 
@@ -74,8 +75,11 @@ def test_a_tampered_train_func_blob_is_refused_and_never_executed(signed_fleet):
     import hashlib
     key = f"functions/{hashlib.sha256(pickle_function(honest)).hexdigest()}.pkl"
     S3Store(settings).put(settings.data_bucket, key, cloudpickle.dumps(evil))   # swap the code in place
+    tampered = PyTorchDistributor(honest, PyTorchScalingConfig())
     with pytest.raises(TrainingFailedError) as info:
-        PyTorchDistributor(honest, PyTorchScalingConfig()).run(timeout=60)
+        tampered.run(timeout=60)
     err = info.value.rank_errors[0]
     assert err["type"] == "SecurityError" and "tampered" in err["message"]
     assert not os.path.exists(MARKER)
+    from common.state import State, connect
+    assert_nothing_left(signed_fleet[0], State(connect(settings)), settings, tampered.last_job)

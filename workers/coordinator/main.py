@@ -27,6 +27,7 @@ register(app, coordinator)
 @signals.worker_ready.connect(weak=False)
 def _serve_metrics(**_) -> None:
     """/metrics on GANGWAY_METRICS_PORT, its URL advertised in Redis for `gangway fleet --json`."""
+    metrics.init_coordinator_series()
     gauges_state = State(connect(settings))   # its own connection: scrapes come from the server's thread
     port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(
         lambda: fleet_gauges(gauges_state))])

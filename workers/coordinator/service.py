@@ -173,7 +173,7 @@ class Coordinator:
         if not ok:
             self.rank_failed(job_id, token, rank, error or {"type": "Error", "message": "no error reported"})
             return
-        done_key = f"{keys.job(job_id)}:done:{token}"
+        done_key = keys.job_done(job_id, token)
         self.r.sadd(done_key, rank)
         self.r.expire(done_key, 86400)
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))
@@ -193,7 +193,7 @@ class Coordinator:
     def rank_failed(self, job_id: str, token: str, rank: int, error: dict) -> None:
         """Record a rank's error and abort the attempt; decide once every rank has reported (or the
         grace period ends), so the root cause wins over its echoes (peers' socket errors)."""
-        if self.r.sismember(f"{keys.job(job_id)}:done:{token}", rank):
+        if self.r.sismember(keys.job_done(job_id, token), rank):
             return   # it finished; a later loss of its worker changes nothing
         ekey = self._errors_key(job_id, token)
         pipe = self.r.pipeline()
@@ -210,7 +210,7 @@ class Coordinator:
         self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
         job = self.state.job(job_id) or {}
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))
-        reported = self.r.hlen(ekey) + self.r.scard(f"{keys.job(job_id)}:done:{token}")
+        reported = self.r.hlen(ekey) + self.r.scard(keys.job_done(job_id, token))
         if reported >= world:
             self.decide_attempt(job_id, token)
 
@@ -331,7 +331,7 @@ class Coordinator:
         token, now = job.get("token", ""), time.time()
         statuses = self.state.ranks(job_id)
         started = float(job.get("started_at") or now)
-        done = self.r.smembers(f"{keys.job(job_id)}:done:{token}")
+        done = self.r.smembers(keys.job_done(job_id, token))
         for rank, wid in enumerate(gang):
             st = statuses.get(rank)
             if str(rank) in done or self.r.hexists(self._errors_key(job_id, token), str(rank)):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from urllib.parse import unquote, urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,13 @@ class Fleet:
             return
         data = self.home / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        self._spawn("redis", services.redis_command(port, str(data)))
+        if self.settings.broker_url.startswith("rediss://"):
+            raise ConfigurationError(f"no TLS Redis answers at {self.settings.redacted_broker_url}: the embedded "
+                                     "fleet starts plain Redis only; start a TLS Redis yourself and point "
+                                     "GANGWAY_BROKER_URL at it")
+        password = urlsplit(self.settings.broker_url).password
+        password = unquote(password) if password else None
+        self._spawn("redis", services.redis_command(port, str(data), password))
         self._wait(lambda: services.port_open(host, port), deadline, f"redis-server on port {port}")
 
     def _start_s3(self, deadline: float) -> None:

@@ -67,9 +67,17 @@ def s3_address(endpoint: str) -> tuple[str, int]:
     return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
 
 
-def redis_command(port: int, data_dir: str) -> list[str]:
-    return [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", data_dir, "--protected-mode", "no"]
+def redis_command(port: int, data_dir: str, password: str | None = None) -> list[str]:
+    """A throwaway redis-server; with ``password`` (from the broker URL) it requires AUTH."""
+    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", data_dir, "--protected-mode", "no"]
+    # The password goes through a config file on stdin-less start: never on a command line others can read.
+    if password:
+        conf = Path(data_dir) / "auth.conf"
+        conf.write_text(f"requirepass {password}\n")
+        conf.chmod(0o600)
+        cmd.insert(1, str(conf))
+    return cmd
 
 
 def weed_command(s3_port: int, data_dir: str) -> list[str]:

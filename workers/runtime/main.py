@@ -65,6 +65,7 @@ def _close_pool_child(**_) -> None:
 def _register(**_) -> None:
     global _heartbeat
     # Served by the main process; the prefork child writes to the same PROMETHEUS_MULTIPROC_DIR.
+    metrics.init_worker_series()
     port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(lambda: gpu_gauges(GPUS))])
     info = dataclasses.replace(INFO, metrics_url=metrics.metrics_url(settings.worker_host, port))
     _heartbeat = Heartbeat(settings, _get_state(), app, info)

@@ -135,6 +135,23 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
         delay = min(delay * 1.5, 0.05)
 
 
+def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
+    """Rank 0, done training, waits until the coordinator has every other rank's success (a PyTorch
+    rank can fail after rank 0 returned), so only an attempt that succeeded writes artifacts. A failed
+    or silent peer ends the attempt, which reaches this rank as an abort."""
+    others = {str(r) for r in range(1, run.payload["rendezvous"]["world_size"])}
+    done_key = keys.job_done(run.job_id, run.token)
+    renewed = time.monotonic()
+    while not others <= run.state.r.smembers(done_key):
+        if abort.event.is_set():
+            raise Aborted(abort.reason)
+        if time.monotonic() - renewed > _RENEW_EVERY:
+            if not run.write(None):
+                raise Aborted("the attempt is no longer current")
+            renewed = time.monotonic()
+        time.sleep(0.05)
+
+
 def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, payload: dict) -> dict:
     """Run one rank to its end and report to the coordinator. Stale deliveries are no-ops."""
     job_id, token, rank = payload["job_id"], payload["token"], payload["rank"]
@@ -166,6 +183,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         child.send(json.dumps(payload))
         ok = _supervise(run, child, abort)
         if ok and rank == 0:
+            wait_for_peers(run, abort)   # only an attempt whose every rank succeeded writes artifacts
             if not is_current(state, job_id, token):
                 raise Aborted("the attempt ended before its artifacts were written")
             run.write(None, t_uploading=time.time())   # training ended: the job timeline's upload phase
