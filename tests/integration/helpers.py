@@ -67,11 +67,12 @@ def _cmdline(p) -> list[str]:
 
 def assert_nothing_left(fleet, state, settings, job, *, artifacts: tuple[str, ...] = (), pids=()) -> None:
     """The end-of-fault contract: no worker stays reserved, no training process survives (each worker
-    keeps at most its one warm standby; the ``pids`` the test saw are gone), and the job's artifacts
+    keeps at most its one warm standby; the ranks' training pids and the ``pids`` the test saw are gone), and the job's artifacts
     exist exactly once (``artifacts`` names them; empty = none may exist)."""
     import psutil
 
     from common.store import S3Store
+    pids = [*pids, *(r["pid"] for r in job.status().ranks.values() if r.get("pid"))]
     wait_until(lambda: all(not w.job_id for w in state.workers() if w.alive), 10, "no worker to stay reserved")
 
     def no_survivors():

@@ -53,8 +53,7 @@ def test_s3_stopped_mid_fetch_and_restarted_the_job_still_succeeds_exactly_once(
     assert st.state is JobState.SUCCEEDED and st.attempt <= 2   # backoff rode it out, or one retry did
     if st.attempt == 2:   # the fetch failed (StoreError) or hung on the half-started server past the progress timeout
         assert '"StoreError"' in job.record()["history"] or '"ProgressTimeoutError"' in job.record()["history"]
-    assert_nothing_left(fleet, state, settings, job, artifacts=XGB_ARTIFACTS,
-                        pids=[r["pid"] for r in st.ranks.values()])
+    assert_nothing_left(fleet, state, settings, job, artifacts=XGB_ARTIFACTS)
 
 
 def test_s3_gone_for_good_fails_the_job_naming_the_bucket_and_key_and_frees_the_gang(store_fleet):
@@ -74,4 +73,4 @@ def test_s3_gone_for_good_fails_the_job_naming_the_bucket_and_key_and_frees_the_
         assert job.status().attempt == 1
     finally:
         fleet._start_s3(time.monotonic() + 60)
-    assert_nothing_left(fleet, state, settings, job, pids=[r["pid"] for r in job.status().ranks.values()])
+    assert_nothing_left(fleet, state, settings, job)
