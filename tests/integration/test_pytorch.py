@@ -1,6 +1,8 @@
 """2-rank gloo DDP through the real fleet, get_context(), datasets, checkpoints, bad functions."""
 from __future__ import annotations
 
+import os
+
 import io
 import threading
 
@@ -134,6 +136,17 @@ def test_processes_a_train_func_forks_do_not_outlive_the_job(fleet, state):
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
                "the forked process to be gone")
     assert all_workers_idle(state)
+
+
+def test_files_a_train_func_writes_relative_or_as_temp_files_stay_in_its_rank_folder_and_go_with_it(
+        fleet, fleet_settings):
+    result = PyTorchDistributor(torch_jobs.writes_scratch_files, PyTorchScalingConfig()).run(timeout=60)
+    m = result.get_metrics()
+    ranks_root = os.path.join(fleet_settings.home, "ranks")
+    for path in (m["relative"], m["temp"]):
+        assert path.startswith(ranks_root + os.sep), path   # not the worker's cwd, not the host's /tmp
+        assert not os.path.exists(path)
+    assert not os.path.exists(os.path.dirname(m["model_dir"]))   # the whole rank folder is gone
 
 
 def test_a_malformed_artifact_location_is_refused_at_run(fleet):

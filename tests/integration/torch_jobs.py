@@ -107,3 +107,17 @@ def forks_a_sleeper():
         time.sleep(600)
         os._exit(0)
     get_context().get_metrics_reporter().log_metrics({"sleeper_pid": pid})
+
+
+def writes_scratch_files():
+    """Writes a relative file and a temp file; reports where they went (as the metrics of rank 0)."""
+    import tempfile
+
+    from producer.pytorch import get_context
+    with open("relative.txt", "w") as f:
+        f.write("x" * 1000)
+    fd, tmp = tempfile.mkstemp(suffix=".bin")
+    os.write(fd, b"y" * 1000)
+    os.close(fd)
+    get_context().get_metrics_reporter().log_metrics(
+        {"relative": os.path.abspath("relative.txt"), "temp": tmp, "model_dir": get_context().get_model_dir()})

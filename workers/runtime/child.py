@@ -34,6 +34,16 @@ def _preimport(settings) -> None:
     warm_store(settings)
 
 
+def _enter_scratch(scratch: str | None) -> None:
+    """Relative paths and temp files of training code land in the rank's folder, removed with it."""
+    if not scratch:
+        return
+    import tempfile
+    os.chdir(scratch)
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = scratch
+
+
 def main() -> int:
     from common.datasets import join_cache_writers
     from common.settings import Settings
@@ -44,6 +54,7 @@ def main() -> int:
     if not line.strip():
         return 0   # a standby child that was never used
     payload = json.loads(line)
+    _enter_scratch(payload.get("scratch"))
     emitter = Emitter(out)
     try:
         runner = importlib.import_module(RUNNERS[payload["spec"]["framework"]])

@@ -16,7 +16,7 @@ from common.settings import Settings
 from common.state import State, connect
 from workers.celery_app import make_app
 from workers.runtime.gpus import gpu_gauges, worker_gpus
-from workers.runtime.rank import run_rank
+from workers.runtime.rank import run_rank, sweep_rank_dirs
 from workers.runtime.registry import Drain, Heartbeat, worker_info
 from workers.runtime.supervisor import Standby
 
@@ -64,6 +64,7 @@ def _close_pool_child(**_) -> None:
 @signals.worker_ready.connect(weak=False)
 def _register(**_) -> None:
     global _heartbeat
+    sweep_rank_dirs(settings, INFO.worker_id)
     # Served by the main process; the prefork child writes to the same PROMETHEUS_MULTIPROC_DIR.
     metrics.init_worker_series()
     port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(lambda: gpu_gauges(GPUS))])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -135,6 +136,17 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
         delay = min(delay * 1.5, 0.05)
 
 
+def rank_dirs(settings: Settings, worker_id: str) -> str:
+    """This worker's folder for its ranks' files; a rank's folder goes when the rank ends."""
+    return os.path.join(settings.home, "ranks", worker_id)
+
+
+def sweep_rank_dirs(settings: Settings, worker_id: str) -> None:
+    """At worker start: whatever a killed predecessor of the same id left behind."""
+    shutil.rmtree(rank_dirs(settings, worker_id), ignore_errors=True)
+    os.makedirs(rank_dirs(settings, worker_id), exist_ok=True)
+
+
 def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
     """Rank 0, done training, waits until the coordinator has every other rank's success (a PyTorch
     rank can fail after rank 0 returned), so only an attempt that succeeded writes artifacts. A failed
@@ -173,8 +185,12 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
         return {"status": "stale"}
     run = RankRun(settings, state, payload)
-    workdir = tempfile.mkdtemp(prefix=f"gangway-{job_id}-r{rank}-")
-    payload = {**payload, "workdir": workdir}
+    os.makedirs(rank_dirs(settings, payload["worker_id"]), exist_ok=True)
+    root = tempfile.mkdtemp(prefix=f"{job_id}-r{rank}-", dir=rank_dirs(settings, payload["worker_id"]))
+    workdir, scratch = os.path.join(root, "work"), os.path.join(root, "scratch")
+    os.makedirs(workdir)
+    os.makedirs(scratch)
+    payload = {**payload, "workdir": workdir, "scratch": scratch}
     child = None
     ok = False
     try:
@@ -199,7 +215,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
             child.kill(settings.kill_grace)
             child.close()
         abort.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
         _report(run, app, ok, abort.event.is_set())
     log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
