@@ -117,3 +117,35 @@ def test_errors_of_the_training_code_are_never_retried():
     from workers.coordinator.policy import FailureAction, decide
     d = decide(1, 5, "ValueError")
     assert d.action is FailureAction.FAIL and "not retried" in d.reason
+
+
+def test_a_4_worker_gang_is_placed_within_one_job_length_under_a_stream_of_1_worker_jobs():
+    """Simulated time: 5 workers busy with 1-worker jobs of 3 ticks, a new 1-worker job every tick,
+    and a 4-worker gang queued at tick 0. Strict head-of-line order: no small job queued after the
+    gang starts before it, and the gang waits at most the longest running job (3 ticks)."""
+    workers = {f"w{i}": "" for i in range(5)}
+    ends: dict[str, int] = {}
+    queue = [spec("gang", 4)]
+    started: dict[str, int] = {}
+    seq = 0
+    for wid in workers:   # the fleet is full of small jobs when the gang arrives
+        workers[wid], ends[f"s{seq}"] = f"s{seq}", 3 - seq % 3
+        started[f"s{seq}"] = -1
+        seq += 1
+    for tick in range(12):
+        for wid, job in workers.items():
+            if job and ends[job] <= tick:
+                workers[wid] = ""
+        queue.append(spec(f"s{seq}", 1))
+        seq += 1
+        fleet = [w(wid, job=job) for wid, job in workers.items()]
+        for d in plan_pass(queue, fleet):
+            if d.action is Action.PLACE:
+                for wid in d.placement.worker_ids:
+                    workers[wid] = d.job_id
+                ends[d.job_id] = tick + 3
+                started[d.job_id] = tick
+                queue = [s for s in queue if s.job_id != d.job_id]
+    assert started["gang"] <= 3
+    later = [j for j in started if j.startswith("s") and int(j[1:]) >= 5]
+    assert later and all(started[j] >= started["gang"] for j in later)

@@ -102,4 +102,5 @@ class Drain:
             job_id, token, rank, False, {"type": "WorkerDrainedError", "traceback": "",
                                          "message": f"worker {self.worker_id} was shut down (SIGTERM) and its rank "
                                                     f"did not finish within GANGWAY_DRAIN_GRACE="
-                                                    f"{self.settings.drain_grace:g}s"}, None])
+                                                    f"{self.settings.drain_grace:g}s"}, None],
+            argsrepr=f"job_id={job_id} rank={rank} ok=False error=WorkerDrainedError")
