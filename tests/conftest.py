@@ -89,11 +89,26 @@ def fleet(fleet_settings):
         yield f
 
 
+@contextlib.contextmanager
+def server_process(cmd: list[str], port: int, folder: str):
+    """A server of the test's own, up once ``port`` answers; terminated by PID, ``folder`` removed."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not services.port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """A bare redis-server of our own (no fleet), for the Lua scripts' contracts."""
-    import subprocess
-    import time
     try:
         services.redis_binary()
     except Exception as exc:
@@ -102,17 +117,8 @@ def redis_url():
         pytest.skip(str(exc))
     port = services.free_port()
     data = tempfile.mkdtemp(prefix="gangway-redis-")
-    proc = subprocess.Popen(services.redis_command(port, data), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not services.port_open("127.0.0.1", port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with server_process(services.redis_command(port, data), port, data):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture

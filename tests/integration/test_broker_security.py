@@ -6,12 +6,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, private_fleet_settings, running_fleet
+from tests.conftest import IN_CI, private_fleet_settings, running_fleet, server_process
 from tests.integration.helpers import FEATURES, XGB_ARTIFACTS, assert_nothing_left, regression_frame
 
 pytestmark = pytest.mark.integration
@@ -67,20 +66,12 @@ def tls_redis():
     _make_certs(folder)
     (folder / "redis.conf").write_text(f"requirepass {PASSWORD}\n")
     port = services.free_port()
-    proc = subprocess.Popen([TLS_REDIS, str(folder / "redis.conf"), "--port", "0", "--tls-port", str(port),
-                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder),
-                             "--tls-cert-file", str(folder / "redis.crt"), "--tls-key-file", str(folder / "redis.key"),
-                             "--tls-ca-cert-file", str(folder / "ca.crt"), "--tls-auth-clients", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not services.port_open("127.0.0.1", port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    cmd = [TLS_REDIS, str(folder / "redis.conf"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+           "--save", "", "--appendonly", "no", "--dir", str(folder), "--tls-cert-file", str(folder / "redis.crt"),
+           "--tls-key-file", str(folder / "redis.key"), "--tls-ca-cert-file", str(folder / "ca.crt"),
+           "--tls-auth-clients", "no"]
+    with server_process(cmd, port, str(folder)):
         yield f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={folder / 'ca.crt'}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_fleet_on_a_rediss_tls_broker_runs_jobs_and_plain_connections_are_refused(fleet, tls_redis):
