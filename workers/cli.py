@@ -68,13 +68,19 @@ def up(ctx: click.Context, n_workers: int, gpus: bool) -> None:
 
 
 @main.command()
+@click.option("--self", "self_only", is_flag=True,
+              help="Also require a live coordinator or worker registered from this host (container health).")
 @click.pass_context
-def check(ctx: click.Context) -> None:
+def check(ctx: click.Context, self_only: bool) -> None:
     """Exit 0 only when broker, store, coordinator and at least one worker answer."""
+    import socket
+
+    from common import keys
     from common.state import State, connect
     from common.store import S3Store
     s = _settings(ctx)
     problems = []
+    mine = []
     try:
         state = State(connect(s))
         state.r.ping()
@@ -83,6 +89,12 @@ def check(ctx: click.Context) -> None:
         alive = [w for w in state.workers() if w.alive]
         if not alive:
             problems.append("workers: none alive")
+        host = socket.gethostname()
+        mine = [f"worker {w.info.worker_id}" for w in alive if w.info.host == host]
+        if state.coordinator_alive() and state.r.hget(keys.COORDINATOR_INFO, "host") == host:
+            mine.append("coordinator")
+        if self_only and not mine:
+            problems.append(f"self: no live coordinator or worker registered from host {host!r}")
     except Exception as exc:
         problems.append(f"broker {s.redacted_broker_url}: {type(exc).__name__}: {exc}")
         alive = []
@@ -94,7 +106,8 @@ def check(ctx: click.Context) -> None:
         click.echo(f"FAIL {p}", err=True)
     if problems:
         sys.exit(1)
-    click.echo(f"ok: broker, store, coordinator and {len(alive)} workers answer")
+    click.echo(f"ok: broker, store, coordinator and {len(alive)} workers answer"
+               + (f"; this host runs {', '.join(mine)}" if self_only else ""))
 
 
 @main.command()

@@ -27,6 +27,11 @@ def test_check_passes_when_broker_store_coordinator_and_workers_answer(fleet, fl
     assert "coordinator and 2 workers answer" in gangway(fleet_settings, "check").stdout
 
 
+def test_check_self_names_what_this_host_runs(fleet, fleet_settings):
+    out = gangway(fleet_settings, "check", "--self").stdout
+    assert "this host runs" in out and "coordinator" in out and out.count("worker ") == 2
+
+
 def test_check_fails_when_nothing_answers(fleet_settings):
     bad = fleet_settings.replace(broker_url="redis://127.0.0.1:1/0", s3_endpoint="http://127.0.0.1:1")
     out = gangway(bad, "check", ok=False)
