@@ -44,7 +44,7 @@ def private_fleet_settings(**overrides) -> Settings:
                 broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
                 s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
                 heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
-                progress_timeout=8.0, chunk_rows=4096)
+                progress_timeout=20.0, chunk_rows=4096)   # 20 s: a 2-core CI box under load is not a hang
     return Settings.from_env({}, **{**base, **overrides})
 
 
