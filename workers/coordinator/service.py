@@ -149,12 +149,12 @@ class Coordinator:
         metrics.GANG_WAIT.labels(spec.framework).observe(max(0.0, time.time() - float(persisted or time.time())))
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
+        common = {"job_id": placement.job_id, "token": token, "attempt": attempt, "use_gpu": placement.use_gpu,
+                  "rendezvous": rdv.to_dict(), "spec": json.loads(spec.to_json())}   # built once per gang
         for rank, wid in enumerate(placement.worker_ids):
             host = by_id[wid].info.host
             host_gpus = [g for w in gang if w.info.host == host for g in w.info.gpus[:1]]
-            payload = {"job_id": placement.job_id, "token": token, "attempt": attempt, "rank": rank,
-                       "worker_id": wid, "use_gpu": placement.use_gpu, "rendezvous": rdv.to_dict(),
-                       "host_gpus": host_gpus, "spec": json.loads(spec.to_json())}
+            payload = {**common, "rank": rank, "worker_id": wid, "host_gpus": host_gpus}
             self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
                                task_id=f"{placement.job_id}.{token}.r{rank}",
                                # what Flower shows instead of the payload (which carries the whole spec)
