@@ -138,13 +138,14 @@ def test_processes_a_train_func_forks_do_not_outlive_the_job(fleet, state):
     assert all_workers_idle(state)
 
 
-def test_files_a_train_func_writes_relative_or_as_temp_files_stay_in_its_rank_folder_and_go_with_it(
+def test_files_a_train_func_writes_relative_or_as_temp_files_stay_in_its_rank_folders_and_go_with_them(
         fleet, fleet_settings):
     result = PyTorchDistributor(torch_jobs.writes_scratch_files, PyTorchScalingConfig()).run(timeout=60)
     m = result.get_metrics()
-    ranks_root = os.path.join(fleet_settings.home, "ranks")
-    for path in (m["relative"], m["temp"]):
-        assert path.startswith(ranks_root + os.sep), path   # not the worker's cwd, not the host's /tmp
+    assert m["relative"].startswith(os.path.join(fleet_settings.home, "ranks") + os.sep), m   # not the worker's cwd
+    tmp = os.path.dirname(m["temp"])
+    assert os.path.basename(tmp).startswith("gw-") and os.path.dirname(m["socket"]).startswith(tmp), m
+    for path in (m["relative"], m["temp"], tmp):
         assert not os.path.exists(path)
     assert not os.path.exists(os.path.dirname(m["model_dir"]))   # the whole rank folder is gone
 

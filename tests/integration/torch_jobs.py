@@ -119,5 +119,9 @@ def writes_scratch_files():
     fd, tmp = tempfile.mkstemp(suffix=".bin")
     os.write(fd, b"y" * 1000)
     os.close(fd)
+    from multiprocessing.connection import Listener
+    with Listener() as listener:   # a Unix socket under TMPDIR, as a DataLoader's workers open: path < 108 bytes
+        socket_path = listener.address
     get_context().get_metrics_reporter().log_metrics(
-        {"relative": os.path.abspath("relative.txt"), "temp": tmp, "model_dir": get_context().get_model_dir()})
+        {"relative": os.path.abspath("relative.txt"), "temp": tmp, "socket": socket_path,
+         "model_dir": get_context().get_model_dir()})

@@ -34,14 +34,14 @@ def _preimport(settings) -> None:
     warm_store(settings)
 
 
-def _enter_scratch(scratch: str | None) -> None:
-    """Relative paths and temp files of training code land in the rank's folder, removed with it."""
-    if not scratch:
-        return
+def _enter_scratch(scratch: str | None, tmp: str | None) -> None:
+    """Relative paths and temp files of training code land in the rank's folders, removed with them."""
     import tempfile
-    os.chdir(scratch)
-    os.environ["TMPDIR"] = scratch
-    tempfile.tempdir = scratch
+    if scratch:
+        os.chdir(scratch)
+    if tmp:
+        os.environ["TMPDIR"] = tmp
+        tempfile.tempdir = tmp
 
 
 def main() -> int:
@@ -54,9 +54,9 @@ def main() -> int:
     if not line.strip():
         return 0   # a standby child that was never used
     payload = json.loads(line)
-    _enter_scratch(payload.get("scratch"))
     emitter = Emitter(out)
     try:
+        _enter_scratch(payload.get("scratch"), payload.get("tmp"))
         runner = importlib.import_module(RUNNERS[payload["spec"]["framework"]])
         t0 = time.perf_counter()
         with emitter.alive("fetch"):   # bounded by the store's retries and timeouts, not the progress timeout

@@ -147,6 +147,20 @@ def sweep_rank_dirs(settings: Settings, worker_id: str) -> None:
     os.makedirs(rank_dirs(settings, worker_id), exist_ok=True)
 
 
+def _rank_folders(settings: Settings, payload: dict, made: list[str]) -> dict:
+    """``workdir`` (framework files) and ``scratch`` (training code's cwd) in this worker's rank folder,
+    and a short ``tmp`` under the system's temp dir: Unix socket paths (multiprocessing listeners, a
+    DataLoader's shared tensors) must stay under 108 bytes. Every folder made is listed in ``made``."""
+    parent = rank_dirs(settings, payload["worker_id"])
+    os.makedirs(parent, exist_ok=True)
+    made.append(tempfile.mkdtemp(prefix=f"{payload['job_id']}-r{payload['rank']}-", dir=parent))
+    made.append(tempfile.mkdtemp(prefix="gw-"))
+    workdir, scratch = os.path.join(made[0], "work"), os.path.join(made[0], "scratch")
+    os.makedirs(workdir)
+    os.makedirs(scratch)
+    return {"workdir": workdir, "scratch": scratch, "tmp": made[1]}
+
+
 def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
     """Rank 0, done training, waits until the coordinator has every other rank's success (a PyTorch
     rank can fail after rank 0 returned), so only an attempt that succeeded writes artifacts. A failed
@@ -185,15 +199,11 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
         return {"status": "stale"}
     run = RankRun(settings, state, payload)
-    os.makedirs(rank_dirs(settings, payload["worker_id"]), exist_ok=True)
-    root = tempfile.mkdtemp(prefix=f"{job_id}-r{rank}-", dir=rank_dirs(settings, payload["worker_id"]))
-    workdir, scratch = os.path.join(root, "work"), os.path.join(root, "scratch")
-    os.makedirs(workdir)
-    os.makedirs(scratch)
-    payload = {**payload, "workdir": workdir, "scratch": scratch}
     child = None
     ok = False
+    made: list[str] = []
     try:
+        payload = {**payload, **_rank_folders(settings, payload, made)}
         child = standby.take()
         run.write(RankState.FETCHING, pid=child.proc.pid)
         child.send(json.dumps(payload))
@@ -203,7 +213,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
             if not is_current(state, job_id, token):
                 raise Aborted("the attempt ended before its artifacts were written")
             run.write(None, t_uploading=time.time())   # training ended: the job timeline's upload phase
-            run.summary["artifacts"] = upload_artifacts(settings, state, run, workdir)
+            run.summary["artifacts"] = upload_artifacts(settings, state, run, payload["workdir"])
     except Aborted as exc:
         ok, run.error = False, {"type": "Aborted", "message": str(exc), "traceback": ""}
     except Exception as exc:   # an error of the runtime itself is this rank's error
@@ -215,7 +225,8 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
             child.kill(settings.kill_grace)
             child.close()
         abort.close()
-        shutil.rmtree(root, ignore_errors=True)
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
         _report(run, app, ok, abort.event.is_set())
     log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
