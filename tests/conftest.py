@@ -78,7 +78,7 @@ def fleet_settings():
         {}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
         s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
         heartbeat_interval=1.0, heartbeat_ttl=6.0, schedule_interval=1.0, rendezvous_timeout=30.0,
-        progress_timeout=8.0, visibility_timeout=3.0,
+        progress_timeout=15.0, visibility_timeout=3.0,
         chunk_rows=4096)
 
 

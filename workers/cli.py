@@ -281,6 +281,8 @@ def flower(ctx: click.Context, port: int, address: str, basic_auth: tuple[str, .
     click.echo(f"gangway flower: http://{address}:{port} on broker {s.redacted_broker_url}; {access}"
                f"{', read-only' if cmd.read_only else ''}")
     sys.stdout.flush()
+    for key in [k for k in os.environ if k.startswith("GANGWAY_")]:   # no job secret or S3 keys in Flower
+        del os.environ[key]
     os.environ.update(cmd.env)
     os.execvp(cmd.argv[0], cmd.argv)
 

@@ -63,7 +63,8 @@ def flower_command(settings: Settings, *, port: int = 5555, address: str = "127.
                                  "--basic-auth user:password")
     read_only = read_only or not authenticated
     _check_flower(read_only)
-    env = {**settings.as_env(), "PYTHONUNBUFFERED": "1"}
+    # Flower needs the broker and nothing else: no job secret, no S3 keys in its environment.
+    env = {"GANGWAY_BROKER_URL": settings.broker_url, "PYTHONUNBUFFERED": "1"}
     if basic_auth:
         env["FLOWER_BASIC_AUTH"] = ",".join(basic_auth)
     if not authenticated:

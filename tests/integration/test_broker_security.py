@@ -33,14 +33,24 @@ def _run_job_and_check_no_leak(fleet, settings) -> None:
         assert PASSWORD not in log.read_text(errors="replace"), f"broker password in {log}"
 
 
-def test_a_fleet_behind_a_password_protected_redis_runs_jobs_and_never_logs_the_password(fleet):
+def test_a_fleet_behind_a_password_protected_redis_runs_jobs_and_never_shows_the_password(fleet):
+    import stat
+    from urllib.parse import quote
+
+    import psutil
     import redis
+    tricky = PASSWORD + ' with "quotes" \\ and spaces'
     settings = private_fleet_settings()
-    settings = settings.replace(broker_url=settings.broker_url.replace("redis://", f"redis://:{PASSWORD}@"))
+    settings = settings.replace(broker_url=settings.broker_url.replace("redis://", f"redis://:{quote(tricky, safe='')}@"))
     with running_fleet(settings, workers=2) as f:
         port = int(settings.broker_url.rsplit(":", 1)[1].split("/")[0])
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password=tricky).ping()
+        server = next(s for s in f.started if s.name == "redis")
+        assert PASSWORD not in " ".join(psutil.Process(server.proc.pid).cmdline())
+        conf = Path(settings.home) / "redis" / "auth.conf"
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
         _run_job_and_check_no_leak(f, settings)
 
 

@@ -29,7 +29,26 @@ def test_check_passes_when_broker_store_coordinator_and_workers_answer(fleet, fl
 
 def test_check_self_names_what_this_host_runs(fleet, fleet_settings):
     out = gangway(fleet_settings, "check", "--self").stdout
-    assert "this host runs" in out and "coordinator" in out and out.count("worker ") == 2
+    runs = out.split("this host runs ", 1)[1]
+    assert "coordinator" in runs and runs.count("worker ") == 2, out
+
+
+def test_check_self_fails_where_no_gangway_process_of_this_host_is_registered(fleet, fleet_settings, state):
+    import socket
+
+    from common import keys
+    host = state.r.hget(keys.COORDINATOR_INFO, "host")
+    state.r.hset(keys.COORDINATOR_INFO, "host", "elsewhere")   # as seen from a container without its own
+    try:
+        saved = {w.info.worker_id: w.info for w in state.workers()}
+        for info in saved.values():
+            state.r.hset(keys.worker(info.worker_id), "info", info.__class__(**{**info.__dict__, "host": "elsewhere"}).to_json())
+        out = gangway(fleet_settings, "check", "--self", ok=False)
+        assert out.returncode == 1 and f"no live coordinator or worker registered from host {socket.gethostname()!r}" in out.stderr
+    finally:
+        state.r.hset(keys.COORDINATOR_INFO, "host", host)
+        for wid, info in saved.items():
+            state.r.hset(keys.worker(wid), "info", info.to_json())
 
 
 def test_check_fails_when_nothing_answers(fleet_settings):

@@ -29,11 +29,14 @@ def _serve_metrics(**_) -> None:
     """/metrics on GANGWAY_METRICS_PORT, its URL advertised in Redis for `gangway fleet --json`."""
     metrics.init_coordinator_series()
     gauges_state = State(connect(settings))   # its own connection: scrapes come from the server's thread
-    port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(
-        lambda: fleet_gauges(gauges_state))])
-    if port:
-        url = metrics.metrics_url(settings.worker_host, port)
-        coordinator.advertise = {"metrics_url": url, "host": socket.gethostname(), "pid": os.getpid(),
-                                 "started_at": time.time()}
-        coordinator.r.hset(keys.COORDINATOR_INFO, mapping=coordinator.advertise)
-        log.info("coordinator metrics at %s", url)
+    try:
+        port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(
+            lambda: fleet_gauges(gauges_state))])
+    except OSError as exc:   # never keep the coordinator from coordinating
+        port = 0
+        log.error("no coordinator metrics on port %s (GANGWAY_METRICS_PORT): %s", settings.metrics_port, exc)
+    url = metrics.metrics_url(settings.worker_host, port)
+    coordinator.advertise = {"metrics_url": url, "host": socket.gethostname(), "pid": os.getpid(),
+                             "started_at": time.time()}
+    coordinator.r.hset(keys.COORDINATOR_INFO, mapping=coordinator.advertise)
+    log.info("coordinator metrics at %s", url or "(none: GANGWAY_METRICS_PORT=0)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -29,12 +30,15 @@ from workers.coordinator.scheduler import (
 log = logging.getLogger(__name__)
 
 FRAMEWORKS = ("xgboost", "lightgbm", "pytorch")
+_JOB_ID = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 _ACTIVE = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNING)
 
 
 def spec_problems(spec: JobSpec) -> list[str]:
     """Structural problems of a job spec (data-level checks happen at the caller)."""
     problems = []
+    if not _JOB_ID.fullmatch(spec.job_id or ""):   # it names keys, folders and S3 prefixes
+        problems.append(f"job_id {spec.job_id!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
     if spec.framework not in FRAMEWORKS:
         problems.append(f"unknown framework {spec.framework!r} (expected one of {list(FRAMEWORKS)})")
     n = spec.resources.num_workers
@@ -205,8 +209,9 @@ class Coordinator:
         pipe.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error))
         pipe.hsetnx(keys.job(job_id), f"failing:{token}", time.time())
         pipe.hget(keys.job(job_id), "framework")
-        kind = pipe.execute()[-1] or "unknown"
-        metrics.RANK_FAILURES.labels(kind, metrics.failure_reason(error.get("type", ""))).inc()
+        res = pipe.execute()
+        if res[0]:   # a rank counts once per attempt, by its first report (a later echo or a replay does not)
+            metrics.RANK_FAILURES.labels(res[-1] or "unknown", metrics.failure_reason(error.get("type", ""))).inc()
         self.r.publish(keys.ABORT_CHANNEL, f"{job_id}:{token}")
         job = self.state.job(job_id) or {}
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))

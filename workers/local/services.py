@@ -71,11 +71,17 @@ def redis_command(port: int, data_dir: str, password: str | None = None) -> list
     """A throwaway redis-server; with ``password`` (from the broker URL) it requires AUTH."""
     cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", data_dir, "--protected-mode", "no"]
-    # The password goes through a config file on stdin-less start: never on a command line others can read.
+    # The password goes in a 0600 config file, never on a command line that others can read in ps.
     if password:
+        if any(ord(c) < 32 or ord(c) == 127 for c in password):
+            raise ConfigurationError("the broker URL's password holds a control character; redis-server "
+                                     "cannot take it")
         conf = Path(data_dir) / "auth.conf"
-        conf.write_text(f"requirepass {password}\n")
-        conf.chmod(0o600)
+        conf.unlink(missing_ok=True)
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # never readable by others
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{quoted}"\n')
         cmd.insert(1, str(conf))
     return cmd
 

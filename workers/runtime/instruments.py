@@ -22,17 +22,25 @@ class RankInstruments:
         if ev.get("fetch_seconds") is not None:
             metrics.FETCH_SECONDS.observe(ev["fetch_seconds"])
 
-    def rendezvous(self, seconds: float) -> None:
+    @property
+    def iteration(self) -> int:
+        return self._last_iter
+
+    def rendezvous(self, seconds: float, resumed_rounds: int = 0) -> None:
+        """The barrier passed; a retry resumes after ``resumed_rounds`` an earlier attempt already counted."""
         metrics.RENDEZVOUS.labels(self.kind).observe(seconds)
         self._last_at = time.monotonic()
+        self._last_iter = max(self._last_iter, resumed_rounds)
 
-    def progress(self, iteration: int) -> None:
+    def progress(self, iteration: int, iter_seconds: float | None = None) -> None:
         """``iteration`` is the newest completed round; dropped progress events are made up for."""
         done = iteration - self._last_iter
         if done <= 0:
             return
         now = time.monotonic()
-        if self._last_at:
+        if done == 1 and iter_seconds is not None:   # the child timed the round itself
+            metrics.ITERATION_SECONDS.labels(self.kind).observe(iter_seconds)
+        elif self._last_at:
             per = (now - self._last_at) / done
             for _ in range(min(done, 100)):   # bounded work if thousands of rounds arrive at once
                 metrics.ITERATION_SECONDS.labels(self.kind).observe(per)

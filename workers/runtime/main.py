@@ -64,10 +64,19 @@ def _close_pool_child(**_) -> None:
 @signals.worker_ready.connect(weak=False)
 def _register(**_) -> None:
     global _heartbeat
-    sweep_rank_dirs(settings, INFO.worker_id)
+    # Nothing here may keep the worker from registering (Celery logs and swallows a signal handler's error).
+    try:
+        sweep_rank_dirs(settings, INFO.worker_id)
+    except OSError as exc:
+        log.error("worker %s: could not sweep its rank folders: %s", INFO.worker_id, exc)
     # Served by the main process; the prefork child writes to the same PROMETHEUS_MULTIPROC_DIR.
     metrics.init_worker_series()
-    port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(lambda: gpu_gauges(GPUS))])
+    try:
+        port = metrics.serve(settings.metrics_port, collectors=[metrics.FunctionCollector(lambda: gpu_gauges(GPUS))])
+    except OSError as exc:
+        port = 0
+        log.error("worker %s: no metrics endpoint on port %s (GANGWAY_METRICS_PORT): %s", INFO.worker_id,
+                  settings.metrics_port, exc)
     info = dataclasses.replace(INFO, metrics_url=metrics.metrics_url(settings.worker_host, port))
     _heartbeat = Heartbeat(settings, _get_state(), app, info)
     _heartbeat.start()

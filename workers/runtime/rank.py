@@ -285,7 +285,7 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 continue
             arrived = time.monotonic()
             shared = barrier(run.state, run, abort, run.settings.rendezvous_timeout, ev.get("publish") or {})
-            inst.rendezvous(time.monotonic() - arrived)
+            inst.rendezvous(time.monotonic() - arrived, int(shared.get("resume_rounds") or 0))
             child.send("go " + json.dumps(shared))
             run.write(RankState.TRAINING)
             last_event = time.monotonic()   # the barrier's wait is not silence of the training
@@ -294,11 +294,11 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 abort.set("the attempt is no longer current")
         elif kind == "progress":
             pending = ev
-            inst.progress(int(ev.get("iter") or 0))
+            inst.progress(int(ev.get("iter") or 0), ev.get("iter_seconds"))
         elif kind == "metrics":
             inst.step()
             run.summary.setdefault("metrics", {}).update(ev.get("metrics") or {})
-            if not run.write(None, metrics=run.summary["metrics"]):
+            if not run.write(None, metrics=run.summary["metrics"], iteration=inst.iteration):
                 abort.set("the attempt is no longer current")
         elif kind == "checkpoint":
             run.summary["last_checkpoint"] = ev.get("uri")
