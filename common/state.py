@@ -111,6 +111,7 @@ class State:
         pipe = self.r.pipeline()
         pipe.sadd(keys.WORKERS, info.worker_id)
         pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "0"})
+        pipe.hdel(keys.worker(info.worker_id), "dead_since")
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
         pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
         pipe.execute()
@@ -124,6 +125,22 @@ class State:
         pipe.srem(keys.WORKERS, worker_id)
         pipe.hdel(keys.worker(worker_id), "info")
         pipe.execute()
+
+    def prune_dead_workers(self, views, older_than: float) -> list[str]:
+        """Drop registrations dead (and holding no job) for ``older_than`` seconds; returns their ids."""
+        now, dropped = time.time(), []
+        for w in views:
+            if w.alive or w.job_id:
+                continue
+            key = keys.worker(w.info.worker_id)
+            self.r.hsetnx(key, "dead_since", now)
+            if now - float(self.r.hget(key, "dead_since") or now) > older_than:
+                pipe = self.r.pipeline()
+                pipe.srem(keys.WORKERS, w.info.worker_id)
+                pipe.delete(key)
+                pipe.execute()
+                dropped.append(w.info.worker_id)
+        return dropped
 
     def coordinator_alive(self) -> bool:
         return bool(self.r.exists(keys.COORDINATOR_ALIVE))

@@ -108,3 +108,19 @@ def test_state_transitions_are_compare_and_set(r):
                             finished_at=str(time.time())) is JobState.RUNNING
     assert state.job_state("j1") is JobState.SUCCEEDED
     assert state.transition("j1", (JobState.RUNNING,), JobState.FAILED) is None
+
+
+def test_a_worker_dead_longer_than_the_ttl_leaves_the_registry_but_live_or_busy_ones_stay(r):
+    state = State(r)
+    for wid, port in (("gone", 29500), ("busy", 29510), ("live", 29520)):
+        _worker(state, wid, port)
+    r.delete(keys.worker_alive("gone"), keys.worker_alive("busy"))   # both stopped heartbeating
+    r.hset(keys.worker("busy"), "job", "j1")                         # ... one still holds a gang
+    assert state.prune_dead_workers(state.workers(), older_than=60) == []   # dead since now: kept
+    r.hset(keys.worker("gone"), "dead_since", time.time() - 61)
+    r.hset(keys.worker("busy"), "dead_since", time.time() - 61)
+    assert state.prune_dead_workers(state.workers(), older_than=60) == ["gone"]
+    assert sorted(w.info.worker_id for w in state.workers()) == ["busy", "live"]
+    assert not r.exists(keys.worker("gone"))
+    _worker(state, "gone", 29500)   # it comes back: registered afresh, no stale dead mark
+    assert r.hget(keys.worker("gone"), "dead_since") is None

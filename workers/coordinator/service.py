@@ -309,7 +309,11 @@ class Coordinator:
     # timer ---------------------------------------------------------------
     def reap(self) -> None:
         """Count a worker whose heartbeat lapsed as a failed rank; decide attempts whose ranks went silent."""
-        alive = {w.info.worker_id for w in self.state.workers() if w.alive}
+        views = self.state.workers()
+        alive = {w.info.worker_id for w in views if w.alive}
+        for wid in self.state.prune_dead_workers(views, self.settings.dead_worker_ttl):
+            log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
+                     self.settings.dead_worker_ttl)
         for job_id in self.r.smembers(keys.RUNNING):
             job = self.state.job(job_id) or {}
             if job.get("state") != JobState.RUNNING.value:
