@@ -51,8 +51,8 @@ def test_s3_stopped_mid_fetch_and_restarted_the_job_still_succeeds_exactly_once(
     assert job.wait(180).num_boosted_rounds() == 20
     st = job.status()
     assert st.state is JobState.SUCCEEDED and st.attempt <= 2   # backoff rode it out, or one retry did
-    if st.attempt == 2:   # the fetch failed (StoreError) or hung on the half-started server past the progress timeout
-        assert '"StoreError"' in job.record()["history"] or '"ProgressTimeoutError"' in job.record()["history"]
+    if st.attempt == 2:   # the fetch gave up (StoreError); a fetching rank is never mistaken for a hung one
+        assert '"StoreError"' in job.record()["history"] and "ProgressTimeoutError" not in job.record()["history"]
     assert_nothing_left(fleet, state, settings, job, artifacts=XGB_ARTIFACTS)
 
 
