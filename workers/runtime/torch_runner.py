@@ -1,6 +1,7 @@
 """PyTorch inside the training child: env for torch.distributed, get_context(), the user's train_func."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -155,9 +156,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
 
 
 def _destroy_process_group() -> None:
-    try:
+    with contextlib.suppress(Exception):   # the user's group is theirs; never mask their outcome
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:   # the user's group is theirs; never mask their outcome
-        pass
