@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import FEATURES, LABEL, log, print_table, row, start_fleet
+from overhead import FEATURES, LABEL, embedded_fleet, log, print_table, row
 
 from common.manifest import shard_bounds
 from workers.local import services
@@ -324,17 +324,12 @@ def main() -> int:
     X, y = make_data(a.rows, seed=1)
     table = chunked_table(X, y)
     write_halves(X, y, tmp)
-    fleet = None
     try:
         log("to_torch_dataset vs in-memory Arrow iteration (no fleet running)")
         loader_gw, loader_arrow = loader_rates(table, a.repeat)
-        log("starting the embedded fleet (2 workers)")
-        fleet = start_fleet(os.path.join(tmp, "home"))
-        m = {**measure(X, y, table, a, tmp), "loader_gw": loader_gw, "loader_arrow": loader_arrow}
+        with embedded_fleet(os.path.join(tmp, "home")):
+            m = {**measure(X, y, table, a, tmp), "loader_gw": loader_gw, "loader_arrow": loader_arrow}
     finally:
-        if fleet is not None:
-            log("stopping the fleet")
-            fleet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(f"{a.rows:,} rows x 28 float32 features + float32 target; LightGBM {a.rounds} rounds, "
                 f"num_leaves 31; DDP MLP 28-256-256-1, batch {BATCH}, {a.steps} steps, gloo; {os.cpu_count()} "

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import numpy as np
 import psutil
@@ -97,15 +97,22 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"no block of {n} free ports found")
 
 
-def start_fleet(home: str) -> Fleet:
+@contextmanager
+def embedded_fleet(home: str):
+    """A 2-worker embedded fleet on free ports, this process's producer pointed at it; stopped on exit."""
     base = free_port_block(20)
     settings = Settings.from_env({}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
                                  s3_endpoint=f"http://127.0.0.1:{services.free_port()}",
                                  worker_ports=f"{base}-{base + 9}")
     os.environ.update(settings.as_env())   # Client.default() reads GANGWAY_* from the environment
+    log("starting the embedded fleet (2 workers)")
     fleet = Fleet(settings, workers=2)
     fleet.start()
-    return fleet
+    try:
+        yield fleet
+    finally:
+        log("stopping the fleet")
+        fleet.stop()
 
 
 def estimator(rounds: int):
@@ -324,15 +331,10 @@ def main() -> int:
     log(f"generating {a.rows:,} x 28 rows; scratch {tmp}")
     X, y = make_data(a.rows, seed=1)
     write_halves(X, y, tmp)
-    fleet = None
     try:
-        log("starting the embedded fleet (2 workers)")
-        fleet = start_fleet(os.path.join(tmp, "home"))
-        m = measure(fleet, X, y, a, tmp)
+        with embedded_fleet(os.path.join(tmp, "home")) as fleet:
+            m = measure(fleet, X, y, a, tmp)
     finally:
-        if fleet is not None:
-            log("stopping the fleet")
-            fleet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(f"{a.rows:,} rows x 28 float32 features, {a.rounds} rounds, max_depth 6, 2 workers x 1 thread; "
                 f"{os.cpu_count()} CPUs; xgboost {xgb.__version__}", report(m, a.rows))

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,6 +19,20 @@ def regression_frame(rows: int, seed: int) -> pd.DataFrame:
     df["risk"] = (0.02 * df.age + np.log(df.income) * 0.3 + np.sin(df.score * 2)
                   + rng.normal(0, 0.1, rows)).astype(np.float32)
     return df
+
+
+def gangway(settings, *args: str, ok: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``gangway`` CLI against ``settings``' fleet (None: this process's GANGWAY_* env)."""
+    env = {**os.environ, **(settings.as_env() if settings is not None else {})}
+    out = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def rmse(pred, y) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(y)) ** 2)))
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.1):

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import IN_CI, private_fleet_settings, running_fleet, server_process
-from tests.integration.helpers import FEATURES, XGB_ARTIFACTS, assert_nothing_left, regression_frame
+from tests.integration.helpers import FEATURES, XGB_ARTIFACTS, assert_nothing_left, gangway, regression_frame
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cr3t-broker-pw-4711"
@@ -25,9 +24,7 @@ def _run_job_and_check_no_leak(fleet, settings) -> None:
     assert est.fit(regression_frame(3000, seed=95), FEATURES, "risk", timeout=90).num_boosted_rounds() == 4
     state = State(connect(settings))
     assert_nothing_left(fleet, state, settings, est.last_job, artifacts=XGB_ARTIFACTS)
-    check = subprocess.run([sys.executable, "-m", "workers.cli", "check"], capture_output=True, text=True,
-                           env={**os.environ, **settings.as_env()}, timeout=60)
-    assert check.returncode == 0, check.stderr
+    check = gangway(settings, "check")
     assert PASSWORD not in str(est.last_job.record()) + check.stdout + check.stderr
     for log in (Path(settings.home) / "logs").glob("*.log"):
         assert PASSWORD not in log.read_text(errors="replace"), f"broker password in {log}"

@@ -67,6 +67,7 @@ def _sigterm_worker_of_rank0(fleet, job, after: int):
     proc.send_signal(signal.SIGTERM)
     return victim, proc
 
+
 def test_a_sigtermed_worker_drains_its_rank_is_retried_elsewhere_and_it_takes_no_new_gang(three_workers):
     from producer.xgboost import XGBEstimator, XGBScalingConfig
     fleet, state = three_workers

@@ -2,25 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, regression_frame
+from tests.integration.helpers import FEATURES, gangway, regression_frame
 
 pytestmark = pytest.mark.integration
-
-
-def gangway(fleet_settings, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **fleet_settings.as_env()}
-    out = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
-                         timeout=60)
-    if ok:
-        assert out.returncode == 0, out.stderr
-    return out
 
 
 def test_check_passes_when_broker_store_coordinator_and_workers_answer(fleet, fleet_settings):

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import lightgbm as lgb
-import numpy as np
 import pytest
 
 from common.errors import PlacementError, ValidationError
 from producer import DataConnector
 from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
-from tests.integration.helpers import FEATURES, regression_frame
+from tests.integration.helpers import FEATURES, regression_frame, rmse
 
 pytestmark = pytest.mark.integration
 PARAMS = {"objective": "regression", "metric": "rmse", "num_leaves": 31, "learning_rate": 0.1,
@@ -25,16 +24,12 @@ def trained(fleet):
     return est, booster, train, holdout
 
 
-def _rmse(pred, y) -> float:
-    return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(y)) ** 2)))
-
-
 def test_two_worker_lightgbm_rmse_is_within_5_percent_of_native_single_process(trained):
     est, booster, train, holdout = trained
     assert isinstance(booster, lgb.Booster)
     native = lgb.train({**PARAMS, "verbose": -1, "num_threads": 2},
                        lgb.Dataset(train[FEATURES], train["risk"]), num_boost_round=40)
-    ours, theirs = _rmse(est.predict(holdout), holdout["risk"]), _rmse(native.predict(holdout[FEATURES]),
+    ours, theirs = rmse(est.predict(holdout), holdout["risk"]), rmse(native.predict(holdout[FEATURES]),
                                                                         holdout["risk"])
     assert abs(ours - theirs) / theirs <= 0.05, (ours, theirs)
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 
 import pytest
@@ -11,15 +9,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.models import JobState
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, regression_frame, wait_until
+from tests.integration.helpers import FEATURES, gangway, regression_frame, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _describe(settings) -> dict:
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "fleet", "--json"], capture_output=True, text=True,
-                         env={**settings.as_env(), "PATH": "/usr/bin:/bin"}, timeout=60, check=True)
-    return json.loads(out.stdout)
+    return json.loads(gangway(settings, "fleet", "--json").stdout)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -38,7 +38,7 @@ import yaml
 
 from common.models import JobState
 from tests.conftest import IN_CI, private_fleet_settings, running_fleet
-from tests.integration.helpers import FEATURES, all_workers_idle, regression_frame, wait_until
+from tests.integration.helpers import FEATURES, all_workers_idle, gangway, regression_frame, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -459,9 +459,7 @@ def observed():
         from common.state import State, connect
         state = State(connect(settings))
         try:
-            out = subprocess.run([sys.executable, "-m", "workers.cli", "prometheus-config"], capture_output=True,
-                                 text=True, timeout=60, env={**os.environ, **settings.as_env()})
-            assert out.returncode == 0, out.stderr
+            out = gangway(settings, "prometheus-config")
             config = yaml.safe_load(out.stdout)
             config["global"] = {**config.get("global", {}), "scrape_interval": "1s", "evaluation_interval": "1s"}
             config["rule_files"] = [str(RULES)]

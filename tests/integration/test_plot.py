@@ -1,16 +1,13 @@
 """`gangway jobs show ID --plot FILE.png` and `TrainingJob.plot(path)` on jobs the real fleet ran."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from producer import plot
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import FEATURES, regression_frame, wait_until
+from tests.integration.helpers import FEATURES, gangway, regression_frame, wait_until
 from tests.conftest import IN_CI
 from tests.unit.test_plot import (
     HAVE_MATPLOTLIB,
@@ -37,12 +34,6 @@ def finished_job(fleet):
     return est.last_job
 
 
-def gangway(*args: str) -> subprocess.CompletedProcess:
-    # os.environ already points at the test fleet (the `fleet` fixture set GANGWAY_*)
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=120)
-
-
 def assert_png_has_curves_and_a_timeline(path) -> None:
     data = open(path, "rb").read()
     assert data[:8] == PNG_MAGIC and 20_000 < len(data) < 2_000_000, len(data)
@@ -58,7 +49,7 @@ def assert_png_has_curves_and_a_timeline(path) -> None:
 
 def test_jobs_show_plot_writes_a_png_of_the_eval_curves_and_each_ranks_timeline(finished_job, tmp_path):
     out = tmp_path / "job.png"
-    res = gangway("jobs", "show", finished_job.job_id, "--plot", str(out))
+    res = gangway(None, "jobs", "show", finished_job.job_id, "--plot", str(out), ok=False, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"plot of job {finished_job.job_id} written to {out}" in res.stderr
     assert '"state": "SUCCEEDED"' in res.stdout   # the JSON of `jobs show` is unchanged on stdout
@@ -67,7 +58,7 @@ def test_jobs_show_plot_writes_a_png_of_the_eval_curves_and_each_ranks_timeline(
 
 def test_jobs_show_plot_into_a_folder_that_does_not_exist_is_an_error_naming_the_file(finished_job, tmp_path):
     out = tmp_path / "missing" / "job.png"
-    res = gangway("jobs", "show", finished_job.job_id, "--plot", str(out))
+    res = gangway(None, "jobs", "show", finished_job.job_id, "--plot", str(out), ok=False, timeout=120)
     assert res.returncode != 0 and f"could not draw {out}" in res.stderr and not out.exists()
 
 

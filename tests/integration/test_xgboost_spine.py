@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import xgboost as xgb
 
@@ -14,6 +13,7 @@ from tests.integration.helpers import (
     FEATURES,
     all_workers_idle,
     regression_frame,
+    rmse,
     wait_until,
 )
 
@@ -31,16 +31,12 @@ def trained(fleet):
     return est, booster, train, holdout
 
 
-def _rmse(pred, y) -> float:
-    return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(y)) ** 2)))
-
-
 def test_two_worker_gang_rmse_is_within_5_percent_of_native_single_process_xgboost(trained):
     est, booster, train, holdout = trained
     assert isinstance(booster, xgb.Booster)
     native = xgb.train({**PARAMS, "nthread": 2}, xgb.QuantileDMatrix(train[FEATURES], train["risk"]), 40)
-    ours = _rmse(est.predict(holdout), holdout["risk"])
-    theirs = _rmse(native.predict(xgb.DMatrix(holdout[FEATURES])), holdout["risk"])
+    ours = rmse(est.predict(holdout), holdout["risk"])
+    theirs = rmse(native.predict(xgb.DMatrix(holdout[FEATURES])), holdout["risk"])
     assert abs(ours - theirs) / theirs <= 0.05, (ours, theirs)
 
 
