@@ -56,6 +56,7 @@ class Settings:
     drain_grace: float = 60.0      # a SIGTERMed worker's running rank may finish this long, then is retried
     dead_worker_ttl: float = 600.0  # a worker dead (no heartbeat) this long is dropped from the registry
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
+    redis_appendfsync: str = "everysec"  # the embedded Redis' AOF fsync policy (always|everysec|no); off = no AOF
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

@@ -40,7 +40,9 @@ def main(ctx: click.Context, broker_url: str | None, s3_endpoint: str | None, ve
 @click.option("--gpus", is_flag=True, help="One worker per GPU, CUDA_VISIBLE_DEVICES pinned.")
 @click.pass_context
 def up(ctx: click.Context, n_workers: int, gpus: bool) -> None:
-    """Start the embedded fleet (only what does not already answer) until SIGINT/SIGTERM."""
+    """Start the embedded fleet (only what does not already answer) and keep it running until SIGINT/SIGTERM:
+    a process it started that dies is restarted with backoff (1 s, 2 s, 4 s … 30 s); one that dies 5 times
+    within a minute is left stopped and `gangway check` names it."""
     from workers.local.fleet import Fleet
     fleet = Fleet(_settings(ctx), workers=n_workers, gpus=gpus)
     stop = threading.Event()
@@ -50,17 +52,16 @@ def up(ctx: click.Context, n_workers: int, gpus: bool) -> None:
         fleet.start()
     except GangwayError as exc:
         raise click.ClickException(str(exc)) from exc
+    fleet.write_status()
     s = _settings(ctx)
     click.echo(f"gangway fleet ready: {n_workers} workers; broker {s.redacted_broker_url}; "
                f"S3 {s.s3_endpoint}; {fleet.describe()}", err=False)
     sys.stdout.flush()
     try:
-        while not stop.wait(1.0):
-            try:
-                fleet._check_alive()
-            except GangwayError as exc:
-                click.echo(f"gangway: {exc}", err=True)
-                break
+        # A supervisor: what it started and dies is restarted with backoff; only a signal stops the fleet.
+        while not stop.wait(0.5):
+            for event in fleet.supervise_once():
+                click.echo(f"gangway: {time.strftime('%H:%M:%S')} {event}", err=True)
     finally:
         click.echo("gangway: stopping what this command started ...")
         fleet.stop()
@@ -78,6 +79,7 @@ def check(ctx: click.Context, self_only: bool) -> None:
     from common import keys
     from common.state import State, connect
     from common.store import S3Store
+    from workers.local.fleet import given_up
     s = _settings(ctx)
     problems = []
     mine = []
@@ -102,6 +104,7 @@ def check(ctx: click.Context, self_only: bool) -> None:
         S3Store(s).ping()
     except GangwayError as exc:
         problems.append(f"store: {exc}")
+    problems += [f"supervisor: {line}" for line in given_up(s.home)]
     for p in problems:
         click.echo(f"FAIL {p}", err=True)
     if problems:

@@ -1,6 +1,8 @@
-"""``gangway up``: start only what does not already answer, report ``ready``, stop what we started."""
+"""``gangway up``: start only what does not already answer, report ``ready``, keep what it started
+running (restart with backoff, see ``restart.py``), and stop it on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,15 +22,31 @@ from common.settings import Settings
 from common.state import State, connect
 from common.store import S3Store
 from workers.local import services
+from workers.local.restart import RestartHistory, RestartPolicy, decide, describe_exit
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Started:
+    """A process this fleet started, and what the supervisor knows of it."""
     name: str
     proc: subprocess.Popen
     log: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    history: RestartHistory = field(default_factory=RestartHistory)
+    restart_at: float | None = None     # monotonic time of a scheduled restart
+    gave_up: str = ""                   # why it is no longer restarted (crash loop)
+    last_exit: str = ""
+    restarts: int = 0
+    died_at: float | None = None        # set while it is down or not yet serving again
+
+    def status(self) -> dict:
+        state = "gave_up" if self.gave_up else "restarting" if self.restart_at is not None else "running"
+        return {"state": state, "pid": self.proc.pid, "restarts": self.restarts, "last_exit": self.last_exit,
+                "reason": self.gave_up, "log": str(self.log)}
 
 
 @dataclass
@@ -50,7 +68,7 @@ class Fleet:
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         path = self.home / "logs" / f"{name}.log"
         proc = services.spawn(cmd, path, env)
-        self.started.append(Started(name, proc, path))
+        self.started.append(Started(name, proc, path, cmd, env))
         return proc
 
     # start -----------------------------------------------------------------
@@ -79,7 +97,7 @@ class Fleet:
                                      "GANGWAY_BROKER_URL at it")
         password = urlsplit(self.settings.broker_url).password
         password = unquote(password) if password else None
-        self._spawn("redis", services.redis_command(port, str(data), password))
+        self._spawn("redis", services.redis_command(port, str(data), password, self.settings.redis_appendfsync))
         self._wait(lambda: services.port_open(host, port), deadline, f"redis-server on port {port}")
 
     def _start_s3(self, deadline: float) -> None:
@@ -175,11 +193,89 @@ class Fleet:
                 s.proc.wait(timeout=10)
             _signal_group(s.proc, signal.SIGKILL)   # stragglers left in its group
         self.started.clear()
+        self.status_path.unlink(missing_ok=True)
+
+    # supervise ---------------------------------------------------------------
+    @property
+    def status_path(self) -> Path:
+        """Where ``gangway check`` reads what this supervisor gave up on."""
+        return self.home / "supervisor" / f"{os.getpid()}.json"
+
+    def supervise_once(self, policy: RestartPolicy = RestartPolicy(), now: float | None = None) -> list[str]:
+        """Restart what exited (after its backoff); returns one line per event for the operator."""
+        now = time.monotonic() if now is None else now
+        events = [e for s in self.started for e in (self._supervise(s, policy, now),) if e]
+        if events:
+            self.write_status()
+        return events
+
+    def _supervise(self, s: Started, policy: RestartPolicy, now: float) -> str:
+        if s.gave_up:
+            return ""
+        if s.died_at is not None and s.restart_at is None and s.proc.poll() is None and self._serving(s):
+            down, s.died_at = now - s.died_at, None
+            return f"{s.name} is back (pid {s.proc.pid}), serving {down:.1f} s after it died"
+        if s.restart_at is not None:
+            return self._restart(s, now) if now >= s.restart_at else ""
+        if s.proc.poll() is None:
+            return ""
+        s.last_exit = describe_exit(s.proc.returncode)
+        s.died_at = now if s.died_at is None else s.died_at
+        decision = decide(policy, s.history, s.started_at, now)
+        s.history = decision.history
+        if decision.give_up:
+            s.gave_up = decision.reason
+            _signal_group(s.proc, signal.SIGKILL)
+            return f"{s.name} (pid {s.proc.pid}) {s.last_exit}; {decision.reason}; log {s.log}"
+        s.restart_at = now + decision.delay
+        return f"{s.name} (pid {s.proc.pid}) {s.last_exit}; {decision.reason}"
+
+    def _restart(self, s: Started, now: float) -> str:
+        _signal_group(s.proc, signal.SIGKILL)   # prefork children of a SIGKILLed worker would keep consuming
+        s.proc = services.spawn(s.cmd, s.log, s.env)
+        s.started_at, s.restart_at = now, None
+        s.restarts += 1
+        return f"{s.name} restarted (pid {s.proc.pid}, restart {s.restarts})"
+
+    def _serving(self, s: Started) -> bool:
+        """Registered (workers, coordinator) or answering on its port (Redis, S3) with its new pid."""
+        try:
+            if s.name == "redis":
+                return services.port_open(*services.redis_address(self.settings.broker_url))
+            if s.name == "s3":
+                return services.port_open(*services.s3_address(self.settings.s3_endpoint))
+            state = State(connect(self.settings))
+            if s.name == "coordinator":
+                return state.coordinator_alive() and state.r.hget(keys.COORDINATOR_INFO, "pid") == str(s.proc.pid)
+            wid = s.name.removeprefix("worker-")
+            return any(w.alive and w.info.pid == s.proc.pid for w in state.workers() if w.info.worker_id == wid)
+        except (redis.RedisError, OSError):
+            return False
+
+    def write_status(self) -> None:
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "processes": {s.name: s.status() for s in self.started}}))
+        tmp.replace(self.status_path)
 
     def describe(self) -> str:
         mine = ", ".join(s.name for s in self.started)
         reused = ", ".join(self.reused) or "nothing"
         return f"started: {mine or 'nothing'}; reused: {reused}"
+
+
+def given_up(home: str | Path) -> list[str]:
+    """Processes that a live ``gangway up`` on this ``GANGWAY_HOME`` stopped restarting, one line each."""
+    out = []
+    for path in sorted((Path(home) / "supervisor").glob("*.json")):
+        try:
+            status = json.loads(path.read_text())
+            os.kill(int(status["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            continue   # a supervisor that is gone (or a file being replaced) says nothing
+        out += [f"{name} {p['last_exit']}; {p['reason']} (gangway up pid {status['pid']}; log {p['log']})"
+                for name, p in status["processes"].items() if p["state"] == "gave_up"]
+    return out
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -67,9 +67,18 @@ def s3_address(endpoint: str) -> tuple[str, int]:
     return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80)
 
 
-def redis_command(port: int, data_dir: str, password: str | None = None) -> list[str]:
-    """A throwaway redis-server; with ``password`` (from the broker URL) it requires AUTH."""
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+AOF_MODES = ("always", "everysec", "no", "off")
+
+
+def redis_command(port: int, data_dir: str, password: str | None = None, appendfsync: str = "off") -> list[str]:
+    """A redis-server on ``data_dir``; with ``password`` (from the broker URL) it requires AUTH.
+
+    ``appendfsync`` other than ``off`` turns the append-only file on with that fsync policy, so a
+    restart on the same ``data_dir`` keeps pending jobs, reservations and job records."""
+    if appendfsync not in AOF_MODES:
+        raise ConfigurationError(f"GANGWAY_REDIS_APPENDFSYNC={appendfsync!r}: expected one of {list(AOF_MODES)}")
+    aof = ["--appendonly", "no"] if appendfsync == "off" else ["--appendonly", "yes", "--appendfsync", appendfsync]
+    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
            "--dir", data_dir, "--protected-mode", "no"]
     # The password goes in a 0600 config file, never on a command line that others can read in ps.
     if password:

@@ -94,7 +94,7 @@ class RankRun:
         if rank_state is not None:
             self.status["state"] = rank_state.value
             self.status[f"t_{rank_state.value.lower()}"] = time.time()
-        self.status.update(fields, updated=time.time(), worker=self.payload["worker_id"])
+        self.status.update(fields, updated=time.time(), worker=self.payload["worker_id"], token=self.token)
         return self.state.fenced_write(self.job_id, self.token, self.rank, self.status, lines)
 
 

@@ -36,6 +36,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="gangway-heartbeat", daemon=True)
 
     def start(self) -> None:
+        try:
+            report_lost_rank(self.state, self.app, self.info.worker_id)
+        except Exception as exc:   # never keep a worker from registering
+            log.warning("worker %s could not check for a rank its predecessor lost: %s", self.info.worker_id, exc)
         self.state.register_worker(self.info, self.settings.heartbeat_ttl)
         log.info("worker %s registered (queue %s, ports %s-%s, gpus %s)", self.info.worker_id,
                  self.info.queue, self.info.port_lo, self.info.port_hi, list(self.info.gpus) or "none")
@@ -61,6 +65,30 @@ class Heartbeat:
             self.state.deregister_worker(self.info.worker_id)
         except Exception as exc:
             log.warning("worker %s could not deregister: %s", self.info.worker_id, exc)
+
+
+def report_lost_rank(state: State, app: Celery, worker_id: str) -> None:
+    """A worker restarted under the same id (``gangway up`` restarts what dies) while its predecessor ran a
+    rank: that rank is gone. Say so now, as a retryable ``WorkerLostError``, instead of leaving the
+    coordinator to notice a silent lease; a rank that was only queued (no status of this attempt from
+    this worker yet) will still be delivered to us, so it is left alone."""
+    job_id, token = state.r.hmget(keys.worker(worker_id), "job", "token")
+    if not job_id or not token:
+        return
+    gang = json.loads(state.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
+    if worker_id not in gang:
+        return
+    rank = gang.index(worker_id)
+    status = state.ranks(job_id).get(rank) or {}
+    if status.get("worker") != worker_id or status.get("token") != token:
+        return
+    log.warning("worker %s restarted while running rank %s of job %s; reporting the rank lost", worker_id, rank,
+                job_id)
+    app.send_task("gangway.rank_finished", queue=keys.COORDINATOR_QUEUE, args=[
+        job_id, token, rank, False, {"type": "WorkerLostError", "traceback": "",
+                                     "message": f"worker {worker_id} died and was restarted while it ran rank "
+                                                f"{rank} (its training process is gone)"}, None],
+        argsrepr=f"job_id={job_id} rank={rank} ok=False error=WorkerLostError")
 
 
 class Drain:

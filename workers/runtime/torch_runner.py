@@ -11,6 +11,7 @@ from common.signing import verify_blob
 from common.store import parse_s3_uri
 from workers.runtime import torch_context
 from workers.runtime.events import Emitter
+from workers.runtime.pickled_code import restore_filenames
 from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
 
@@ -40,7 +41,7 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     bucket, key = parse_s3_uri(spec["train"]["func_uri"])
     blob = warm_store(settings).get(bucket, key)
     verify_blob(blob, key)   # the signed spec names the blob by its hash: nothing else is unpickled
-    func = cloudpickle.loads(blob)
+    func = restore_filenames(cloudpickle.loads(blob))   # tracebacks name the user's file
     prep = Prepared(payload, settings, fetch_datasets(settings, spec["datasets"], world, rank), func)
     if rank == 0:
         prep.published["master_port"] = free_master_port(settings)

@@ -1,0 +1,86 @@
+"""``gangway up``'s restart policy and the by-value code's file names, as pure logic."""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+from workers.local.restart import RestartHistory, RestartPolicy, decide, describe_exit
+
+POLICY = RestartPolicy(initial=1.0, cap=8.0, healthy_after=60.0, max_restarts=5, window=60.0)
+
+
+def _crash_times(history: RestartHistory, exits: list[float], up_for: float = 0.5):
+    decisions = []
+    for t in exits:
+        d = decide(POLICY, history, started_at=t - up_for, now=t)
+        history = d.history
+        decisions.append(d)
+    return decisions
+
+
+def test_a_process_that_keeps_dying_is_restarted_after_1_2_4_8_seconds_capped():
+    delays = [d.delay for d in _crash_times(RestartHistory(), [0, 10, 20, 30])]
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    late = decide(POLICY, RestartHistory(streak=6, restarts=()), started_at=99.0, now=100.0)
+    assert late.delay == 8.0 and not late.give_up
+
+
+def test_a_run_that_stayed_up_a_healthy_minute_resets_the_backoff():
+    history = RestartHistory(streak=3, restarts=(0.0, 1.0, 2.0))
+    d = decide(POLICY, history, started_at=5.0, now=5.0 + 61.0)
+    assert d.delay == 1.0 and not d.give_up
+
+
+def test_five_restarts_within_a_minute_is_a_crash_loop_and_the_process_is_left_stopped():
+    decisions = _crash_times(RestartHistory(), [0, 5, 10, 15, 20, 25])
+    assert [d.give_up for d in decisions] == [False] * 5 + [True]
+    assert "crash loop: 5 restarts within 60 s" in decisions[-1].reason
+
+
+def test_restarts_older_than_the_window_do_not_count_toward_a_crash_loop():
+    decisions = _crash_times(RestartHistory(), [0, 20, 40, 70, 90, 110])
+    assert not any(d.give_up for d in decisions)
+
+
+def test_exits_are_described_by_signal_name_or_code():
+    assert describe_exit(-9) == "killed by signal 9 (SIGKILL)"
+    assert describe_exit(3) == "exited with code 3"
+
+
+def test_gangway_check_reads_what_a_live_supervisor_gave_up_on_and_ignores_dead_supervisors(tmp_path):
+    from workers.local.fleet import given_up
+    folder = tmp_path / "supervisor"
+    folder.mkdir()
+    proc = {"state": "gave_up", "pid": 1, "restarts": 5, "last_exit": "exited with code 1",
+            "reason": "crash loop: 5 restarts within 60 s; not restarted", "log": "/x/worker-w0.log"}
+    (folder / "live.json").write_text(json.dumps({"pid": os.getpid(), "processes": {
+        "worker-w0": proc, "redis": {**proc, "state": "running"}}}))
+    (folder / "dead.json").write_text(json.dumps({"pid": 2 ** 22 + 12345, "processes": {"coordinator": proc}}))
+    lines = given_up(tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("worker-w0 exited with code 1; crash loop") and "/x/worker-w0.log" in lines[0]
+
+
+def test_by_value_functions_name_their_real_file_in_tracebacks(tmp_path, monkeypatch):
+    import cloudpickle
+
+    from workers.runtime.pickled_code import restore_filenames
+    (tmp_path / "user_helpers_mod.py").write_text(
+        "def helper():\n    raise ValueError('boom')\n\n"
+        "class Model:\n    def forward(self):\n        return helper()\n\n"
+        "def train_func():\n    def inner():\n        return Model().forward()\n    return inner()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_helpers_mod
+    cloudpickle.register_pickle_by_value(user_helpers_mod)
+    try:
+        blob = cloudpickle.dumps(user_helpers_mod.train_func)
+    finally:
+        cloudpickle.unregister_pickle_by_value(user_helpers_mod)
+    func = restore_filenames(cloudpickle.loads(blob))
+    try:
+        func()
+    except ValueError as exc:
+        frames = traceback.extract_tb(exc.__traceback__)[1:]
+    assert [f.name for f in frames] == ["train_func", "inner", "forward", "helper"]
+    assert {f.filename for f in frames} == {str(tmp_path / "user_helpers_mod.py")}
+    assert [f.lineno for f in frames] == [11, 10, 6, 2]
