@@ -14,6 +14,10 @@ class ValidationError(GangwayError, ValueError):
     """User input (data, columns, params, sizes) is invalid; nothing was queued."""
 
 
+class BrokerUnavailableError(GangwayError):
+    """No Redis answers at the broker URL (or it refuses the credentials)."""
+
+
 class DatasetError(GangwayError):
     """A dataset could not be materialised, found or read."""
 

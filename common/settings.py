@@ -58,6 +58,9 @@ class Settings:
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
     redis_appendfsync: str = "everysec"  # the embedded Redis' AOF fsync policy (always|everysec|no); off = no AOF
 
+    def __post_init__(self) -> None:
+        s3_url(self.s3_endpoint, self.s3_secure)   # a malformed endpoint fails here, in one line
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Build from ``env`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
@@ -88,6 +91,35 @@ class Settings:
     @property
     def redacted_broker_url(self) -> str:
         return redact_url(self.broker_url)
+
+    @property
+    def s3_url(self) -> str:
+        """The S3 endpoint as a URL, whichever of the two accepted forms was configured."""
+        return s3_url(self.s3_endpoint, self.s3_secure)
+
+
+def s3_url(endpoint: str, secure: bool) -> str:
+    """``host:port`` (MinIO's convention; https when ``secure``) or ``http(s)://host[:port]`` -> a URL."""
+    def bad(why: str) -> ConfigurationError:
+        return ConfigurationError(f"GANGWAY_S3_ENDPOINT={endpoint!r} {why}: use 'host:port' (with "
+                                  "GANGWAY_S3_SECURE=1 for TLS) or 'http://host:port' / 'https://host:port'")
+    text = endpoint.strip()
+    if "://" not in text:
+        text = f"{'https' if secure else 'http'}://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise bad(f"has scheme {parts.scheme!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise bad("has more than a host and a port")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise bad("has an invalid port") from exc
+    if not parts.hostname:
+        raise bad("names no host")
+    scheme = "https" if secure else parts.scheme
+    return f"{scheme}://{parts.hostname if ':' not in parts.hostname else f'[{parts.hostname}]'}" + \
+        (f":{port}" if port else "")
 
 
 def parse_port_block(text: str) -> tuple[int, int]:

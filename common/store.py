@@ -90,9 +90,7 @@ class S3Store:
         from botocore.config import Config
 
         self._settings = settings
-        endpoint = settings.s3_endpoint
-        if settings.s3_secure and endpoint.startswith("http://"):
-            endpoint = "https://" + endpoint[len("http://"):]
+        endpoint = settings.s3_url
         self._client = boto3.client(
             "s3", endpoint_url=endpoint, region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
@@ -106,7 +104,7 @@ class S3Store:
         return self._client
 
     def _fail(self, op: str, bucket: str, key: str, exc: Exception) -> StoreError:
-        return StoreError(f"S3 {op} s3://{bucket}/{key} at {self._settings.s3_endpoint} failed: "
+        return StoreError(f"S3 {op} s3://{bucket}/{key} at {self._settings.s3_url} failed: "
                           f"{type(exc).__name__}: {exc}")
 
     def ensure_bucket(self, bucket: str) -> None:
@@ -180,5 +178,5 @@ class S3Store:
         try:
             self._client.list_buckets()
         except Exception as exc:
-            raise StoreError(f"S3 store at {self._settings.s3_endpoint} does not answer: "
+            raise StoreError(f"S3 store at {self._settings.s3_url} does not answer: "
                              f"{type(exc).__name__}: {exc}") from exc

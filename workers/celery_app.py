@@ -1,12 +1,25 @@
 """Celery wiring shared by the coordinator, the trainer workers and the producer's client."""
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, states
+from celery.backends.base import DisabledBackend
 
 from common import keys
 from common.settings import Settings
 
 COORDINATOR_TASKS = ("gangway.submit_job", "gangway.schedule", "gangway.rank_finished", "gangway.cancel_job")
+
+
+class NoResults(DisabledBackend):
+    """No result backend, by design (outcomes live in the Redis job records). A revoke (cancel, abort)
+    asks the backend for the task's state before marking it revoked; this one answers PENDING and
+    stores nothing, where Celery's disabled backend makes every worker log a warning per revoke."""
+
+    def get_state(self, task_id: str) -> str:
+        return states.PENDING
+
+    def mark_as_revoked(self, *args, **kwargs) -> None:
+        return None
 
 
 def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
@@ -17,6 +30,7 @@ def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         accept_content=["json"],
         result_serializer="json",
         task_ignore_result=True,
+        result_backend=f"{__name__}:NoResults",
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
         task_send_sent_event=True,

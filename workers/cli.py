@@ -55,7 +55,7 @@ def up(ctx: click.Context, n_workers: int, gpus: bool) -> None:
     fleet.write_status()
     s = _settings(ctx)
     click.echo(f"gangway fleet ready: {n_workers} workers; broker {s.redacted_broker_url}; "
-               f"S3 {s.s3_endpoint}; {fleet.describe()}", err=False)
+               f"S3 {s.s3_url}; {fleet.describe()}", err=False)
     sys.stdout.flush()
     try:
         # A supervisor: what it started and dies is restarted with backoff; only a signal stops the fleet.

@@ -211,3 +211,7 @@ def test_cancelling_a_pending_job_never_places_it_and_a_running_one_frees_its_ga
     assert_nothing_left(fleet, state, fleet_settings, pending)
     with pytest.raises(Exception, match="cancelled"):
         pending.wait(5)
+    # Revocations have a path that does not warn (no result backend is the design, not an error).
+    logs = {s.name: s.log.read_text(errors="replace") for s in fleet.started if s.name.startswith("worker-")}
+    assert all(f"{running.job_id}." not in text or "as revoked in backend" not in text for text in logs.values())
+    assert any(f"{running.job_id}." in text for text in logs.values()), "the workers never saw the revoke"

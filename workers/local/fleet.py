@@ -101,9 +101,9 @@ class Fleet:
         self._wait(lambda: services.port_open(host, port), deadline, f"redis-server on port {port}")
 
     def _start_s3(self, deadline: float) -> None:
-        host, port = services.s3_address(self.settings.s3_endpoint)
+        host, port = services.s3_address(self.settings.s3_url)
         if services.port_open(host, port):
-            self.reused.append(f"S3 at {self.settings.s3_endpoint}")
+            self.reused.append(f"S3 at {self.settings.s3_url}")
         else:
             data = self.home / "s3"
             data.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ class Fleet:
         store = S3Store(self.settings)
         self._wait(lambda: _try(lambda: [store.ensure_bucket(b) for b in
                                          (self.settings.data_bucket, self.settings.artifact_bucket)]),
-                   deadline, f"S3 buckets at {self.settings.s3_endpoint}")
+                   deadline, f"S3 buckets at {self.settings.s3_url}")
 
     def _celery(self, module: str, queue: str, name: str, pool: str) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue, "-n", name, "-P", pool,
@@ -243,7 +243,7 @@ class Fleet:
             if s.name == "redis":
                 return services.port_open(*services.redis_address(self.settings.broker_url))
             if s.name == "s3":
-                return services.port_open(*services.s3_address(self.settings.s3_endpoint))
+                return services.port_open(*services.s3_address(self.settings.s3_url))
             state = State(connect(self.settings))
             if s.name == "coordinator":
                 return state.coordinator_alive() and state.r.hget(keys.COORDINATOR_INFO, "pid") == str(s.proc.pid)
