@@ -90,12 +90,13 @@ def producer(index: int, uri: str, jobs: int, rounds: int, barrier, results) -> 
     results.put(out)
 
 
-def start_real_fleet(home: str, workers: int) -> Fleet:
+def start_real_fleet(home: str, workers: int, aof: str) -> Fleet:
     base = free_port_block(10 * workers)
     # The burst queues 200 jobs on 4 workers: the placement deadline must outlast the backlog.
     settings = Settings.from_env({}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
                                  s3_endpoint=f"http://127.0.0.1:{services.free_port()}",
-                                 worker_ports=f"{base}-{base + 9}", placement_timeout=1800.0)
+                                 worker_ports=f"{base}-{base + 9}", placement_timeout=1800.0,
+                                 redis_appendfsync=aof)
     os.environ.update(settings.as_env())   # the spawned producers' Client.default() reads GANGWAY_*
     fleet = Fleet(settings, workers=workers)
     fleet.start(timeout=180)
@@ -230,13 +231,13 @@ def stages(records: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def real_part(a: argparse.Namespace, tmp: str) -> list[str]:
+def real_part(a: argparse.Namespace, tmp: str, aof: str) -> list[str]:
     from producer.connectors import DataConnector
     total = a.producers * a.jobs_per_producer
     fleet = None
     try:
-        log(f"starting a private fleet ({a.workers} workers)")
-        fleet = start_real_fleet(os.path.join(tmp, "home"), a.workers)
+        log(f"starting a private fleet ({a.workers} workers, Redis AOF {aof})")
+        fleet = start_real_fleet(os.path.join(tmp, f"home-{aof}-{time.monotonic_ns()}"), a.workers, aof)
         settings = fleet.settings
         X, y = make_data(a.rows, seed=7)
         uri = DataConnector.from_arrow(to_arrow(X, y)).materialise(S3Store(settings), settings).uri
@@ -266,7 +267,7 @@ def real_part(a: argparse.Namespace, tmp: str) -> list[str]:
         row("jobs in Redis (none lost, none duplicated)", f"{len(records)}", f"{total}", len(records) == total),
         row("every job: attempt 1, rank 0 delivered once, artifacts once", "yes" if not problems else "NO",
             "yes", not problems),
-        row("throughput, first submit -> last finish (jobs/s)", f"{len(ok) / span:.2f}"),
+        row(f"throughput, first submit -> last finish (jobs/s), Redis AOF {aof}", f"{len(ok) / span:.2f}"),
         row("producers' wall time, barrier -> all waits returned (s)", f"{t1 - t0:.1f}"),
         row("submit() call in the producer, p50 / p99", f"{ms(pct(calls, 50))} / {ms(pct(calls, 99))}"),
         row("queue wait submitted_at -> started_at (reserved), p50", ms(pct(wait, 50))),
@@ -566,6 +567,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--rows", type=int, default=4000, help="rows of the real part's dataset")
     ap.add_argument("--rounds", type=int, default=5, help="boosting rounds of each real job")
+    ap.add_argument("--redis-appendfsync", default="everysec",
+                    help="the embedded Redis' AOF policy; a comma list (e.g. off,everysec) runs the real part once "
+                         "per policy, alternating, to measure what persistence costs")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the real part per AOF policy")
     ap.add_argument("--sim-workers", type=int, default=1000)
     ap.add_argument("--sim-jobs", type=int, default=10000)
     ap.add_argument("--reservations", type=int, default=5000)
@@ -581,7 +586,9 @@ def main() -> int:
     rows: list[str] = []
     try:
         if a.part in ("both", "real"):
-            rows += real_part(a, tmp)
+            for _ in range(a.repeats):
+                for aof in a.redis_appendfsync.split(","):
+                    rows += real_part(a, tmp, aof)
         if a.part in ("both", "sim"):
             rows += sim_part(a, tmp)
     finally:

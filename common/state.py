@@ -21,10 +21,22 @@ from common.settings import Settings
 _LUA_DIR = Path(__file__).parent
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client for the coordination store (the broker's Redis); ``rediss://`` works."""
+def connect(settings: Settings, *, ride_out: bool = False) -> redis.Redis:
+    """A client for the coordination store (the broker's Redis); ``rediss://`` works.
+
+    ``ride_out`` (the fleet's long-lived processes) retries a command through a Redis that does not
+    answer for up to GANGWAY_REDIS_OUTAGE_SECONDS (a restart on its AOF takes a second or two), so a
+    training rank does not fail on a broker restart; callers at the door fail fast instead."""
+    opts: dict = {}
+    if ride_out:
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+        # 0.05, 0.1 … 1 s: about one second per retry once the backoff is capped
+        retries = 5 + int(settings.redis_outage_seconds)
+        opts = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
     return redis.Redis.from_url(settings.broker_url, decode_responses=True,
-                                socket_connect_timeout=5, health_check_interval=30)
+                                socket_connect_timeout=5, health_check_interval=30, **opts)
 
 
 def _script(client: redis.Redis, name: str, folder: Path = _LUA_DIR):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -107,72 +108,87 @@ class S3Store:
         return StoreError(f"S3 {op} s3://{bucket}/{key} at {self._settings.s3_url} failed: "
                           f"{type(exc).__name__}: {exc}")
 
+    def _call(self, op: str, bucket: str, key: str, fn):
+        """``fn()``, riding out a store that does not answer for up to GANGWAY_STORE_OUTAGE_SECONDS (a
+        restart of the S3 server takes seconds; boto's own retries give up within a few). Any other error,
+        or an outage past the bound, is a StoreError naming the operation, bucket, key and endpoint."""
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+        deadline = time.monotonic() + self._settings.store_outage_seconds
+        delay = 0.25
+        while True:
+            try:
+                return fn()
+            except (BotoConnectionError, HTTPClientError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self._fail(op, bucket, key, exc) from exc
+                log.warning("S3 %s s3://%s/%s at %s: %s; retrying in %.2g s", op, bucket, key,
+                            self._settings.s3_url, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise self._fail(op, bucket, key, exc) from exc
+
     def ensure_bucket(self, bucket: str) -> None:
         from botocore.exceptions import ClientError
-        try:
-            self._client.head_bucket(Bucket=bucket)
-        except ClientError:
+
+        def ensure() -> None:
             try:
-                self._client.create_bucket(Bucket=bucket)
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise self._fail("create_bucket", bucket, "", exc) from exc
-        except Exception as exc:  # connection errors
-            raise self._fail("head_bucket", bucket, "", exc) from exc
+                self._client.head_bucket(Bucket=bucket)
+            except ClientError:
+                try:
+                    self._client.create_bucket(Bucket=bucket)
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "")
+                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise self._fail("create_bucket", bucket, "", exc) from exc
+        self._call("head_bucket", bucket, "", ensure)
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
-        try:
-            self._client.put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:
-            raise self._fail("put", bucket, key, exc) from exc
+        self._call("put", bucket, key, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data))
         self.bytes_put += len(data)
 
     def put_file(self, bucket: str, key: str, path: str) -> None:
-        try:
-            self._client.upload_file(path, bucket, key)
-        except Exception as exc:
-            raise self._fail("put", bucket, key, exc) from exc
+        self._call("put", bucket, key, lambda: self._client.upload_file(path, bucket, key))
         self.bytes_put += os.path.getsize(path)
 
     def get(self, bucket: str, key: str) -> bytes:
-        try:
-            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            raise self._fail("get", bucket, key, exc) from exc
+        return self._call("get", bucket, key,
+                          lambda: self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
     def get_to_file(self, bucket: str, key: str, path: str) -> int:
-        try:
+        def download() -> int:
             body = self._client.get_object(Bucket=bucket, Key=key)["Body"]
             n = 0
-            with open(path, "wb") as f:
+            with open(path, "wb") as f:   # a retry starts the file over
                 for block in body.iter_chunks(chunk_size=1 << 20):
                     f.write(block)
                     n += len(block)
             return n
-        except Exception as exc:
-            raise self._fail("get", bucket, key, exc) from exc
+        return self._call("get", bucket, key, download)
 
     def exists(self, bucket: str, key: str) -> bool:
         from botocore.exceptions import ClientError
-        try:
-            self._client.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail("head", bucket, key, exc) from exc
-        except Exception as exc:
-            raise self._fail("head", bucket, key, exc) from exc
+
+        def head() -> bool:
+            try:
+                self._client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return self._call("head", bucket, key, head)
 
     def list(self, bucket: str, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
+        def listing() -> list[str]:
+            keys: list[str] = []
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 keys.extend(o["Key"] for o in page.get("Contents", []))
-        except Exception as exc:
-            raise self._fail("list", bucket, prefix, exc) from exc
-        return sorted(keys)
+            return sorted(keys)
+        return self._call("list", bucket, prefix, listing)
 
     def ping(self) -> None:
         try:

@@ -37,6 +37,9 @@ def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         task_routes={name: {"queue": keys.COORDINATOR_QUEUE} for name in COORDINATOR_TASKS},
         task_default_queue=keys.COORDINATOR_QUEUE,
         broker_connection_retry_on_startup=True,
+        # A rank's report or a scheduling request published while Redis restarts waits for it (~40 s).
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 2.0},
         # Leases and heartbeats decide what runs again, not redelivery: train_rank is acknowledged
         # when it starts, so only the short, acks_late coordinator tasks are ever redelivered (after
         # this timeout, e.g. when the coordinator was killed mid-task).

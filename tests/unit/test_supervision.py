@@ -84,3 +84,37 @@ def test_by_value_functions_name_their_real_file_in_tracebacks(tmp_path, monkeyp
     assert [f.name for f in frames] == ["train_func", "inner", "forward", "helper"]
     assert {f.filename for f in frames} == {str(tmp_path / "user_helpers_mod.py")}
     assert [f.lineno for f in frames] == [11, 10, 6, 2]
+
+
+def test_s3_endpoint_accepts_host_port_and_urls_and_names_both_forms_otherwise():
+    import pytest
+
+    from common.errors import ConfigurationError
+    from common.settings import Settings
+    assert Settings(s3_endpoint="127.0.0.1:9000").s3_url == "http://127.0.0.1:9000"
+    assert Settings(s3_endpoint="minio:9000", s3_secure=True).s3_url == "https://minio:9000"
+    assert Settings(s3_endpoint="http://minio:9000/").s3_url == "http://minio:9000"
+    assert Settings(s3_endpoint="https://s3.example.com").s3_url == "https://s3.example.com"
+    for bad in ("ftp://minio:9000", "http://minio:9000/bucket", "minio:port"):
+        with pytest.raises(ConfigurationError, match=r"GANGWAY_S3_ENDPOINT=.*'host:port'.*'http://host:port'") as info:
+            Settings.from_env({"GANGWAY_S3_ENDPOINT": bad})
+        assert repr(bad) in str(info.value)
+
+
+def test_a_broker_that_does_not_answer_is_one_error_naming_the_redacted_url_and_what_to_do():
+    import pytest
+    import redis
+
+    from common.errors import BrokerUnavailableError
+    from common.models import Resources
+    from common.settings import Settings
+    from producer.client import Client
+    from workers.local.services import free_port
+    settings = Settings(broker_url=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    with pytest.raises(BrokerUnavailableError) as info:
+        Client(settings).check_capacity(Resources(num_workers=1))
+    text = str(info.value)
+    assert f"127.0.0.1:{settings.broker_url.rsplit(':', 1)[1]}" in text and "hunter2" not in text and "***" in text
+    assert "gangway up" in text and "GANGWAY_BROKER_URL" in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not isinstance(info.value, redis.RedisError)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_app(settings)
-coordinator = Coordinator(settings, State(connect(settings)), app)
+coordinator = Coordinator(settings, State(connect(settings, ride_out=True)), app)
 register(app, coordinator)
 
 

@@ -37,7 +37,7 @@ _state: State | None = None
 def _get_state() -> State:
     global _state
     if _state is None:
-        _state = State(connect(settings))
+        _state = State(connect(settings, ride_out=True))
     return _state
 
 
