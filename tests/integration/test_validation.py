@@ -119,3 +119,28 @@ def test_a_corrupt_chunk_fails_the_job_with_every_ranks_error_and_the_key_named(
 def test_the_fleet_is_healthy_after_every_bad_input(fleet, state, df):
     wait_until(lambda: all_workers_idle(state), 10, "idle workers")
     assert _est().fit(regression_frame(2000, seed=8), FEATURES, "risk", timeout=60).num_boosted_rounds() == 2
+
+
+def test_wrong_s3_credentials_fail_at_the_caller_naming_endpoint_and_bucket_never_the_secret(fleet, fleet_settings,
+                                                                                              monkeypatch, state):
+    from common.errors import StoreError
+    monkeypatch.setenv("GANGWAY_S3_SECRET_KEY", "not-the-secret-0123")
+    with pytest.raises(StoreError) as info:
+        _est().fit(regression_frame(300, seed=901), FEATURES, "risk")
+    text = str(info.value)
+    assert fleet_settings.s3_url in text and f"s3://{fleet_settings.data_bucket}/" in text, text
+    assert "not-the-secret-0123" not in text and fleet_settings.s3_secret_key not in text
+    assert "\n" not in text
+    assert all_workers_idle(state)
+
+
+def test_an_unreachable_s3_fails_at_the_caller_naming_the_endpoint(fleet, fleet_settings, monkeypatch, state):
+    from common.errors import StoreError
+    from workers.local.services import free_port
+    endpoint = f"127.0.0.1:{free_port()}"   # MinIO's host:port form
+    monkeypatch.setenv("GANGWAY_S3_ENDPOINT", endpoint)
+    monkeypatch.setenv("GANGWAY_STORE_OUTAGE_SECONDS", "1")
+    with pytest.raises(StoreError, match=rf"at http://{endpoint} failed: EndpointConnectionError") as info:
+        _est().fit(regression_frame(300, seed=902), FEATURES, "risk")
+    assert f"s3://{fleet_settings.data_bucket}/" in str(info.value)
+    assert all_workers_idle(state)
