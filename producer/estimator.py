@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -124,14 +125,32 @@ def download_artifacts(job: TrainingJob, names: tuple[str, ...]) -> dict[str, by
     return {n: job.client.store.get(settings.artifact_bucket, prefix + n) for n in names}
 
 
+def check_verbose_eval(verbose_eval) -> int | None:
+    """As in ``xgb.train``: ``True`` prints every round, ``N`` every N rounds, ``False``/``0``/``None`` never."""
+    if verbose_eval is None or verbose_eval is False:
+        return None
+    if verbose_eval is True:
+        return 1
+    if not isinstance(verbose_eval, int) or verbose_eval < 0:
+        raise ValidationError(f"verbose_eval must be a bool or an integer >= 0 (print every N rounds), "
+                              f"got {verbose_eval!r}")
+    return verbose_eval or None
+
+
 def check_common_args(verbose_eval, early_stopping_rounds, n_estimators) -> None:
-    if verbose_eval is not None and (isinstance(verbose_eval, bool) or not isinstance(verbose_eval, int)
-                                     or verbose_eval < 1):
-        raise ValidationError(f"verbose_eval must be None or an integer >= 1, got {verbose_eval!r}")
+    check_verbose_eval(verbose_eval)
     check_positive_int("early_stopping_rounds", early_stopping_rounds, allow_none=True)
     check_positive_int("n_estimators", n_estimators)
     if n_estimators > 1_000_000:
         raise ValidationError(f"n_estimators={n_estimators} is more than 1,000,000 rounds")
+
+
+def say_uploads(job_id: str, datasets: dict[str, dict]) -> None:
+    """One line at the caller per dataset: what was sent, or that the store already had it."""
+    for name, d in datasets.items():
+        sent = d.get("uploaded_bytes", 0)
+        what = f"{sent / 1e6:,.1f} MB uploaded" if sent else "already in the store, 0 bytes uploaded"
+        print(f"gangway: job {job_id} dataset {name!r}: {d.get('rows', 0):,} rows, {what}", file=sys.stderr)
 
 
 def load_json(data: bytes) -> Any:
@@ -175,6 +194,7 @@ class BoostingEstimator:
         self._booster = None
         self._eval_results: dict = {}
         self._input_cols: list[str] | None = None
+        self._datasets: dict[str, dict] = {}
         self.last_job: TrainingJob | None = None
 
     def fit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
@@ -185,7 +205,9 @@ class BoostingEstimator:
         ``max_failures``: retries after infrastructure failures (default ``GANGWAY_MAX_FAILURES``)."""
         job = self.submit(dataset, input_cols, label_col, eval_set, verbose_eval, weight_col=weight_col,
                           early_stopping_rounds=early_stopping_rounds, max_failures=max_failures, timeout=timeout)
-        return job.wait(None if timeout is None else timeout + 30, echo=verbose_eval is not None)
+        say_uploads(job.job_id, self._datasets)
+        return job.wait(None if timeout is None else timeout + 30, echo=check_verbose_eval(verbose_eval) is not None,
+                        cancel_on_interrupt=True)
 
     def submit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
                weight_col=None, early_stopping_rounds=None, priority: int = 0,
@@ -208,9 +230,10 @@ class BoostingEstimator:
             params.setdefault(self.thread_param, self.scaling_config.num_cpu_per_worker)
         self._check_params(params, prepared, label_col)
         opts = {"num_boost_round": self.n_estimators, "input_cols": prepared.input_cols, "label_col": label_col,
-                "weight_col": weight_col, "verbose_eval": verbose_eval,
+                "weight_col": weight_col, "verbose_eval": check_verbose_eval(verbose_eval),
                 "early_stopping_rounds": early_stopping_rounds}
         self._input_cols = prepared.input_cols
+        self._datasets = prepared.datasets
         self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority,
                                     max_failures, timeout)
         return self.last_job

@@ -41,6 +41,21 @@ class JobStatus:
     def is_terminal(self) -> bool:
         return self.state.is_terminal
 
+    def __repr__(self) -> str:
+        """One line: per-rank state and round, and the error's headline (``.error`` has the detail)."""
+        ranks = ", ".join(f"{r}: {d.get('state', '?')}" + (f"@{d['iteration']}" if d.get("iteration") else "")
+                          for r, d in sorted(self.ranks.items()))
+        extra = f", waiting={self.waiting!r}" if self.waiting and not self.is_terminal else ""
+        if self.error:
+            extra += f", error={_headline(self.error.get('message', ''))!r}"
+        return (f"JobStatus(job_id={self.job_id!r}, state={self.state.value}, attempt={self.attempt}, "
+                f"ranks={{{ranks}}}{extra})")
+
+
+def _headline(message: str, limit: int = 200) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return first if len(first) <= limit else first[:limit - 1] + "…"
+
 
 class TrainingJob:
     """A submitted job. ``wait()`` returns what ``fit``/``run`` would have returned."""
@@ -124,10 +139,16 @@ class TrainingJob:
             st = self.status()
         return st
 
-    def wait(self, timeout: float | None = None, *, echo: bool = False, progress: bool | None = None) -> Any:
-        """Block until the job ends; return its result or raise its error."""
+    def wait(self, timeout: float | None = None, *, echo: bool = False, progress: bool | None = None,
+             cancel_on_interrupt: bool = False) -> Any:
+        """Block until the job ends; return its result or raise its error.
+
+        Ctrl-C (``KeyboardInterrupt``) stops waiting and says how to reattach; with
+        ``cancel_on_interrupt`` (what ``fit``/``run`` do for the job they started) it also cancels
+        the job, unless a second Ctrl-C comes while cancelling."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        printer = _LivePrinter(self, echo, sys.stderr.isatty() if progress is None else progress)
+        printer = _LivePrinter(self, echo, sys.stderr.isatty() if progress is None else progress,
+                               announce=echo or cancel_on_interrupt)
         try:
             while True:
                 st = self.status()
@@ -138,9 +159,34 @@ class TrainingJob:
                     raise TimeoutError(f"job {self.job_id} still {st.state.value} after {timeout:g}s "
                                        f"({st.waiting or 'running'})")
                 time.sleep(_POLL)
+        except KeyboardInterrupt:
+            printer.close()
+            self._interrupted(cancel_on_interrupt)
+            raise
         finally:
             printer.close()
         return self.result()
+
+    def _interrupted(self, cancel: bool) -> None:
+        again = f"TrainingJob({self.job_id!r}).wait() reattaches, .cancel() stops it"
+        if not cancel:
+            print(f"\ngangway: stopped waiting; job {self.job_id} goes on ({again})", file=sys.stderr)
+            return
+        print(f"\ngangway: interrupted: cancelling job {self.job_id} (Ctrl-C again to leave it running)",
+              file=sys.stderr)
+        try:
+            st = self.cancel(wait=15)
+            print(f"gangway: job {self.job_id} is {st.state.value}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"gangway: job {self.job_id} left running ({again})", file=sys.stderr)
+
+    def get_eval_results(self) -> dict:
+        """``{"train": {metric: [...]}, "eval": {...}}`` of a succeeded XGBoost/LightGBM job."""
+        self.result()   # raises as wait() would for a job that did not succeed
+        results = self._eval_results(self.record())
+        if results is None:
+            raise GangwayError(f"job {self.job_id} has no eval_results.json (a {self.record().get('framework')} job)")
+        return results
 
     def result(self) -> Any:
         """The result of an ended job, without waiting."""
@@ -152,12 +198,27 @@ class TrainingJob:
         if st.state is JobState.FAILED:
             raise _error_for(self.job_id, st.error or {}, json.loads(self.record().get("history") or "[]"))
         if not self._have_result:
-            self._result = self._loader(self) if self._loader else self.record()
+            self._result = (self._loader or _load_by_framework)(self)
             self._have_result = True
         return self._result
 
     def __repr__(self) -> str:
         return f"TrainingJob({self.job_id!r})"
+
+
+def _load_by_framework(job: TrainingJob) -> Any:
+    """What ``fit``/``run`` return, from the artifacts: a job reattached by id gets the model too."""
+    framework = job.record().get("framework", "")
+    if framework == "xgboost":
+        from producer.xgboost import XGBEstimator
+        return XGBEstimator()._load(job)
+    if framework == "lightgbm":
+        from producer.lightgbm import LightGBMEstimator
+        return LightGBMEstimator()._load(job)
+    if framework == "pytorch":
+        from producer.pytorch import load_result
+        return load_result(job)
+    raise GangwayError(f"job {job.job_id}: unknown framework {framework!r}; cannot load its result")
 
 
 def _error_for(job_id: str, err: dict, history: list | None = None) -> GangwayError:
@@ -172,11 +233,16 @@ def _error_for(job_id: str, err: dict, history: list | None = None) -> GangwayEr
 class _LivePrinter:
     """Prints rank 0's eval lines as they arrive and a progress bar on a terminal."""
 
-    def __init__(self, job: TrainingJob, echo: bool, progress: bool) -> None:
+    def __init__(self, job: TrainingJob, echo: bool, progress: bool, announce: bool = False) -> None:
         self.job, self.echo, self.seen, self.bar = job, echo, 0, None
-        self.progress = progress
+        self.progress, self.announce = progress, announce or progress
+        self.waiting = ""
 
     def update(self, st: JobStatus) -> None:
+        if self.announce and not st.is_terminal and st.state is not JobState.RUNNING \
+                and st.waiting and st.waiting != self.waiting:
+            self.waiting = st.waiting   # say why nothing happens yet, once per new reason
+            print(f"gangway: job {self.job.job_id} is {st.state.value}: {st.waiting}", file=sys.stderr)
         if self.echo:
             for line in self.job.client.state.log(self.job.job_id, self.seen):
                 self.seen += 1

@@ -17,8 +17,20 @@ from producer.estimator import (
     ScalingConfig,
     feature_matrix,
 )
+from producer.validation import check_feature_names
 
 __all__ = ["LightGBMEstimator", "LightGBMScalingConfig"]
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel that points a warning at the caller's line, whether it called fit() or submit()."""
+    import os
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 GPU_WARNING = ("LightGBM's PyPI wheel has no distributed GPU learner: this job trains on the CPUs of the "
                "workers it reserves")
@@ -51,7 +63,7 @@ class LightGBMEstimator(BoostingEstimator):
     def _before_submit(self) -> None:
         device = str(self.params.get("device_type", self.params.get("device", ""))).lower()
         if self.scaling_config.use_gpu or device in ("gpu", "cuda"):
-            warnings.warn(GPU_WARNING, UserWarning, stacklevel=3)
+            warnings.warn(GPU_WARNING, UserWarning, stacklevel=_user_stacklevel())
 
     def _load_model(self, data: bytes):
         import lightgbm as lgb
@@ -61,6 +73,7 @@ class LightGBMEstimator(BoostingEstimator):
         return self.get_booster().predict(X)
 
     def _check_params(self, params: dict, prepared: Prepared, label_col: str) -> None:
+        check_feature_names("LightGBM", prepared.input_cols)
         try:
             import lightgbm as lgb
         except ImportError:

@@ -8,7 +8,10 @@ folders, and a metrics reporter.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import sysconfig
+import types
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from common.models import Resources
 from common.store import parse_s3_uri
 from producer.client import Client
 from producer.connectors import DataConnector, ShardedDataConnector
-from producer.estimator import Prepared, as_connector, check_max_failures, submit_spec
+from producer.estimator import Prepared, as_connector, check_max_failures, say_uploads, submit_spec
 from producer.jobs import TrainingJob
 
 __all__ = ["PyTorchDistributor", "PyTorchScalingConfig", "WorkerResourceConfig", "PyTorchDistributorResult",
@@ -83,11 +86,13 @@ class PyTorchDistributorResult:
 
 
 def pickle_function(func: Callable) -> bytes:
-    """cloudpickle ``func`` by value; name the object that cannot be pickled when it fails."""
+    """cloudpickle ``func`` by value, with the user's own modules it uses (files outside the installed
+    packages and the standard library: the fleet does not have them); name the object that cannot be
+    pickled when it fails."""
     import cloudpickle
-    module = sys.modules.get(getattr(func, "__module__", "") or "")
-    if module is not None and module.__name__ not in ("__main__", "builtins"):
-        cloudpickle.register_pickle_by_value(module)   # the fleet need not have the caller's module
+    modules = user_modules(func)
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
     try:
         return cloudpickle.dumps(func)
     except Exception as exc:
@@ -95,8 +100,55 @@ def pickle_function(func: Callable) -> bytes:
         raise ValidationError(f"train_func {getattr(func, '__qualname__', func)!r} cannot be pickled: "
                               f"{culprit or f'{type(exc).__name__}: {exc}'}") from exc
     finally:
-        if module is not None and module.__name__ not in ("__main__", "builtins"):
+        for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def user_modules(func: Callable) -> list:
+    """The not-installed modules ``func`` reaches through its module, globals and closure (one level:
+    what its code names), e.g. ``from mylib import Model`` next to the user's script."""
+    found: dict[str, types.ModuleType] = {}
+
+    def consider(obj: Any) -> None:
+        module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", "") or "")
+        if module is not None and _is_users_own(module):
+            found.setdefault(module.__name__, module)
+
+    consider(func)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        g = getattr(func, "__globals__", {})
+        for name in _code_names(code):
+            if name in g:
+                consider(g[name])
+        for cell in getattr(func, "__closure__", None) or ():
+            try:
+                consider(cell.cell_contents)
+            except ValueError:   # an empty cell
+                pass
+    return list(found.values())
+
+
+def _code_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _is_users_own(module) -> bool:
+    """A module from a file outside site-packages and the standard library (not gangway itself)."""
+    name = module.__name__
+    if name in ("__main__", "builtins") or name.split(".")[0] in ("producer", "workers", "common"):
+        return False
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    real = os.path.realpath(path)
+    return not any(real.startswith(os.path.realpath(p) + os.sep) for p in installed if p) and \
+        "site-packages" not in real.split(os.sep) and "dist-packages" not in real.split(os.sep)
 
 
 def _unpicklable_reference(func: Callable) -> str:
@@ -128,6 +180,7 @@ class PyTorchDistributor:
         self.train_func = train_func
         self.scaling_config = scaling_config or PyTorchScalingConfig()
         self.last_job: TrainingJob | None = None
+        self._datasets: dict[str, dict] = {}
 
     def run(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
             artifact_stage_location: str | None = None, timeout: float | None = None,
@@ -136,7 +189,8 @@ class PyTorchDistributor:
         job = self.submit(dataset_map=dataset_map, hyper_params=hyper_params,
                           artifact_stage_location=artifact_stage_location, max_failures=max_failures,
                           timeout=timeout)
-        return job.wait(None if timeout is None else timeout + 30, echo=True)
+        say_uploads(job.job_id, self._datasets)
+        return job.wait(None if timeout is None else timeout + 30, echo=True, cancel_on_interrupt=True)
 
     def submit(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
                artifact_stage_location: str | None = None, priority: int = 0,
@@ -148,7 +202,7 @@ class PyTorchDistributor:
         blob = pickle_function(self.train_func)
         resources = self.scaling_config.resources()
         client.check_capacity(resources)
-        datasets = _materialise_map(client, dataset_map or {})
+        datasets = self._datasets = _materialise_map(client, dataset_map or {})
         func_key = f"functions/{hashlib.sha256(blob).hexdigest()}.pkl"
         client.store.ensure_bucket(client.settings.data_bucket)
         if not client.store.exists(client.settings.data_bucket, func_key):
@@ -156,7 +210,7 @@ class PyTorchDistributor:
         opts = {"func_uri": f"s3://{client.settings.data_bucket}/{func_key}", "hyper_params": hyper_params,
                 "artifact_stage_location": stage, "func_name": getattr(self.train_func, "__qualname__", "")}
         prepared = Prepared(datasets=datasets, input_cols=[], sample=None)
-        self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, _load_result, priority,
+        self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, load_result, priority,
                                     max_failures, timeout)
         return self.last_job
 
@@ -201,7 +255,7 @@ def _materialise_map(client: Client, dataset_map: dict) -> dict[str, dict]:
     return out
 
 
-def _load_result(job: TrainingJob) -> PyTorchDistributorResult:
+def load_result(job: TrainingJob) -> PyTorchDistributorResult:
     import json
     rec = job.record()
     summary = json.loads(rec.get("rank0_summary") or "{}")

@@ -84,3 +84,17 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False, minim
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValidationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# Characters the libraries refuse in feature names (XGBoost: ``[``, ``]``, ``<``; LightGBM: JSON's specials).
+FORBIDDEN_NAME_CHARS = {"XGBoost": "[]<", "LightGBM": '",:[]{}'}
+
+
+def check_feature_names(framework: str, names: list[str]) -> None:
+    """Refuse, naming them, the columns whose names the framework cannot take."""
+    chars = FORBIDDEN_NAME_CHARS[framework]
+    bad = [n for n in names if any(c in n for c in chars)]
+    if bad:
+        fixed = {n: "".join("_" if c in chars else c for c in n) for n in bad}
+        raise ValidationError(f"{framework} does not accept feature names containing any of {list(chars)}: {bad}; "
+                              f"rename those columns, e.g. df.rename(columns={fixed})")

@@ -10,6 +10,7 @@ from producer.estimator import (
     ScalingConfig,
     feature_matrix,
 )
+from producer.validation import check_feature_names
 
 __all__ = ["XGBEstimator", "XGBScalingConfig"]
 
@@ -48,6 +49,7 @@ class XGBEstimator(BoostingEstimator):
     def _check_params(self, params: dict, prepared: Prepared, label_col: str) -> None:
         """Train one round on a small local sample, so the library's own message about bad
         params reaches the caller before anything is queued."""
+        check_feature_names("XGBoost", prepared.input_cols)
         try:
             import xgboost as xgb
         except ImportError:

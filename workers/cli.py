@@ -165,9 +165,10 @@ def jobs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.argument("job_id")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="Also draw its eval curves and timeline (per rank) to this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="The raw job record, ranks and log tail as JSON.")
 @click.pass_context
-def jobs_show(ctx: click.Context, job_id: str, plot_path: str | None) -> None:
-    """One job: state, gang, ranks, error, log."""
+def jobs_show(ctx: click.Context, job_id: str, plot_path: str | None, as_json: bool) -> None:
+    """One job: state, attempts, ranks, error headline and log tail (--json: the whole record)."""
     from common.state import State, connect
     state = State(connect(_settings(ctx)))
     job = state.job(job_id)
@@ -176,7 +177,7 @@ def jobs_show(ctx: click.Context, job_id: str, plot_path: str | None) -> None:
     out = {k: _maybe_json(v) for k, v in job.items()}
     out["ranks"] = state.ranks(job_id)
     out["log"] = state.log(job_id)[-20:]
-    click.echo(json.dumps(out, indent=2, default=str))
+    click.echo(json.dumps(out, indent=2, default=str) if as_json else job_summary(job_id, out))
     if plot_path:
         from producer.jobs import TrainingJob
         try:
@@ -197,6 +198,37 @@ def jobs_cancel(ctx: click.Context, job_id: str) -> None:
     except GangwayError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{job_id}: {st.state.value}")
+
+
+def job_summary(job_id: str, job: dict) -> str:
+    """What a person wants from `jobs show`: a dozen lines, not the record."""
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    lines = [f"job {job_id}: {job.get('state', '?')} ({job.get('framework', '?')}, attempt {job.get('attempt', 0)}"
+             f" of {int(spec.get('max_failures') or 0) + 1})",
+             f"  submitted {_clock(job, 'submitted_at')}  started {_clock(job, 'started_at')}  finished {_clock(job, 'finished_at')}"]
+    if job.get("waiting") and job.get("state") == "PENDING":
+        lines.append(f"  waiting: {job['waiting']}")
+    gang = (job.get("gang") or {}).get("workers", []) if isinstance(job.get("gang"), dict) else []
+    for rank, r in sorted(job.get("ranks", {}).items(), key=lambda kv: int(kv[0])):
+        worker = r.get("worker") or (gang[int(rank)] if int(rank) < len(gang) else "?")
+        it = f" round {r['iteration']}/{r.get('total', '?')}" if r.get("iteration") is not None else ""
+        lines.append(f"  rank {rank}: {r.get('state', '?'):<10} on {worker}{it}")
+    err = job.get("error") if isinstance(job.get("error"), dict) else None
+    if err:
+        head = (err.get("message") or "").strip().splitlines()[:1]
+        lines.append(f"  error: {err.get('type', 'Error')}: {head[0][:300] if head else ''}")
+        for rank, e in sorted((err.get("rank_errors") or {}).items()):
+            msg = (e.get("message") or "").strip().splitlines()[:1]
+            lines.append(f"    rank {rank}: {e.get('type', 'Error')}: {msg[0][:200] if msg else ''}")
+    if job.get("log"):
+        lines.append("  log (last lines):")
+        lines += [f"    {line}" for line in job["log"][-8:]]
+    lines.append(f"  (`gangway jobs show {job_id} --json` for the whole record)")
+    return "\n".join(lines)
+
+
+def _clock(job: dict, key: str) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(float(job[key]))) if job.get(key) else "-"
 
 
 def _maybe_json(v: str):

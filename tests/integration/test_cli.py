@@ -63,7 +63,10 @@ def test_jobs_lists_jobs_and_show_gives_one_with_its_ranks(fleet, fleet_settings
     job_id = est.last_job.job_id
     listing = json.loads(gangway(fleet_settings, "jobs", "--json").stdout)
     assert {"job_id": job_id, "state": "SUCCEEDED"}.items() <= next(j for j in listing if j["job_id"] == job_id).items()
-    shown = json.loads(gangway(fleet_settings, "jobs", "show", job_id).stdout)
+    shown = json.loads(gangway(fleet_settings, "jobs", "show", job_id, "--json").stdout)
+    human = gangway(fleet_settings, "jobs", "show", job_id).stdout
+    assert human.startswith(f"job {job_id}: SUCCEEDED (xgboost, attempt 1 of ") and "rank 1: SUCCEEDED" in human
+    assert len(human.splitlines()) < 25
     assert shown["state"] == "SUCCEEDED" and set(shown["ranks"]) == {"0", "1"}
     assert fleet_settings.s3_secret_key not in json.dumps(shown)
     assert gangway(fleet_settings, "jobs", "show", "nope", ok=False).returncode != 0

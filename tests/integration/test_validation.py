@@ -85,7 +85,7 @@ def test_invalid_xgboost_params_reach_the_caller_in_the_librarys_words(fleet, df
 def test_wrong_argument_types_are_refused(fleet, df):
     with pytest.raises(ValidationError, match="input_cols must be a list"):
         _est().fit(df, "age", "risk")
-    with pytest.raises(ValidationError, match="verbose_eval must be None or an integer"):
+    with pytest.raises(ValidationError, match="verbose_eval must be a bool or an integer"):
         _est().fit(df, FEATURES, "risk", verbose_eval="10")
     with pytest.raises(ValidationError, match="dataset: cannot make a DataConnector from builtins.list"):
         _est().fit([1, 2, 3], FEATURES, "risk")

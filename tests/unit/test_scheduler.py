@@ -149,3 +149,9 @@ def test_a_4_worker_gang_is_placed_within_one_job_length_under_a_stream_of_1_wor
     assert started["gang"] <= 3
     later = [j for j in started if j.startswith("s") and int(j[1:]) >= 5]
     assert later and all(started[j] >= started["gang"] for j in later)
+
+
+def test_a_waiting_reason_names_the_jobs_that_hold_the_workers():
+    from workers.coordinator.scheduler import shortage
+    reason = shortage(Resources(2), [w("a", job="job-1"), w("b", job="job-2"), w("c")])
+    assert reason == "waiting for 2 workers: 1 of 3 live workers are free (held by job job-1, job-2)"

@@ -147,7 +147,9 @@ def shortage(resources: Resources, workers: Sequence[WorkerView]) -> str:
     free = [w for w in workers if w.free]
     want = "all free workers" if resources.num_workers == -1 else f"{resources.num_workers} workers"
     kind = " with a GPU" if resources.use_gpu else ""
-    return f"waiting for {want}{kind}: {len(free)} of {sum(w.alive for w in workers)} live workers are free"
+    holders = sorted({w.job_id for w in workers if w.alive and w.job_id and w.job_id != "(planned)"})
+    held = f" (held by job {', '.join(holders[:3])}{' …' if len(holders) > 3 else ''})" if holders else ""
+    return f"waiting for {want}{kind}: {len(free)} of {sum(w.alive for w in workers)} live workers are free{held}"
 
 
 def compute_rendezvous(gang: Sequence[WorkerView]) -> Rendezvous:

@@ -41,7 +41,13 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     bucket, key = parse_s3_uri(spec["train"]["func_uri"])
     blob = warm_store(settings).get(bucket, key)
     verify_blob(blob, key)   # the signed spec names the blob by its hash: nothing else is unpickled
-    func = restore_filenames(cloudpickle.loads(blob))   # tracebacks name the user's file
+    try:
+        func = restore_filenames(cloudpickle.loads(blob))   # tracebacks name the user's file
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"train_func needs module {exc.name!r}, which worker {settings.worker_id or '?'} cannot import: install "
+            "it on the fleet's workers, or keep it as a file beside your script (gangway ships modules outside "
+            "site-packages by value)", name=exc.name) from exc
     prep = Prepared(payload, settings, fetch_datasets(settings, spec["datasets"], world, rank), func)
     if rank == 0:
         prep.published["master_port"] = free_master_port(settings)
