@@ -149,7 +149,8 @@ def say_uploads(job_id: str, datasets: dict[str, dict]) -> None:
     """One line at the caller per dataset: what was sent, or that the store already had it."""
     for name, d in datasets.items():
         sent = d.get("uploaded_bytes", 0)
-        what = f"{sent / 1e6:,.1f} MB uploaded" if sent else "already in the store, 0 bytes uploaded"
+        size = f"{sent / 1e6:,.1f} MB" if sent >= 1e6 else f"{sent / 1e3:,.1f} kB"
+        what = f"{size} uploaded" if sent else "already in the store, 0 bytes uploaded"
         print(f"gangway: job {job_id} dataset {name!r}: {d.get('rows', 0):,} rows, {what}", file=sys.stderr)
 
 

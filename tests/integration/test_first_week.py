@@ -88,7 +88,7 @@ def test_a_job_reattached_by_id_returns_the_booster_and_its_eval_results(fleet, 
     again = other_process_view.wait(30)
     assert type(again) is type(booster) and again.num_boosted_rounds() == 8
     import xgboost as xgb
-    X = xgb.DMatrix(df[FEATURES].to_numpy())
+    X = xgb.DMatrix(df[FEATURES].to_numpy(), feature_names=FEATURES)
     assert rmse(again.predict(X), booster.predict(X)) == 0.0
     assert other_process_view.get_eval_results() == est.get_eval_results()
     assert_nothing_left(fleet, state, fleet_settings, est.last_job, artifacts=XGB_ARTIFACTS)
@@ -110,7 +110,7 @@ def test_fit_says_when_the_data_was_already_in_the_store(fleet, capsys):
     first = capsys.readouterr().err
     est.fit(df, FEATURES, "risk")
     second = capsys.readouterr().err
-    assert "MB uploaded" in first and "dataset 'train': 2,500 rows, already in the store, 0 bytes uploaded" in second
+    assert "kB uploaded" in first and "dataset 'train': 2,500 rows, already in the store, 0 bytes uploaded" in second
 
 
 def test_column_names_xgboost_forbids_are_named_at_the_caller(fleet):
