@@ -34,7 +34,8 @@ class Settings:
     # Port block of one worker "first-last"; the local fleet gives worker i the i-th block.
     worker_ports: str = "29500-29509"
     worker_id: str = ""
-    worker_host: str = "127.0.0.1"
+    worker_host: str = ""          # the address peers dial; "" = this host's address on the route to the broker
+    bind: str = "127.0.0.1"        # where `gangway up` binds the Redis and S3 it starts (not loopback: a password)
     worker_gpus: str = ""          # "" = detect; "none" = no GPU; "0" = CUDA device 0
     worker_cpus: int = 0           # 0 = all cores of the host / number of workers
     metrics_port: int = 0          # 0 = no metrics endpoint
@@ -161,3 +162,20 @@ def _coerce(name: str, typ, raw: str):
     except ValueError as exc:
         raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {typ}") from exc
     return raw
+
+
+def advertised_host(settings: Settings) -> Settings:
+    """``settings`` with ``worker_host`` filled in: the local address of the route to the broker, which is
+    the address the broker's other clients (peers, the coordinator) can reach this host at."""
+    if settings.worker_host:
+        return settings
+    import socket
+    u = urlsplit(settings.broker_url)
+    host, port = u.hostname or "127.0.0.1", u.port or 6379
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))   # UDP: picks the route and source address, sends nothing
+            address = s.getsockname()[0]
+    except OSError:
+        address = "127.0.0.1"
+    return settings.replace(worker_host=address)

@@ -9,7 +9,7 @@ import time
 from celery import signals
 
 from common import keys, metrics
-from common.settings import Settings
+from common.settings import Settings, advertised_host
 from common.state import State, connect
 from workers.celery_app import make_app
 from workers.coordinator.gauges import fleet_gauges
@@ -18,7 +18,7 @@ from workers.coordinator.tasks import register
 
 log = logging.getLogger(__name__)
 
-settings = Settings.from_env()
+settings = advertised_host(Settings.from_env())
 app = make_app(settings)
 coordinator = Coordinator(settings, State(connect(settings, ride_out=True)), app)
 register(app, coordinator)

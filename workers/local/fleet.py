@@ -74,6 +74,7 @@ class Fleet:
     # start -----------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
+        self.settings = services.bound_settings(self.settings)
         try:
             self._start_redis(deadline)
             self._start_s3(deadline)
@@ -97,7 +98,8 @@ class Fleet:
                                      "GANGWAY_BROKER_URL at it")
         password = urlsplit(self.settings.broker_url).password
         password = unquote(password) if password else None
-        self._spawn("redis", services.redis_command(port, str(data), password, self.settings.redis_appendfsync))
+        self._spawn("redis", services.redis_command(port, str(data), password, self.settings.redis_appendfsync,
+                                                    bind=self.settings.bind))
         self._wait(lambda: services.port_open(host, port), deadline, f"redis-server on port {port}")
 
     def _start_s3(self, deadline: float) -> None:
@@ -107,7 +109,7 @@ class Fleet:
         else:
             data = self.home / "s3"
             data.mkdir(parents=True, exist_ok=True)
-            self._spawn("s3", services.weed_command(port, str(data)),
+            self._spawn("s3", services.weed_command(port, str(data), bind=self.settings.bind),
                         services.weed_env(self.settings.s3_access_key, self.settings.s3_secret_key))
             self._wait(lambda: services.port_open(host, port), deadline, f"weed mini S3 on port {port}")
         store = S3Store(self.settings)

@@ -9,9 +9,10 @@ import sys
 import sysconfig
 from contextlib import closing
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from common.errors import ConfigurationError
+from common.settings import Settings
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,7 +71,38 @@ def s3_address(endpoint: str) -> tuple[str, int]:
 AOF_MODES = ("always", "everysec", "no", "off")
 
 
-def redis_command(port: int, data_dir: str, password: str | None = None, appendfsync: str = "off") -> list[str]:
+def is_loopback(address: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def bound_settings(settings: Settings) -> Settings:
+    """Settings of a control host that binds its servers to ``settings.bind``: off loopback, Redis needs a
+    password (anyone on that network could run code on the fleet), and the broker and S3 URLs that name
+    loopback name the bind address instead, so what `gangway up` prints is what worker hosts use."""
+    bind = settings.bind
+    if is_loopback(bind):
+        return settings
+    url = urlsplit(settings.broker_url)
+    if not url.password:
+        raise ConfigurationError(
+            f"--bind {bind} serves Redis off loopback, so it needs a password: set "
+            f"GANGWAY_BROKER_URL=redis://:PASSWORD@{bind}:{url.port or 6379}/0 (worker hosts use the same URL)")
+    changes = {}
+    if is_loopback(url.hostname or "127.0.0.1"):
+        changes["broker_url"] = urlunsplit(url._replace(netloc=url.netloc.rsplit("@", 1)[0] + "@" +
+                                                        f"{bind}:{url.port or 6379}"))
+    s3 = urlsplit(settings.s3_url)
+    if is_loopback(s3.hostname or "127.0.0.1"):
+        changes["s3_endpoint"] = urlunsplit(s3._replace(netloc=f"{bind}:{s3.port or 80}"))
+    return settings.replace(**changes)
+
+
+def redis_command(port: int, data_dir: str, password: str | None = None, appendfsync: str = "off",
+                  bind: str = "127.0.0.1") -> list[str]:
     """A redis-server on ``data_dir``; with ``password`` (from the broker URL) it requires AUTH.
 
     ``appendfsync`` other than ``off`` turns the append-only file on with that fsync policy, so a
@@ -78,7 +110,7 @@ def redis_command(port: int, data_dir: str, password: str | None = None, appendf
     if appendfsync not in AOF_MODES:
         raise ConfigurationError(f"GANGWAY_REDIS_APPENDFSYNC={appendfsync!r}: expected one of {list(AOF_MODES)}")
     aof = ["--appendonly", "no"] if appendfsync == "off" else ["--appendonly", "yes", "--appendfsync", appendfsync]
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+    cmd = [redis_binary(), "--port", str(port), "--bind", bind, "--save", "", *aof,
            "--dir", data_dir, "--protected-mode", "no"]
     # The password goes in a 0600 config file, never on a command line that others can read in ps.
     if password:
@@ -95,10 +127,10 @@ def redis_command(port: int, data_dir: str, password: str | None = None, appendf
     return cmd
 
 
-def weed_command(s3_port: int, data_dir: str) -> list[str]:
-    ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
-    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-    return [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+def weed_command(s3_port: int, data_dir: str, bind: str = "127.0.0.1") -> list[str]:
+    ports = {name: free_port(bind) for name in ("master", "volume", "filer", "admin")}
+    grpc = {name: free_port(bind) for name in ("master", "volume", "filer", "s3", "admin")}
+    return [weed_binary(), "mini", f"-dir={data_dir}", f"-ip={bind}", f"-ip.bind={bind}",
             f"-s3.port={s3_port}", f"-s3.port.grpc={grpc['s3']}",
             f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
             f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",

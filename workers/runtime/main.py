@@ -12,7 +12,7 @@ import os
 from celery import signals
 
 from common import metrics
-from common.settings import Settings
+from common.settings import Settings, advertised_host
 from common.state import State, connect
 from workers.celery_app import make_app
 from workers.runtime.gpus import gpu_gauges, worker_gpus
@@ -22,7 +22,7 @@ from workers.runtime.supervisor import Standby
 
 log = logging.getLogger(__name__)
 
-settings = Settings.from_env()
+settings = advertised_host(Settings.from_env())   # peers dial this address
 app = make_app(settings)
 GPUS = worker_gpus(settings.worker_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 INFO = worker_info(settings, GPUS)

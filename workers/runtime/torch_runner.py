@@ -11,6 +11,7 @@ from common.signing import verify_blob
 from common.store import parse_s3_uri
 from workers.runtime import torch_context
 from workers.runtime.events import Emitter
+from workers.runtime.netif import interface_of
 from workers.runtime.pickled_code import restore_filenames
 from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
@@ -137,6 +138,10 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
                        "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(node_rank),
                        "GROUP_RANK": str(node_rank)})
     os.environ.setdefault("OMP_NUM_THREADS", str(prep.settings.worker_cpus or 1))
+    ifname = interface_of(prep.settings.worker_host)
+    if ifname:   # gloo (and NCCL's bootstrap) on the interface peers dial, not the hostname's guess
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
     _pin_gpus(prep, local_rank)
     metrics: dict = {}
 

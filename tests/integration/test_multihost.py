@@ -1,0 +1,167 @@
+"""Gangs across real hosts: a control host (`gangway up --workers 0 --bind ADDR`) and two worker hosts
+(`gangway up --workers 2` in their own network namespace, hostname, home and temp dir), as
+docs/operations.md tells an operator to run them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import IN_CI, private_fleet_settings, running_fleet
+from tests.integration.helpers import (
+    FEATURES,
+    XGB_ARTIFACTS,
+    all_workers_idle,
+    assert_nothing_left,
+    regression_frame,
+    rmse,
+    wait_until,
+)
+from tests.integration.hosts import Network, namespaces_unavailable
+from tests.integration.up import gangway_up
+from workers.local import services
+
+pytestmark = [pytest.mark.integration, pytest.mark.multihost]
+
+
+class MultiHost:
+    def __init__(self, net: Network, up, settings) -> None:
+        self.net, self.up, self.settings = net, up, settings
+
+    @property
+    def started(self):
+        """Every worker process on every host (for assert_nothing_left)."""
+        return self.up.started + [s for h in self.net.hosts for s in _host_started(h)]
+
+
+def _host_started(host):
+    from tests.integration.up import _Proc, _Started
+    out = []
+    for path in (host.home / "supervisor").glob("*.json"):
+        for name, p in json.loads(path.read_text())["processes"].items():
+            out.append(_Started(name, _Proc(p["pid"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(fleet):
+    why = namespaces_unavailable()
+    if why:
+        pytest.fail(why) if IN_CI else pytest.skip(why)
+    from common.state import State, connect
+    with Network(2) as net:
+        base = private_fleet_settings()
+        settings = base.replace(broker_url=f"redis://:multi-host-pw@{net.control}:{services.free_port()}/0",
+                                s3_endpoint=f"{net.control}:{services.free_port()}")   # MinIO's host:port form
+        with gangway_up(settings, 0, "--bind", net.control) as up:
+            env = {**os.environ, **settings.as_env()}
+            for k in ("GANGWAY_HOME", "GANGWAY_WORKER_HOST", "GANGWAY_BIND"):
+                env.pop(k, None)   # each host its own home; each worker finds its own address
+            for host in net.hosts:
+                host.popen([sys.executable, "-m", "workers.cli", "up", "--workers", "2"], env,
+                           host.home / "up.out")
+            state = State(connect(settings))
+            wait_until(lambda: len([w for w in state.workers() if w.alive]) == 4, 180,
+                       "4 workers on 2 hosts to register")
+            yield MultiHost(net, up, settings), state, settings
+
+
+def test_each_worker_advertises_its_hosts_address_and_hostname(cluster):
+    mh, state, _ = cluster
+    seen = {(w.info.host, w.info.address) for w in state.workers() if w.alive}
+    assert seen == {(h.name, h.address) for h in mh.net.hosts}
+    out = (mh.net.hosts[0].home / "up.out").read_text()
+    assert "started: worker-" in out and "reused: redis at" in out and "coordinator" in out
+
+
+def test_xgboost_on_4_workers_across_2_hosts_equals_the_single_host_model(cluster):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    mh, state, settings = cluster
+    df = regression_frame(12000, seed=171)
+    params = {"max_depth": 4, "tree_method": "hist", "seed": 0}
+    est = XGBEstimator(n_estimators=20, params=params, scaling_config=XGBScalingConfig(num_workers=4))
+    booster = est.fit(df, FEATURES, "risk", timeout=240)
+    ranks = est.last_job.status().ranks
+    assert len({_host_of(state, r["worker"]) for r in ranks.values()}) == 2   # the gang spans both hosts
+    for h in mh.net.hosts:   # each host fetched its own shards from S3 into its own cache
+        assert any((h.home / "chunk-cache").rglob("*")), f"{h.name}: its chunk cache is empty"
+    assert_nothing_left(mh, state, settings, est.last_job, artifacts=XGB_ARTIFACTS)
+    single = private_fleet_settings()
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GANGWAY_")}
+    with running_fleet(single, workers=4):
+        one_host = XGBEstimator(n_estimators=20, params=params, scaling_config=XGBScalingConfig(num_workers=4))
+        reference = one_host.fit(df, FEATURES, "risk", timeout=240)
+    os.environ.update(saved)
+    import xgboost as xgb
+    X = xgb.DMatrix(df[FEATURES].to_numpy(), feature_names=FEATURES)
+    assert rmse(booster.predict(X), reference.predict(X)) < 1e-6
+
+
+def test_lightgbm_on_4_workers_across_2_hosts_trains(cluster):
+    from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    mh, state, settings = cluster
+    df = regression_frame(12000, seed=172)
+    est = LightGBMEstimator(n_estimators=20, params={"num_leaves": 15, "verbose": -1},
+                            scaling_config=LightGBMScalingConfig(num_workers=4))
+    booster = est.fit(df, FEATURES, "risk", timeout=240)
+    assert booster.num_trees() == 20 and rmse(booster.predict(df[FEATURES]), df["risk"]) < 0.3
+    assert len({_host_of(state, r["worker"]) for r in est.last_job.status().ranks.values()}) == 2
+    assert_nothing_left(mh, state, settings, est.last_job, artifacts=("eval_results.json", "metadata.json",
+                                                                      "model.txt"))
+
+
+def _ddp_topology():
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from producer.pytorch import get_context
+    ctx = get_context()
+    dist.init_process_group(ctx.get_default_backend())
+    t = torch.tensor([float(ctx.get_rank())])
+    dist.all_reduce(t)
+    env = {k: os.environ[k] for k in ("MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    row = [ctx.get_rank(), ctx.get_local_rank(), ctx.get_local_world_size(), ctx.get_node_rank(),
+           socket.gethostname(), env]
+    gathered = [None] * ctx.get_world_size()
+    dist.all_gather_object(gathered, row)
+    dist.destroy_process_group()
+    ctx.get_metrics_reporter().log_metrics({"sum": float(t.item()), "rows": json.dumps(gathered)})
+
+
+def test_ddp_with_2_nodes_of_2_workers_sees_a_host_master_address_and_consistent_ranks(cluster):
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
+    mh, state, settings = cluster
+    result = PyTorchDistributor(_ddp_topology, PyTorchScalingConfig(num_nodes=2, num_workers_per_node=2)).run(
+        timeout=240)
+    metrics = result.get_metrics()
+    assert metrics["sum"] == 0 + 1 + 2 + 3
+    rows = json.loads(metrics["rows"])
+    hosts = {h.name: h.address for h in mh.net.hosts}
+    master = rows[0][5]["MASTER_ADDR"]
+    assert master in hosts.values()
+    by_node = {}
+    for rank, local_rank, local_world, node_rank, hostname, env in rows:
+        assert local_world == 2 and env["RANK"] == str(rank) and env["LOCAL_RANK"] == str(local_rank)
+        assert env["MASTER_ADDR"] == master
+        by_node.setdefault(node_rank, set()).add((hostname, local_rank))
+    assert sorted(by_node) == [0, 1] and all(len({h for h, _ in v}) == 1 and {lr for _, lr in v} == {0, 1}
+                                             for v in by_node.values())
+    assert hosts[next(iter(by_node[0]))[0]] == master   # node 0 is the master's host
+
+
+def test_three_nodes_on_two_worker_hosts_is_refused_at_the_caller_with_both_numbers(cluster):
+    from common.errors import PlacementError
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
+    _, state, _ = cluster
+    with pytest.raises(PlacementError, match=r"num_nodes=3 x num_workers_per_node=1 requested but the fleet's "
+                                             r"eligible workers per host are \{'host1': 2, 'host2': 2\}"):
+        PyTorchDistributor(_ddp_topology, PyTorchScalingConfig(num_nodes=3, num_workers_per_node=1)).run()
+    assert all_workers_idle(state)
+
+
+def _host_of(state, worker_id: str) -> str:
+    return next(w.info.host for w in state.workers() if w.info.worker_id == worker_id)
