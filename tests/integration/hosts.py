@@ -66,8 +66,18 @@ class Host:
     def heal(self) -> None:
         _ip("link", "set", self.veth, "up")
 
+    def cut_from(self, address: str) -> None:
+        """Drop this host's packets to ``address`` silently (a partition from that host alone)."""
+        _ip("route", "add", "blackhole", f"{address}/32", ns=self.ns)
+
+    def rejoin(self, address: str) -> None:
+        _ip("route", "del", "blackhole", f"{address}/32", ns=self.ns, check=False)
+
     def delay(self, ms: int) -> None:
         subprocess.run(["tc", "qdisc", "replace", "dev", self.veth, "root", "netem", "delay", f"{ms}ms"], check=True)
+
+    def undelay(self) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", self.veth, "root"], capture_output=True)
 
     def stop(self, grace: float = 60.0) -> None:
         for proc in self.procs:
