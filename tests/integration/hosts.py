@@ -37,6 +37,19 @@ def namespaces_unavailable() -> str:
     return ""
 
 
+def netem_unavailable() -> str:
+    """'' when ``tc qdisc … netem`` works here, else why not (a kernel without ``sch_netem``)."""
+    probe = f"gwnetem{os.getpid()}"
+    if subprocess.run(["ip", "link", "add", probe, "type", "dummy"], capture_output=True).returncode != 0:
+        return "cannot create a dummy link to probe netem"
+    try:
+        out = subprocess.run(["tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms"],
+                             capture_output=True, text=True)
+        return "" if out.returncode == 0 else f"tc netem is not available in this kernel: {out.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "link", "del", probe], capture_output=True)
+
+
 @dataclass
 class Host:
     name: str          # hostname inside its UTS namespace
