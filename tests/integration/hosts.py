@@ -40,8 +40,9 @@ def namespaces_unavailable() -> str:
 def netem_unavailable() -> str:
     """'' when ``tc qdisc … netem`` works here, else why not (a kernel without ``sch_netem``)."""
     probe = f"gwnetem{os.getpid()}"
-    if subprocess.run(["ip", "link", "add", probe, "type", "dummy"], capture_output=True).returncode != 0:
-        return "cannot create a dummy link to probe netem"
+    if subprocess.run(["ip", "link", "add", probe, "type", "veth", "peer", "name", probe + "p"],
+                      capture_output=True).returncode != 0:
+        return "cannot create a veth pair to probe netem"
     try:
         out = subprocess.run(["tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms"],
                              capture_output=True, text=True)
