@@ -83,24 +83,34 @@ class State:
         return out
 
     def transition(self, job_id: str, allowed_from: Iterable[JobState], to: JobState,
-                   token: str = "", **fields: Any) -> JobState | None:
-        """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state."""
+                   token: str = "", *, expire_after: float | None = None, **fields: Any) -> JobState | None:
+        """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state.
+
+        One atomic step (``transition.lua``): leaving RUNNING also frees the workers the ending attempt
+        holds and removes the job from the running set; reaching a terminal state with ``expire_after``
+        seconds sets the job's keys to expire."""
         allowed_from = tuple(allowed_from)
         illegal = [s.value for s in allowed_from if to not in ALLOWED_TRANSITIONS[s]]
         if illegal:   # a caller asking for a move the state machine does not have is a bug
             raise ValueError(f"no transition {illegal} -> {to.value} in models.ALLOWED_TRANSITIONS")
-        args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token]
+        args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token, keys.worker(""),
+                           str(int(expire_after)) if expire_after else ""]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        prev = self._transition(keys=[keys.job(job_id), keys.PENDING], args=args)
+        prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.job_ranks(job_id),
+                                      keys.job_log(job_id)], args=args)
         return JobState(prev) if prev else None
 
     def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
                      lines: Iterable[str] = ()) -> bool:
-        """Write rank status and/or log lines if ``token`` is still the job's current one."""
+        """Write rank status and/or log lines if ``token`` is still the job's current one; every accepted
+        write renews the rank's lease (a key with a Redis-side TTL, so no two hosts' clocks are compared)."""
         args = [token, str(rank), json.dumps(status) if status else "", *lines]
-        return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id)],
-                                 args=args))
+        return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id),
+                                       keys.rank_lease(job_id, token, rank)], args=args))
+
+    def rank_lease_alive(self, job_id: str, token: str, rank: int) -> bool:
+        return bool(self.r.exists(keys.rank_lease(job_id, token, rank)))
 
     # workers --------------------------------------------------------------
     def workers(self) -> list[WorkerView]:
