@@ -124,3 +124,10 @@ def test_a_worker_dead_longer_than_the_ttl_leaves_the_registry_but_live_or_busy_
     assert not r.exists(keys.worker("gone"))
     _worker(state, "gone", 29500)   # it comes back: registered afresh, no stale dead mark
     assert r.hget(keys.worker("gone"), "dead_since") is None
+
+
+def test_a_fencing_token_is_not_issued_twice_when_redis_loses_the_counters_last_increment(r):
+    fence = Reservations(r)
+    first = fence.next_token()
+    r.decr(keys.FENCE)   # the increment was lost with the last second of the append-only file
+    assert fence.next_token() != first
