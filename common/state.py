@@ -135,17 +135,21 @@ class State:
         pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "0"})
         pipe.hdel(keys.worker(info.worker_id), "dead_since")
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
+        pipe.persist(keys.worker(info.worker_id))   # a worker back under a deregistered id keeps its hash
         pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
         pipe.execute()
 
     def heartbeat(self, worker_id: str, ttl: float) -> None:
         self.r.set(keys.worker_alive(worker_id), str(time.time()), px=int(ttl * 1000))
 
-    def deregister_worker(self, worker_id: str) -> None:
+    def deregister_worker(self, worker_id: str, keep_seconds: float = 86400) -> None:
+        """Leave the registry. The worker's hash stays ``keep_seconds`` (a reaper may still read what job it
+        held), then goes: ids are new on every start, so a hash without a TTL would pile up."""
         pipe = self.r.pipeline()
         pipe.delete(keys.worker_alive(worker_id))
         pipe.srem(keys.WORKERS, worker_id)
         pipe.hdel(keys.worker(worker_id), "info")
+        pipe.expire(keys.worker(worker_id), max(1, int(keep_seconds)))
         pipe.execute()
 
     def prune_dead_workers(self, views, older_than: float) -> list[str]:

@@ -131,3 +131,14 @@ def test_a_fencing_token_is_not_issued_twice_when_redis_loses_the_counters_last_
     first = fence.next_token()
     r.decr(keys.FENCE)   # the increment was lost with the last second of the append-only file
     assert fence.next_token() != first
+
+
+def test_a_cleanly_stopped_worker_leaves_no_key_without_a_ttl_and_one_back_under_its_id_keeps_its_own(r):
+    state = State(r)
+    for pid in range(3):   # three restarts of one host's worker, a new id each time
+        _worker(state, f"host-{pid}", 30000)
+        state.deregister_worker(f"host-{pid}")
+    left = r.keys(keys.worker("*"))
+    assert left and all(0 < r.ttl(k) <= 86400 for k in left)
+    _worker(state, "host-2", 30000)   # a fixed GANGWAY_WORKER_ID comes back
+    assert r.ttl(keys.worker("host-2")) == -1
