@@ -272,3 +272,15 @@ def test_the_job_timeout_counts_from_when_the_coordinator_accepted_it_not_the_pr
     coord.submit(late)
     coord.tick()
     assert state.job_state("J") is JobState.RUNNING
+
+
+# producer edges (issue's defect 13, the coordinator's part) ---------------------------------------------
+
+def test_a_cancel_that_overtakes_its_submit_keeps_the_job_from_ever_running(coord):
+    state = coord.state
+    fleet(state, 1)
+    assert coord.cancel("J")              # both were queued while the coordinator was down; cancel ran first
+    assert coord.submit(spec("J", 1)) is JobState.CANCELLED
+    assert state.job_state("J") is JobState.CANCELLED and set(holders(state).values()) == {""}
+    assert "cancelled before it was queued" in state.job("J")["error"]
+    assert not coord.cancel("J")          # a second cancel of an ended job changes nothing

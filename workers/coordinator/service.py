@@ -79,8 +79,8 @@ class Coordinator:
     def submit(self, spec: JobSpec) -> JobState:
         """Validate and persist ``spec`` as PENDING (idempotent), then run a scheduling pass."""
         key = keys.job(spec.job_id)
-        if self.r.hexists(key, "spec"):
-            return JobState(self.r.hget(key, "state"))   # redelivered submit: already persisted
+        if self.r.hexists(key, "spec") or self.r.hget(key, "state") == JobState.CANCELLED.value:
+            return JobState(self.r.hget(key, "state"))   # redelivered, or cancelled before it was persisted
         seq = self.r.incr(keys.SEQ)
         now = self.now()
         pipe = self.r.pipeline(transaction=True)   # the whole record or nothing, if we die here
@@ -307,11 +307,25 @@ class Coordinator:
                                      error=json.dumps({"type": "JobCancelledError",
                                                        "message": f"job {job_id} was cancelled"}))
         if prev is None:
-            return False
+            return self._cancel_unpersisted(job_id)
         log.info("job %s cancelled (was %s)", job_id, prev.value)
         self._count_finished(job_id, "cancelled")
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or "", abort=True)
+        return True
+
+    def _cancel_unpersisted(self, job_id: str) -> bool:
+        """A cancel that overtook its job's submit (both queued while the coordinator was down) leaves a
+        CANCELLED record, so the submit, when it comes, does not run the job."""
+        key = keys.job(job_id)
+        if not self.r.hsetnx(key, "state", JobState.CANCELLED.value):
+            return False   # the job exists and has ended
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"finished_at": self.now(), "error": json.dumps(
+            {"type": "JobCancelledError", "message": f"job {job_id} was cancelled before it was queued"})})
+        pipe.expire(key, int(self._job_ttl))
+        pipe.execute()
+        log.info("job %s cancelled before its submit was persisted", job_id)
         return True
 
     def _count_finished(self, job_id: str, outcome: str) -> None:
