@@ -1,5 +1,6 @@
 -- A rank's write, accepted only while its attempt's fencing token is current and the job is RUNNING.
--- KEYS: job hash, ranks hash, log list, this rank's lease key.  ARGV: token, rank, status_json ('' = none), log lines...
+-- KEYS: job hash, ranks hash, log list, this rank's lease key.
+-- ARGV: token, rank, status_json ('' = none), log lines...
 -- An accepted write renews the rank's lease for the job's 'lease_ms' (Redis' own clock keeps the time).
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end

@@ -155,6 +155,12 @@ class State:
     def prune_dead_workers(self, views, older_than: float) -> list[str]:
         """Drop registrations dead (and holding no job) for ``older_than`` seconds; returns their ids."""
         now, dropped = time.time(), []
+        revived = [w.info.worker_id for w in views if w.alive]
+        if revived:   # a worker back from a heartbeat gap starts its next one with a clean slate
+            pipe = self.r.pipeline()
+            for wid in revived:
+                pipe.hdel(keys.worker(wid), "dead_since")
+            pipe.execute()
         for w in views:
             if w.alive or w.job_id:
                 continue

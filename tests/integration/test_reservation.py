@@ -142,3 +142,16 @@ def test_a_cleanly_stopped_worker_leaves_no_key_without_a_ttl_and_one_back_under
     assert left and all(0 < r.ttl(k) <= 86400 for k in left)
     _worker(state, "host-2", 30000)   # a fixed GANGWAY_WORKER_ID comes back
     assert r.ttl(keys.worker("host-2")) == -1
+
+
+def test_a_worker_back_from_a_heartbeat_gap_is_not_dropped_at_its_next_gap(r):
+    state = State(r)
+    _worker(state, "w", 29500)
+    r.delete(keys.worker_alive("w"))
+    state.prune_dead_workers(state.workers(), older_than=60)   # the gap is noticed ...
+    r.hset(keys.worker("w"), "dead_since", time.time() - 3600)  # ... an hour ago
+    state.heartbeat("w", 30)                                     # it came back
+    state.prune_dead_workers(state.workers(), older_than=60)
+    r.delete(keys.worker_alive("w"))                             # a new, brief gap
+    assert state.prune_dead_workers(state.workers(), older_than=60) == []
+    assert [w.info.worker_id for w in state.workers()] == ["w"]

@@ -1,5 +1,5 @@
-"""A seeded, randomized simulation of the coordination layer: the real Coordinator and its real Lua scripts on
-a real redis-server, driven through random interleavings of submits, cancels, rank reports (ok, failed,
+"""A seeded, randomized simulation of the coordination layer: the real Coordinator and its real Lua scripts
+on a real redis-server, driven through random interleavings of submits, cancels, rank reports (ok, failed,
 duplicated, late, lost), task redelivery, coordinator deaths between any two Redis commands, lost and
 returning heartbeats, lapsed leases, Redis restarts on its append-only file and timer ticks. After every step the invariants of
 docs/architecture.md ("Invariants") are checked; at the end, under a fair schedule, every job must end.

@@ -1,4 +1,4 @@
-"""Redis side of gang reservation: the Lua scripts (reserve, release, repair, unwatch) and the fencing-token counter."""
+"""Redis side of gang reservation: its Lua scripts (reserve, release, repair, unwatch) and the fencing tokens."""
 from __future__ import annotations
 
 import json

@@ -381,7 +381,8 @@ class Coordinator:
 
     def repair_workers(self, views: list[WorkerView]) -> list[str]:
         """Free every worker whose reservation names an attempt that does not run on it; returns their ids."""
-        freed = [w.info.worker_id for w in views if w.job_id and self.reservations.repair(w.info.worker_id, w.job_id)]
+        freed = [w.info.worker_id for w in views
+                 if w.job_id and self.reservations.repair(w.info.worker_id, w.job_id)]
         for wid in freed:
             log.warning("worker %s was held by an attempt that no longer runs on it; freed", wid)
         return freed
@@ -410,8 +411,8 @@ class Coordinator:
                 why = (f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
                        f"{self.settings.heartbeat_ttl:g}s)")
             elif leases_judged and job.get("lease_ms") and not self.state.rank_lease_alive(job_id, token, rank):
-                why = (f"rank {rank} {'on worker ' + wid + ' went silent' if st else 'never started on worker ' + wid}"
-                       f" (GANGWAY_LEASE_SECONDS={self.settings.lease_seconds:g}s)")
+                what = f"on worker {wid} went silent" if st else f"never started on worker {wid}"
+                why = f"rank {rank} {what} (GANGWAY_LEASE_SECONDS={self.settings.lease_seconds:g}s)"
             else:
                 continue
             self.rank_failed(job_id, token, rank, {"type": "WorkerLostError", "traceback": "", "message": why})
