@@ -149,8 +149,7 @@ def test_a_redis_restart_longer_than_the_heartbeat_ttl_fails_neither_the_running
     except Exception as exc:
         pytest.skip(str(exc))
     port, data = services.free_port(), tempfile.mkdtemp(prefix="gangway-aof-")
-    cmd = services.redis_command(port, data)
-    cmd[cmd.index("--appendonly") + 1] = "yes"
+    cmd = services.redis_command(port, data, appendfsync="everysec")
     url = f"redis://127.0.0.1:{port}/0"
     with server_process(cmd, port, data) as first:
         client = redis.Redis.from_url(url, decode_responses=True)

@@ -56,9 +56,7 @@ class AofRedis:
 
     def __init__(self) -> None:
         self.port, self.folder = services.free_port(), tempfile.mkdtemp(prefix="gangway-sim-")
-        self.cmd = services.redis_command(self.port, self.folder)
-        self.cmd[self.cmd.index("--appendonly") + 1] = "yes"
-        self.cmd += ["--appendfsync", "always"]
+        self.cmd = services.redis_command(self.port, self.folder, appendfsync="always")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
