@@ -187,10 +187,19 @@ def rank_dirs(settings: Settings, worker_id: str) -> str:
     return os.path.join(settings.home, "ranks", worker_id)
 
 
-def sweep_rank_dirs(settings: Settings, worker_id: str) -> None:
-    """At worker start: whatever a killed predecessor of the same id left behind."""
+def sweep_rank_dirs(settings: Settings, worker_id: str, registered: set[str] | None = None) -> None:
+    """At worker start: whatever a killed predecessor of the same id left behind and, given the
+    ``registered`` worker ids, the folders of ids no longer in the registry (a worker id is new on every
+    start by default, so a killed one's folder is otherwise never swept; a registered one may be running
+    a rank and is left alone)."""
     shutil.rmtree(rank_dirs(settings, worker_id), ignore_errors=True)
     os.makedirs(rank_dirs(settings, worker_id), exist_ok=True)
+    if registered is None:
+        return
+    parent = os.path.dirname(rank_dirs(settings, worker_id))
+    for other in os.listdir(parent):
+        if other != worker_id and other not in registered:
+            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
 
 
 def _rank_folders(settings: Settings, payload: dict, made: list[str]) -> dict:
