@@ -37,7 +37,7 @@ def job(job_id: str) -> str:
 
 
 def job_ranks(job_id: str) -> str:
-    """Hash rank -> JSON rank status of the current attempt."""
+    """Hash rank -> JSON rank status of the current attempt (emptied when an attempt is reserved)."""
     return f"{PREFIX}job:{job_id}:ranks"
 
 
@@ -58,6 +58,12 @@ def deliveries(job_id: str, token: int | str) -> str:
 def job_done(job_id: str, token: int | str) -> str:
     """Set of the ranks of attempt ``token`` that reported success to the coordinator."""
     return f"{PREFIX}job:{job_id}:done:{token}"
+
+
+def rank_lease(job_id: str, token: int | str, rank: int | str) -> str:
+    """Key with a TTL: present while rank ``rank`` of attempt ``token`` holds its lease (set at reservation,
+    renewed by every fenced write of the rank)."""
+    return f"{PREFIX}job:{job_id}:lease:{token}:{rank}"
 
 
 def job_keys(job_id: str) -> list[str]:

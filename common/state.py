@@ -83,24 +83,34 @@ class State:
         return out
 
     def transition(self, job_id: str, allowed_from: Iterable[JobState], to: JobState,
-                   token: str = "", **fields: Any) -> JobState | None:
-        """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state."""
+                   token: str = "", *, expire_after: float | None = None, **fields: Any) -> JobState | None:
+        """Move the job to ``to`` if it is in ``allowed_from`` (and at ``token``); returns the old state.
+
+        One atomic step (``transition.lua``): leaving RUNNING also frees the workers the ending attempt
+        holds and removes the job from the running set; reaching a terminal state with ``expire_after``
+        seconds sets the job's keys to expire."""
         allowed_from = tuple(allowed_from)
         illegal = [s.value for s in allowed_from if to not in ALLOWED_TRANSITIONS[s]]
         if illegal:   # a caller asking for a move the state machine does not have is a bug
             raise ValueError(f"no transition {illegal} -> {to.value} in models.ALLOWED_TRANSITIONS")
-        args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token]
+        args: list[Any] = [",".join(s.value for s in allowed_from), to.value, token, keys.worker(""),
+                           str(int(expire_after)) if expire_after else ""]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        prev = self._transition(keys=[keys.job(job_id), keys.PENDING], args=args)
+        prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.job_ranks(job_id),
+                                      keys.job_log(job_id)], args=args)
         return JobState(prev) if prev else None
 
     def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
                      lines: Iterable[str] = ()) -> bool:
-        """Write rank status and/or log lines if ``token`` is still the job's current one."""
+        """Write rank status and/or log lines if ``token`` is still the job's current one; every accepted
+        write renews the rank's lease (a key with a Redis-side TTL, so no two hosts' clocks are compared)."""
         args = [token, str(rank), json.dumps(status) if status else "", *lines]
-        return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id)],
-                                 args=args))
+        return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id),
+                                       keys.rank_lease(job_id, token, rank)], args=args))
+
+    def rank_lease_alive(self, job_id: str, token: str, rank: int) -> bool:
+        return bool(self.r.exists(keys.rank_lease(job_id, token, rank)))
 
     # workers --------------------------------------------------------------
     def workers(self) -> list[WorkerView]:
@@ -125,22 +135,32 @@ class State:
         pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "0"})
         pipe.hdel(keys.worker(info.worker_id), "dead_since")
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
+        pipe.persist(keys.worker(info.worker_id))   # a worker back under a deregistered id keeps its hash
         pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
         pipe.execute()
 
     def heartbeat(self, worker_id: str, ttl: float) -> None:
         self.r.set(keys.worker_alive(worker_id), str(time.time()), px=int(ttl * 1000))
 
-    def deregister_worker(self, worker_id: str) -> None:
+    def deregister_worker(self, worker_id: str, keep_seconds: float = 86400) -> None:
+        """Leave the registry. The worker's hash stays ``keep_seconds`` (a reaper may still read what job it
+        held), then goes: ids are new on every start, so a hash without a TTL would pile up."""
         pipe = self.r.pipeline()
         pipe.delete(keys.worker_alive(worker_id))
         pipe.srem(keys.WORKERS, worker_id)
         pipe.hdel(keys.worker(worker_id), "info")
+        pipe.expire(keys.worker(worker_id), max(1, int(keep_seconds)))
         pipe.execute()
 
     def prune_dead_workers(self, views, older_than: float) -> list[str]:
         """Drop registrations dead (and holding no job) for ``older_than`` seconds; returns their ids."""
         now, dropped = time.time(), []
+        revived = [w.info.worker_id for w in views if w.alive]
+        if revived:   # a worker back from a heartbeat gap starts its next one with a clean slate
+            pipe = self.r.pipeline()
+            for wid in revived:
+                pipe.hdel(keys.worker(wid), "dead_since")
+            pipe.execute()
         for w in views:
             if w.alive or w.job_id:
                 continue

@@ -124,3 +124,34 @@ def test_a_worker_dead_longer_than_the_ttl_leaves_the_registry_but_live_or_busy_
     assert not r.exists(keys.worker("gone"))
     _worker(state, "gone", 29500)   # it comes back: registered afresh, no stale dead mark
     assert r.hget(keys.worker("gone"), "dead_since") is None
+
+
+def test_a_fencing_token_is_not_issued_twice_when_redis_loses_the_counters_last_increment(r):
+    fence = Reservations(r)
+    first = fence.next_token()
+    r.decr(keys.FENCE)   # the increment was lost with the last second of the append-only file
+    assert fence.next_token() != first
+
+
+def test_a_cleanly_stopped_worker_leaves_no_key_without_a_ttl_and_one_back_under_its_id_keeps_its_own(r):
+    state = State(r)
+    for pid in range(3):   # three restarts of one host's worker, a new id each time
+        _worker(state, f"host-{pid}", 30000)
+        state.deregister_worker(f"host-{pid}")
+    left = r.keys(keys.worker("*"))
+    assert left and all(0 < r.ttl(k) <= 86400 for k in left)
+    _worker(state, "host-2", 30000)   # a fixed GANGWAY_WORKER_ID comes back
+    assert r.ttl(keys.worker("host-2")) == -1
+
+
+def test_a_worker_back_from_a_heartbeat_gap_is_not_dropped_at_its_next_gap(r):
+    state = State(r)
+    _worker(state, "w", 29500)
+    r.delete(keys.worker_alive("w"))
+    state.prune_dead_workers(state.workers(), older_than=60)   # the gap is noticed ...
+    r.hset(keys.worker("w"), "dead_since", time.time() - 3600)  # ... an hour ago
+    state.heartbeat("w", 30)                                     # it came back
+    state.prune_dead_workers(state.workers(), older_than=60)
+    r.delete(keys.worker_alive("w"))                             # a new, brief gap
+    assert state.prune_dead_workers(state.workers(), older_than=60) == []
+    assert [w.info.worker_id for w in state.workers()] == ["w"]

@@ -155,3 +155,15 @@ def test_a_waiting_reason_names_the_jobs_that_hold_the_workers():
     from workers.coordinator.scheduler import shortage
     reason = shortage(Resources(2), [w("a", job="job-1"), w("b", job="job-2"), w("c")])
     assert reason == "waiting for 2 workers: 1 of 3 live workers are free (held by job job-1, job-2)"
+
+
+def test_a_job_that_fits_the_registered_fleet_waits_while_a_worker_is_momentarily_dead_or_draining():
+    fleet = [w("a"), w("b", alive=False), WorkerView(w("c").info, True, "", draining=True)]
+    decisions = plan_pass([spec("j", 3)], fleet)
+    assert [d.action for d in decisions] == [Action.WAIT]
+    assert "live workers are free" in decisions[0].reason
+
+
+def test_a_job_larger_than_the_registered_fleet_is_judged_never_to_fit():
+    decisions = plan_pass([spec("j", 4)], [w("a"), w("b", alive=False), w("c")])
+    assert decisions[0].action is Action.FAIL and "(2 live, 3 registered)" in decisions[0].reason

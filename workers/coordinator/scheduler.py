@@ -44,32 +44,42 @@ def _rank_order(workers: Iterable[WorkerView]) -> list[WorkerView]:
     return sorted(workers, key=lambda w: (w.info.host, w.info.worker_id))
 
 
-def infeasibility(resources: Resources, workers: Sequence[WorkerView]) -> str:
-    """Why the fleet can *never* run this gang (counting busy workers), or ''."""
-    alive = [w for w in workers if w.alive and not w.draining]   # draining workers are leaving
+def infeasibility(resources: Resources, workers: Sequence[WorkerView], *, registered: bool = False) -> str:
+    """Why the fleet can *never* run this gang (counting busy workers), or ''.
+
+    By default the fleet is the live, non-draining workers of this snapshot (the caller's quick
+    check). With ``registered=True`` it is every registered worker, live or not: a heartbeat gap, a
+    restart or a rolling drain takes capacity away only for a moment, so the coordinator judges
+    "never" against what is registered (dead registrations leave after GANGWAY_DEAD_WORKER_TTL)."""
+    if registered:
+        pool = list(workers)
+        counted = "registered"
+    else:
+        pool = [w for w in workers if w.alive and not w.draining]   # draining workers are leaving
+        counted = "live"
     n = resources.num_workers
     if n == 0 or n < -1:
         return f"num_workers must be -1 (all free workers) or >= 1, got {n}"
-    if not alive:
-        return "the fleet has no live trainer worker (start one with `gangway up` or `gangway worker`)"
-    eligible = _eligible(resources, alive)
+    if not pool:
+        return (f"the fleet has no {counted} trainer worker (start one with `gangway up` or "
+                "`gangway worker`)")
+    eligible = _eligible(resources, pool)
     if not eligible:
         return (f"num_cpu_per_worker={resources.num_cpu_per_worker} but the largest worker has "
-                f"{max(w.info.cpus for w in alive)} CPUs")
+                f"{max(w.info.cpus for w in pool)} CPUs")
     gpu_workers = [w for w in eligible if w.info.num_gpus > 0]
     if resources.use_gpu is True:
         if not gpu_workers:
             return (f"use_gpu=True but the fleet has no GPU worker "
-                    f"({len(alive)} live workers, all CPU-only)")
+                    f"({len(pool)} {counted} workers, all CPU-only)")
         if n > len(gpu_workers):
             return (f"num_workers={n} GPU workers requested but the fleet has "
-                    f"{len(gpu_workers)} GPU workers ({len(alive)} workers in all)")
+                    f"{len(gpu_workers)} GPU workers ({len(pool)} workers in all)")
     if n > len(eligible):
         return (f"num_workers={n} requested but the fleet has {len(eligible)} eligible workers "
-                f"({len(alive)} live, {len(workers)} registered)")
+                f"({sum(w.alive and not w.draining for w in workers)} live, {len(workers)} registered)")
     if resources.num_nodes > 0:
-        pool = gpu_workers if resources.use_gpu else eligible
-        per_host = _per_host(pool)
+        per_host = _per_host(gpu_workers if resources.use_gpu else eligible)
         big_enough = [h for h, ws in per_host.items() if len(ws) >= resources.workers_per_node]
         if len(big_enough) < resources.num_nodes:
             return (f"num_nodes={resources.num_nodes} x num_workers_per_node={resources.workers_per_node} "
@@ -123,11 +133,14 @@ def select_gang(job_id: str, resources: Resources, workers: Sequence[WorkerView]
 
 
 def plan_pass(pending: Sequence[JobSpec], workers: Sequence[WorkerView]) -> list[Decision]:
-    """Decisions for one scheduling pass over jobs already in priority/FIFO order."""
+    """Decisions for one scheduling pass over jobs already in priority/FIFO order.
+
+    FAIL means the job can never fit the *registered* fleet; one that fits it but not the live
+    workers of this moment waits (the coordinator bounds that wait with the placement deadline)."""
     decisions: list[Decision] = []
     taken: set[str] = set()
     for spec in pending:
-        reason = infeasibility(spec.resources, workers)
+        reason = infeasibility(spec.resources, workers, registered=True)
         if reason:
             decisions.append(Decision(spec.job_id, Action.FAIL, reason=reason))
             continue

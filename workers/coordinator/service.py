@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import uuid
 
+import redis
 from celery import Celery
 
 from common import keys, metrics
-from common.models import JobSpec, JobState, WorkerView
+from common.models import JobSpec, JobState, RankState, WorkerView
 from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
@@ -60,19 +60,39 @@ class Coordinator:
         self.app = app
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
 
+    # clocks ---------------------------------------------------------------
+    def now(self) -> float:
+        """Redis' clock: every timestamp the coordinator persists and compares, whichever host it runs on."""
+        sec, usec = self.r.time()
+        return sec + usec / 1e6
+
+    def redis_uptime(self) -> float:
+        """Seconds since the Redis server started: liveness keys (TTL) mean nothing before a full TTL of it."""
+        try:
+            return float(self.r.info("server").get("uptime_in_seconds", 0))
+        except redis.ResponseError:   # a managed Redis that refuses INFO: judge liveness as before
+            return float("inf")
+
+    @property
+    def never_fits_grace(self) -> float:
+        """How long a first attempt must look unplaceable on the registered fleet before it fails (a
+        worker restarting deregisters and registers again within a few heartbeats)."""
+        return 3 * self.settings.heartbeat_ttl
+
     # submission ----------------------------------------------------------
     def submit(self, spec: JobSpec) -> JobState:
         """Validate and persist ``spec`` as PENDING (idempotent), then run a scheduling pass."""
         key = keys.job(spec.job_id)
-        if self.r.hexists(key, "spec"):
-            return JobState(self.r.hget(key, "state"))   # redelivered submit: already persisted
+        if self.r.hexists(key, "spec") or self.r.hget(key, "state") == JobState.CANCELLED.value:
+            return JobState(self.r.hget(key, "state"))   # redelivered, or cancelled before it was persisted
         seq = self.r.incr(keys.SEQ)
+        now = self.now()
         pipe = self.r.pipeline(transaction=True)   # the whole record or nothing, if we die here
         pipe.hset(key, mapping={"state": JobState.PENDING.value, "spec": spec.to_json(),
                                 "framework": spec.framework, "attempt": 0, "token": "",
                                 "priority": spec.priority, "submitted_at": spec.submitted_at,
-                                "timeout": spec.timeout, "persisted_at": time.time()})
-        pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or time.time()})
+                                "timeout": spec.timeout, "persisted_at": now, "accepted_at": now})
+        pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or now})
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
         pipe.hset(key, "score", pending_score(spec.priority, seq))
         pipe.execute()
@@ -113,15 +133,17 @@ class Coordinator:
             return 0
         workers = self.state.workers()
         placed = 0
+        now = self.now()
         for decision in plan_pass(specs, workers):
+            if decision.action is not Action.FAIL:
+                self.r.hdel(keys.job(decision.job_id), "never_fits_since")
             if decision.action is Action.FAIL and int(self.r.hget(keys.job(decision.job_id), "attempt") or 0):
                 # A retry whose fleet shrank (a worker died or drains) waits, bounded by the placement deadline.
-                self._note_waiting(decision.job_id, decision.reason)
+                self._note_waiting(decision.job_id, decision.reason, now)
             elif decision.action is Action.FAIL:
-                self.fail(decision.job_id, f"the gang can never be placed: {decision.reason}",
-                          kind="PlacementError", allowed_from=(JobState.PENDING,))
+                self._fail_if_never_fits(decision.job_id, decision.reason, now)
             elif decision.action is Action.WAIT:
-                self._note_waiting(decision.job_id, decision.reason)
+                self._note_waiting(decision.job_id, decision.reason, now)
             else:
                 outcome = self._place(decision.placement, {w.info.worker_id: w for w in workers},
                                       {sp.job_id: sp for sp in specs}[decision.job_id])
@@ -133,10 +155,22 @@ class Coordinator:
                     break   # the snapshot went stale; the next pass takes a fresh one
         return placed
 
-    def _note_waiting(self, job_id: str, reason: str) -> None:
+    def _fail_if_never_fits(self, job_id: str, reason: str, now: float) -> None:
+        """Fail a first attempt the registered fleet cannot hold once it has looked so for the grace."""
+        key = keys.job(job_id)
+        self.r.hsetnx(key, "never_fits_since", now)
+        since = float(self.r.hget(key, "never_fits_since") or now)
+        if now - since < self.never_fits_grace:
+            self.r.hset(key, "waiting", f"{reason} (failing in {self.never_fits_grace - (now - since):.0f}s "
+                                        "unless the fleet grows)")
+            return
+        self.fail(job_id, f"the gang can never be placed: {reason}", kind="PlacementError",
+                  allowed_from=(JobState.PENDING,))
+
+    def _note_waiting(self, job_id: str, reason: str, now: float) -> None:
         self.r.hset(keys.job(job_id), "waiting", reason)
-        persisted = float(self.r.hget(keys.job(job_id), "persisted_at") or time.time())
-        if time.time() - persisted > self.settings.placement_timeout:
+        persisted = float(self.r.hget(keys.job(job_id), "persisted_at") or now)
+        if now - persisted > self.settings.placement_timeout:
             self.fail(job_id, f"placement deadline of {self.settings.placement_timeout:.0f}s passed: {reason} "
                               f"(raise GANGWAY_PLACEMENT_TIMEOUT or add workers)",
                       kind="PlacementError", allowed_from=(JobState.PENDING,))
@@ -144,13 +178,16 @@ class Coordinator:
     def _place(self, placement, by_id: dict[str, WorkerView], spec: JobSpec) -> str:
         gang = [by_id[w] for w in placement.worker_ids]
         rdv = compute_rendezvous(gang)
-        token, reason = self.reservations.reserve(placement, rdv, self.settings.lease_seconds)
+        now = self.now()
+        token, reason = self.reservations.reserve(
+            placement, rdv, self.settings.lease_seconds, now=now,
+            first_lease_seconds=self.settings.rendezvous_timeout + self.settings.lease_seconds)
         if not token:
             log.info("job %s: reservation lost a race (%s)", placement.job_id, reason)
             return "gone" if reason == "job not pending" else "raced"
         attempt_raw, persisted = self.r.hmget(keys.job(placement.job_id), "attempt", "persisted_at")
         attempt = int(attempt_raw or 1)
-        metrics.GANG_WAIT.labels(spec.framework).observe(max(0.0, time.time() - float(persisted or time.time())))
+        metrics.GANG_WAIT.labels(spec.framework).observe(max(0.0, now - float(persisted or now)))
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
         common = {"job_id": placement.job_id, "token": token, "attempt": attempt, "use_gpu": placement.use_gpu,
@@ -183,11 +220,10 @@ class Coordinator:
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))
         if self.r.scard(done_key) >= world:
             prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.SUCCEEDED, token=token,
-                                         finished_at=str(time.time()))
+                                         expire_after=self._job_ttl, finished_at=str(self.now()))
             if prev:
                 log.info("job %s succeeded", job_id)
                 metrics.JOBS_FINISHED.labels(job.get("framework", "unknown"), "succeeded").inc()
-                self._expire(job_id)
                 self._end_attempt(job_id, token, abort=False)
 
     # failures ------------------------------------------------------------
@@ -207,7 +243,7 @@ class Coordinator:
             pipe.hset(ekey, str(rank), json.dumps(error))
         pipe.expire(ekey, 86400)
         pipe.hset(keys.job(job_id), f"rank{rank}_error", json.dumps(error))
-        pipe.hsetnx(keys.job(job_id), f"failing:{token}", time.time())
+        pipe.hsetnx(keys.job(job_id), f"failing:{token}", self.now())
         pipe.hget(keys.job(job_id), "framework")
         res = pipe.execute()
         if res[0]:   # a rank counts once per attempt, by its first report (a later echo or a replay does not)
@@ -237,7 +273,7 @@ class Coordinator:
         decision = decide(attempt, spec.max_failures if spec else 0, error_type)
         history = json.loads(job.get("history") or "[]") + [
             {"attempt": attempt, "token": token, "message": message, "decision": decision.reason,
-             "rank_errors": {str(k): v for k, v in rank_errors.items()}, "at": time.time()}]
+             "rank_errors": {str(k): v for k, v in rank_errors.items()}, "at": self.now()}]
         if decision.action is FailureAction.FAIL:
             self.r.hset(keys.job(job_id), "history", json.dumps(history))
             self.fail(job_id, message + (f" ({decision.reason})" if attempt > 1 or is_retryable(error_type)
@@ -247,7 +283,7 @@ class Coordinator:
         gang = json.loads(job.get("gang") or "{}").get("workers", [])
         prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.PENDING, token=token,
                                      history=json.dumps(history), waiting=decision.reason,
-                                     persisted_at=str(time.time()))   # re-queued; the placement deadline restarts
+                                     persisted_at=str(self.now()))   # re-queued; the placement deadline restarts
         if prev is None:
             return
         log.warning("job %s attempt %s failed (%s); %s", job_id, attempt, message, decision.reason)
@@ -259,43 +295,56 @@ class Coordinator:
         err = {"type": kind, "message": message,
                "rank_errors": {str(k): v for k, v in (rank_errors or {}).items()}}
         prev = self.state.transition(job_id, allowed_from, JobState.FAILED, token=token,
-                                     error=json.dumps(err), finished_at=str(time.time()))
+                                     expire_after=self._job_ttl, error=json.dumps(err),
+                                     finished_at=str(self.now()))
         if prev is None:
             return False
         log.warning("job %s failed: %s", job_id, message)
         self._count_finished(job_id, "failed")
-        self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or token, abort=True)
         return True
 
     def cancel(self, job_id: str) -> bool:
-        prev = self.state.transition(job_id, _ACTIVE, JobState.CANCELLED, finished_at=str(time.time()),
+        prev = self.state.transition(job_id, _ACTIVE, JobState.CANCELLED, expire_after=self._job_ttl,
+                                     finished_at=str(self.now()),
                                      error=json.dumps({"type": "JobCancelledError",
                                                        "message": f"job {job_id} was cancelled"}))
         if prev is None:
-            return False
+            return self._cancel_unpersisted(job_id)
         log.info("job %s cancelled (was %s)", job_id, prev.value)
         self._count_finished(job_id, "cancelled")
-        self._expire(job_id)
         if prev is JobState.RUNNING:
             self._end_attempt(job_id, self.r.hget(keys.job(job_id), "token") or "", abort=True)
+        return True
+
+    def _cancel_unpersisted(self, job_id: str) -> bool:
+        """A cancel that overtook its job's submit (both queued while the coordinator was down) leaves a
+        CANCELLED record, so the submit, when it comes, does not run the job."""
+        key = keys.job(job_id)
+        if not self.r.hsetnx(key, "state", JobState.CANCELLED.value):
+            return False   # the job exists and has ended
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"finished_at": self.now(), "error": json.dumps(
+            {"type": "JobCancelledError", "message": f"job {job_id} was cancelled before it was queued"})})
+        pipe.expire(key, int(self._job_ttl))
+        pipe.execute()
+        log.info("job %s cancelled before its submit was persisted", job_id)
         return True
 
     def _count_finished(self, job_id: str, outcome: str) -> None:
         metrics.JOBS_FINISHED.labels(self.r.hget(keys.job(job_id), "framework") or "unknown", outcome).inc()
 
-    def _expire(self, job_id: str) -> None:
-        """Ended jobs stay readable for GANGWAY_JOB_TTL_DAYS, then leave Redis."""
-        ttl = int(self.settings.job_ttl_days * 86400)
-        pipe = self.r.pipeline()
-        for key in keys.job_keys(job_id):
-            pipe.expire(key, ttl)
-        pipe.execute()
+    @property
+    def _job_ttl(self) -> float:
+        """Ended jobs stay readable for GANGWAY_JOB_TTL_DAYS, then leave Redis (set by the ending transition)."""
+        return self.settings.job_ttl_days * 86400
 
     def _end_attempt(self, job_id: str, token: str, *, abort: bool, gang: list[str] | None = None) -> None:
-        """Abort and release the attempt ``token``; ``gang`` is that attempt's (a retry may already
-        have been placed on another gang, so it is never re-read after a re-queue)."""
+        """Tell the ranks of the attempt ``token`` it ended, then run a pass. Its gang was already released
+        by the transition that ended it (``transition.lua``), so dying here strands nothing; ``gang`` is
+        that attempt's (a retry may already have been placed on another gang, so it is never re-read
+        after a re-queue)."""
         if gang is None:
             gang = json.loads(self.r.hget(keys.job(job_id), "gang") or "{}").get("workers", [])
         if abort:
@@ -303,77 +352,92 @@ class Coordinator:
             # Ranks still queued never start. No terminate: the running supervisors got the
             # pub/sub abort and kill their training children themselves, then report.
             self.app.control.revoke([f"{job_id}.{token}.r{rank}" for rank in range(len(gang))])
-        self.reservations.release(job_id, token, gang)   # also leaves the running set, if still this attempt
         self.schedule_pass()
 
     # timer ---------------------------------------------------------------
     def reap(self) -> None:
-        """Count a worker whose heartbeat lapsed as a failed rank; decide attempts whose ranks went silent."""
+        """Repair what an interrupted step left, then judge every running attempt's ranks: a rank's own
+        final status counts as its report; a dead worker or a lapsed lease counts as a lost rank."""
+        now, uptime = self.now(), self.redis_uptime()
         views = self.state.workers()
-        alive = {w.info.worker_id for w in views if w.alive}
+        # A TTL key says nothing until Redis has been up for a whole TTL (a restart expires them all).
+        alive = ({w.info.worker_id for w in views if w.alive} if uptime >= self.settings.heartbeat_ttl
+                 else {w.info.worker_id for w in views})
+        leases_judged = uptime >= self.settings.lease_seconds
         for wid in self.state.prune_dead_workers(views, self.settings.dead_worker_ttl):
             log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
                      self.settings.dead_worker_ttl)
+        self.repair_workers(views)
         for job_id in self.r.smembers(keys.RUNNING):
             job = self.state.job(job_id) or {}
             if job.get("state") != JobState.RUNNING.value:
-                self.r.srem(keys.RUNNING, job_id)
+                self.reservations.unwatch(job_id)   # only if still not RUNNING: a pass may have placed it since
                 continue
-            dead = [w for w in json.loads(job.get("gang") or "{}").get("workers", []) if w not in alive]
             token = job.get("token", "")
-            gang = json.loads(job.get("gang") or "{}").get("workers", [])
-            for wid in dead:
-                if not self.r.hexists(self._errors_key(job_id, token), str(gang.index(wid))):
-                    self.rank_failed(job_id, token, gang.index(wid), {
-                        "type": "WorkerLostError", "traceback": "",
-                        "message": f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
-                                   f"{self.settings.heartbeat_ttl:g}s)"})
-            self._reap_silent_ranks(job_id, job, gang)
+            self._reap_ranks(job_id, job, alive, leases_judged)
             since = job.get(f"failing:{token}")
-            if since and time.time() - float(since) > self.settings.kill_grace + 2:
+            if since and now - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
-    def _reap_silent_ranks(self, job_id: str, job: dict, gang: list[str]) -> None:
-        """A reservation is a lease the rank renews with every status write (at least every few
-        seconds while it lives); a rank silent past GANGWAY_LEASE_SECONDS, or never started within the
-        rendezvous deadline, has lost it (a worker restarted under the same id, a task never sent)."""
-        token, now = job.get("token", ""), time.time()
-        statuses = self.state.ranks(job_id)
-        started = float(job.get("started_at") or now)
+    def repair_workers(self, views: list[WorkerView]) -> list[str]:
+        """Free every worker whose reservation names an attempt that does not run on it; returns their ids."""
+        freed = [w.info.worker_id for w in views
+                 if w.job_id and self.reservations.repair(w.info.worker_id, w.job_id)]
+        for wid in freed:
+            log.warning("worker %s was held by an attempt that no longer runs on it; freed", wid)
+        return freed
+
+    def _reap_ranks(self, job_id: str, job: dict, alive: set[str], leases_judged: bool) -> None:
+        """A rank that wrote its final status has reported, whatever became of its message to us. Of
+        the others, a rank on a worker whose heartbeat lapsed, or whose lease (renewed by each of its
+        writes, set at reservation to the rendezvous deadline plus one lease) lapsed, is lost."""
+        token = job.get("token", "")
+        gang = json.loads(job.get("gang") or "{}").get("workers", [])
+        statuses = self.state.ranks(job_id)   # this attempt's only: reserve.lua empties it
         done = self.r.smembers(keys.job_done(job_id, token))
+        errored = set(self.r.hkeys(self._errors_key(job_id, token)))
         for rank, wid in enumerate(gang):
-            st = statuses.get(rank)
-            if str(rank) in done or self.r.hexists(self._errors_key(job_id, token), str(rank)):
+            if str(rank) in done or str(rank) in errored:
                 continue
-            if st is None and now - started > self.settings.rendezvous_timeout + self.settings.lease_seconds:
-                why = f"rank {rank} never started on worker {wid}"
-            elif st is not None and now - float(st.get("updated") or now) > self.settings.lease_seconds:
-                why = f"rank {rank} on worker {wid} went silent"
+            st = statuses.get(rank) or {}
+            if st.get("state") == RankState.SUCCEEDED.value:
+                self.rank_finished(job_id, token, rank, True, None, st.get("summary") or None)
+                continue
+            if st.get("state") in (RankState.FAILED.value, RankState.ABORTED.value):
+                self.rank_failed(job_id, token, rank, st.get("error") or {
+                    "type": "Error", "message": "the rank failed without an error", "traceback": ""})
+                continue
+            if wid not in alive:
+                why = (f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
+                       f"{self.settings.heartbeat_ttl:g}s)")
+            elif leases_judged and job.get("lease_ms") and not self.state.rank_lease_alive(job_id, token, rank):
+                what = f"on worker {wid} went silent" if st else f"never started on worker {wid}"
+                why = f"rank {rank} {what} (GANGWAY_LEASE_SECONDS={self.settings.lease_seconds:g}s)"
             else:
                 continue
-            self.rank_failed(job_id, token, rank, {"type": "WorkerLostError", "traceback": "",
-                                                   "message": f"{why} (GANGWAY_LEASE_SECONDS="
-                                                              f"{self.settings.lease_seconds:g}s)"})
+            self.rank_failed(job_id, token, rank, {"type": "WorkerLostError", "traceback": "", "message": why})
 
     def expire_deadlines(self) -> None:
         """Fail pending or running jobs past their whole-job ``timeout``."""
-        now = time.time()
+        now = self.now()
         ids = list(set(self.r.zrange(keys.PENDING, 0, -1)) | self.r.smembers(keys.RUNNING))
         pipe = self.r.pipeline()
-        for job_id in ids:   # two small fields per job each tick, not the whole spec
-            pipe.hmget(keys.job(job_id), "timeout", "submitted_at", "state")
-        for job_id, (timeout, submitted, state) in zip(ids, pipe.execute()):
+        for job_id in ids:   # a few small fields per job each tick, not the whole spec
+            pipe.hmget(keys.job(job_id), "timeout", "accepted_at", "submitted_at", "state")
+        for job_id, (timeout, accepted, submitted, state) in zip(ids, pipe.execute()):
             timeout = float(timeout or 0)
-            if timeout > 0 and now - float(submitted or now) > timeout:
+            # accepted_at is Redis' clock at persist; submitted_at (older records) is the producer's
+            if timeout > 0 and now - float(accepted or submitted or now) > timeout:
                 where = "waiting for its gang" if state == JobState.PENDING.value else "running"
                 self.fail(job_id, f"job timeout of {timeout:g}s passed while {where} (raise the `timeout` "
                                   "argument of fit()/run())", kind="JobTimeoutError")
 
     def tick(self) -> None:
-        self.r.set(keys.COORDINATOR_ALIVE, str(time.time()), px=int(self.settings.heartbeat_ttl * 1000))
+        now = self.now()
+        self.r.set(keys.COORDINATOR_ALIVE, str(now), px=int(self.settings.heartbeat_ttl * 1000))
         if self.advertise:
             self.r.hset(keys.COORDINATOR_INFO, mapping=self.advertise)
         self.expire_deadlines()
-        self.r.zremrangebyscore(keys.JOBS, 0, time.time() - self.settings.job_ttl_days * 86400)
+        self.r.zremrangebyscore(keys.JOBS, 0, now - self.settings.job_ttl_days * 86400)
         self.reap()
         self.schedule_pass()

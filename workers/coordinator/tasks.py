@@ -14,6 +14,27 @@ log = logging.getLogger(__name__)
 _OPTS = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
 
 
+def run_timer(coordinator: Coordinator, stop: threading.Event) -> None:
+    """Tick at once, then every GANGWAY_SCHEDULE_INTERVAL until ``stop``. A tick that raises (Redis
+    restarting, the broker away) is logged and the next one runs: the reaper, the deadlines and the
+    coordinator's alive key all hang on this loop."""
+    while True:
+        try:
+            coordinator.tick()
+        except Exception:
+            log.exception("scheduling timer pass failed")
+        if stop.wait(coordinator.settings.schedule_interval):
+            return
+
+
+def start_timer(coordinator: Coordinator, stop: threading.Event) -> threading.Thread:
+    """The timer thread; started from ``worker_ready``, whose handlers' errors Celery swallows, so nothing
+    that can raise runs before the thread exists."""
+    thread = threading.Thread(target=run_timer, args=(coordinator, stop), name="gangway-timer", daemon=True)
+    thread.start()
+    return thread
+
+
 def register(app: Celery, coordinator: Coordinator) -> None:
     @app.task(name="gangway.submit_job", **_OPTS)
     def submit_job(spec: dict) -> None:
@@ -34,17 +55,9 @@ def register(app: Celery, coordinator: Coordinator) -> None:
 
     stop = threading.Event()
 
-    def timer() -> None:
-        while not stop.wait(coordinator.settings.schedule_interval):
-            try:
-                coordinator.tick()
-            except Exception:   # keep the timer alive across Redis hiccups
-                log.exception("scheduling timer pass failed")
-
     @signals.worker_ready.connect(weak=False)
     def _start_timer(**_):
-        coordinator.tick()
-        threading.Thread(target=timer, name="gangway-timer", daemon=True).start()
+        start_timer(coordinator, stop)
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop_timer(**_):

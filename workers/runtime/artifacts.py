@@ -8,7 +8,7 @@ import sys
 import time
 
 from common.settings import Settings
-from common.store import S3Store, parse_s3_uri
+from common.store import ObjectStore, S3Store, parse_s3_uri
 from workers.runtime.shards import warm_store
 
 def artifact_prefix(job_id: str) -> str:
@@ -30,9 +30,14 @@ def destination(settings: Settings, spec: dict, job_id: str) -> tuple[str, str]:
     return settings.artifact_bucket, artifact_prefix(job_id)
 
 
-def upload_artifacts(settings: Settings, state, run, workdir: str) -> str:
-    """Upload what rank 0's child left (the model folder for PyTorch), plus metadata.json; returns the URI."""
-    store = artifact_store(settings)
+def upload_artifacts(settings: Settings, state, run, workdir: str, *, check=lambda: None,
+                     store: ObjectStore | None = None) -> str:
+    """Upload what rank 0's child left (the model folder for PyTorch), plus metadata.json; returns the URI.
+
+    ``check()`` runs before every object is written and raises once the attempt has ended, so an
+    attempt that lost its lease stops at the next file; metadata.json, written last, names the attempt
+    (``attempt`` and ``token``) whose files these are."""
+    store = store or artifact_store(settings)
     spec = run.payload["spec"]
     bucket, prefix = destination(settings, spec, run.job_id)
     store.ensure_bucket(bucket)
@@ -44,12 +49,14 @@ def upload_artifacts(settings: Settings, state, run, workdir: str) -> str:
         for name in sorted(files):
             path = os.path.join(root, name)
             rel = os.path.relpath(path, source)
+            check()
             store.put_file(bucket, prefix + rel, path)
             uploaded.append(rel)
     job = state.job(run.job_id) or {}
     meta = {
         "job_id": run.job_id,
         "attempt": int(job.get("attempt") or 0),
+        "token": run.token,
         "spec": json.loads(job.get("spec") or "{}"),
         "gang": json.loads(job.get("gang") or "{}"),
         "timings": {"submitted_at": _f(job.get("submitted_at")), "started_at": _f(job.get("started_at")),
@@ -59,6 +66,7 @@ def upload_artifacts(settings: Settings, state, run, workdir: str) -> str:
         "versions": _versions(),
         "files": uploaded,
     }
+    check()
     store.put(bucket, prefix + "metadata.json", json.dumps(meta, indent=2, default=str).encode())
     return f"s3://{bucket}/{prefix}"
 

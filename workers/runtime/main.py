@@ -11,7 +11,7 @@ import os
 
 from celery import signals
 
-from common import metrics
+from common import keys, metrics
 from common.settings import Settings, advertised_host
 from common.state import State, connect
 from workers.celery_app import make_app
@@ -66,7 +66,13 @@ def _register(**_) -> None:
     global _heartbeat
     # Nothing here may keep the worker from registering (Celery logs and swallows a signal handler's error).
     try:
-        sweep_rank_dirs(settings, INFO.worker_id)
+        registered = _get_state().r.smembers(keys.WORKERS)
+    except Exception as exc:   # no registry to ask: sweep only our own folder
+        log.warning("worker %s: could not read the registry (%s); sweeping only its own rank folders",
+                    INFO.worker_id, exc)
+        registered = None
+    try:
+        sweep_rank_dirs(settings, INFO.worker_id, registered)
     except OSError as exc:
         log.error("worker %s: could not sweep its rank folders: %s", INFO.worker_id, exc)
     # Served by the main process; the prefork child writes to the same PROMETHEUS_MULTIPROC_DIR.

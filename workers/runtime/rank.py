@@ -98,6 +98,51 @@ class RankRun:
         return self.state.fenced_write(self.job_id, self.token, self.rank, self.status, lines)
 
 
+class LeaseKeeper:
+    """Renews the rank's lease from a thread while the rank works without writing (rank 0's artifact
+    upload can outlast GANGWAY_LEASE_SECONDS); a refused renewal sets the abort."""
+
+    def __init__(self, run: RankRun, abort: AbortWatcher, every: float | None = None) -> None:
+        self.run, self.abort, self.every = run, abort, _RENEW_EVERY if every is None else every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gangway-lease", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                if not self.run.write(None):
+                    self.abort.set("the attempt is no longer current")
+                    return
+            except Exception as exc:   # Redis away for a moment: the next renewal may land
+                log.warning("job %s rank %s: lease renewal failed: %s", self.run.job_id, self.run.rank, exc)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+def publish_artifacts(settings: Settings, state: State, run: RankRun, abort: AbortWatcher, workdir: str,
+                      store=None) -> str:
+    """Rank 0's upload, fenced before, between and after its writes, its lease renewed throughout; returns
+    the artifact URI, or raises Aborted when the attempt ended before every object was written."""
+    def check() -> None:
+        if abort.event.is_set():
+            raise Aborted(f"{abort.reason} while its artifacts were being written")
+
+    if not is_current(state, run.job_id, run.token):
+        raise Aborted("the attempt ended before its artifacts were written")
+    run.write(None, t_uploading=time.time())   # training ended: the job timeline's upload phase
+    with LeaseKeeper(run, abort):
+        uri = upload_artifacts(settings, state, run, workdir, check=check, store=store)
+    if not run.write(None):   # the success report below speaks only for an attempt still current
+        raise Aborted("the attempt ended while its artifacts were being written")
+    return uri
+
+
 def is_current(state: State, job_id: str, token: str) -> bool:
     job = state.job(job_id) or {}
     return job.get("token") == token and job.get("state") == JobState.RUNNING.value
@@ -121,7 +166,8 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
     delay, renewed = 0.005, time.monotonic()
     while True:
         if time.monotonic() - renewed > _RENEW_EVERY:   # waiting peers keep their lease
-            run.write(None)
+            if not run.write(None):   # refused: the attempt ended, whether or not its abort reached us
+                raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
         if state.r.scard(key) >= world:
             return {k: json.loads(v) for k, v in state.r.hgetall(info).items()}
@@ -141,10 +187,19 @@ def rank_dirs(settings: Settings, worker_id: str) -> str:
     return os.path.join(settings.home, "ranks", worker_id)
 
 
-def sweep_rank_dirs(settings: Settings, worker_id: str) -> None:
-    """At worker start: whatever a killed predecessor of the same id left behind."""
+def sweep_rank_dirs(settings: Settings, worker_id: str, registered: set[str] | None = None) -> None:
+    """At worker start: whatever a killed predecessor of the same id left behind and, given the
+    ``registered`` worker ids, the folders of ids no longer in the registry (a worker id is new on every
+    start by default, so a killed one's folder is otherwise never swept; a registered one may be running
+    a rank and is left alone)."""
     shutil.rmtree(rank_dirs(settings, worker_id), ignore_errors=True)
     os.makedirs(rank_dirs(settings, worker_id), exist_ok=True)
+    if registered is None:
+        return
+    parent = os.path.dirname(rank_dirs(settings, worker_id))
+    for other in os.listdir(parent):
+        if other != worker_id and other not in registered:
+            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
 
 
 def _rank_folders(settings: Settings, payload: dict, made: list[str]) -> dict:
@@ -194,7 +249,12 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
             argsrepr=f"job_id={job_id} attempt={payload.get('attempt')} rank={rank} ok=False error=SecurityError")
         return {"status": "refused"}
     abort = AbortWatcher(state, job_id, token)   # listening before the fence check: no abort slips by
-    if not is_current(state, job_id, token):
+    try:
+        current = is_current(state, job_id, token)
+    except BaseException:
+        abort.close()
+        raise
+    if not current:
         abort.close()
         log.info("job %s rank %s: attempt %s is no longer current; skipping", job_id, rank, token)
         return {"status": "stale"}
@@ -210,10 +270,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
         ok = _supervise(run, child, abort)
         if ok and rank == 0:
             wait_for_peers(run, abort)   # only an attempt whose every rank succeeded writes artifacts
-            if not is_current(state, job_id, token):
-                raise Aborted("the attempt ended before its artifacts were written")
-            run.write(None, t_uploading=time.time())   # training ended: the job timeline's upload phase
-            run.summary["artifacts"] = upload_artifacts(settings, state, run, payload["workdir"])
+            run.summary["artifacts"] = publish_artifacts(settings, state, run, abort, payload["workdir"])
     except Aborted as exc:
         ok, run.error = False, {"type": "Aborted", "message": str(exc), "traceback": ""}
     except Exception as exc:   # an error of the runtime itself is this rank's error

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from workers.runtime.netif import interface_of
 from workers.runtime.pickled_code import restore_filenames
 from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_datasets, warm_store
+
+
+CHECKPOINT_MARKER = ".gangway-complete.json"   # written last: the checkpoint folder is whole
 
 
 @dataclass
@@ -79,29 +83,46 @@ def _connectors(prep: Prepared) -> dict:
 
 
 class Checkpoints:
-    """Rank 0's checkpoint uploads under ``{stage}/checkpoints/{job_id}/NNNNNN/``, and the newest's download."""
+    """Rank 0's checkpoint uploads under ``{stage}/checkpoints/{job_id}/NNNNNN/``, and the newest's download.
 
-    def __init__(self, prep: Prepared, emitter: Emitter) -> None:
-        self.store = warm_store(prep.settings)
+    A checkpoint is complete once its marker (``.gangway-complete.json``: attempt, token, files) is written,
+    after every file; an upload cut short (an abort, a killed child, a store error) leaves a folder without
+    one, which ``latest()`` skips and no later checkpoint reuses."""
+
+    def __init__(self, prep: Prepared, emitter: Emitter, store=None) -> None:
+        self.store = store or warm_store(prep.settings)
         stage = prep.payload["spec"]["train"]["artifact_stage_location"]
         self.bucket, base = parse_s3_uri(stage.rstrip("/") + "/")
         self.prefix = f"{base}checkpoints/{prep.payload['job_id']}/"
         self.workdir = prep.payload["workdir"]
+        self.attempt = {"attempt": prep.payload.get("attempt"), "token": prep.payload.get("token")}
         self.emitter = emitter
         self.location = f"s3://{self.bucket}/{self.prefix}"
         self.uploaded = False
 
+    def _folders(self) -> tuple[list[str], set[str]]:
+        """Every checkpoint folder (sorted) and the complete ones."""
+        rels = [k[len(self.prefix):] for k in self.store.list(self.bucket, self.prefix)]
+        seqs = sorted({r.split("/", 1)[0] for r in rels if r.split("/", 1)[0].isdigit()})
+        complete = {r.split("/", 1)[0] for r in rels if r.endswith("/" + CHECKPOINT_MARKER)}
+        return seqs, complete
+
     def _existing(self) -> list[str]:
-        seqs = {k[len(self.prefix):].split("/", 1)[0] for k in self.store.list(self.bucket, self.prefix)}
-        return sorted(s for s in seqs if s.isdigit())
+        seqs, complete = self._folders()
+        return [s for s in seqs if s in complete]
 
     def upload(self, folder: str, metrics: dict) -> str:
-        seq = f"{int((self._existing() or ['-1'])[-1]) + 1:06d}"
-        for root, _, files in os.walk(folder):
-            for name in files:
+        seqs, _ = self._folders()
+        seq = f"{int((seqs or ['-1'])[-1]) + 1:06d}"   # past any folder, complete or not
+        files = []
+        for root, _, names in os.walk(folder):
+            for name in names:
                 path = os.path.join(root, name)
                 rel = os.path.relpath(path, folder)
                 self.store.put_file(self.bucket, f"{self.prefix}{seq}/{rel}", path)
+                files.append(rel)
+        self.store.put(self.bucket, f"{self.prefix}{seq}/{CHECKPOINT_MARKER}",
+                       json.dumps({**self.attempt, "files": sorted(files)}).encode())
         self.uploaded = True
         self.emitter.emit("checkpoint", uri=f"{self.location}{seq}/", metrics=metrics)
         return f"{self.location}{seq}/"
@@ -113,7 +134,10 @@ class Checkpoints:
         target = os.path.join(self.workdir, f"restored-{seqs[-1]}")
         os.makedirs(target, exist_ok=True)
         for key in self.store.list(self.bucket, f"{self.prefix}{seqs[-1]}/"):
-            dest = os.path.join(target, key[len(f"{self.prefix}{seqs[-1]}/"):])
+            rel = key[len(f"{self.prefix}{seqs[-1]}/"):]
+            if rel == CHECKPOINT_MARKER:
+                continue
+            dest = os.path.join(target, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self.store.get_to_file(self.bucket, key, dest)
         return target

@@ -1,0 +1,285 @@
+"""The coordinator under the interleavings that hurt: deaths between steps, reports that arrive late, Redis
+restarts, clocks that disagree. The real Coordinator, its real Lua scripts and a real Celery app, against a
+redis-server of the test's own; faults are injected between two of a step's Redis writes."""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import pytest
+import redis
+
+from common import keys
+from common.models import JobState, RankState
+from tests.conftest import server_process
+from tests.integration.coordination import (  # noqa: F401 (coord is a fixture)
+    Killed,
+    add_worker,
+    assert_consistent,
+    coord,
+    die_after_the_transition,
+    fleet,
+    holders,
+    make_coordinator,
+    spec,
+    wait_for_uptime,
+    write_status,
+)
+from workers.local import services
+
+pytestmark = pytest.mark.integration
+
+# d1: stranded gang ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ending", ["cancel", "success", "fail", "retry"])
+def test_gang_is_released_when_the_coordinator_dies_between_the_transition_and_the_release(
+        coord, monkeypatch, ending):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2, max_failures=1))
+    token = state.job("J")["token"]
+    assert set(holders(state).values()) == {"J"}
+    die_after_the_transition(coord, monkeypatch)
+    with pytest.raises(Killed):
+        if ending == "cancel":
+            coord.cancel("J")
+        elif ending == "success":
+            coord.rank_finished("J", token, 1, True)
+            coord.rank_finished("J", token, 0, True)
+        elif ending == "fail":
+            coord.rank_finished("J", token, 0, False, {"type": "ValueError", "message": "bad data"})
+            coord.rank_finished("J", token, 1, False, {"type": "Aborted", "message": "aborted"})
+        else:
+            coord.rank_finished("J", token, 0, False, {"type": "WorkerLostError", "message": "lost"})
+            coord.rank_finished("J", token, 1, False, {"type": "Aborted", "message": "aborted"})
+    assert state.job_state("J") is {"cancel": JobState.CANCELLED, "success": JobState.SUCCEEDED,
+                                    "fail": JobState.FAILED, "retry": JobState.PENDING}[ending]
+    assert set(holders(state).values()) == {""}
+    assert not state.r.sismember(keys.RUNNING, "J")
+    if ending != "retry":
+        assert 0 < state.r.ttl(keys.job("J")) <= coord.settings.job_ttl_days * 86400
+    monkeypatch.undo()   # a fresh coordinator: the next job gets the gang
+    coord.submit(spec("K", 2))
+    assert state.job_state("K") is JobState.RUNNING or (ending == "retry" and state.job_state("J") is JobState.RUNNING)
+    assert_consistent(state)
+
+
+def test_the_reaper_frees_a_worker_whose_reservation_names_an_attempt_that_no_longer_runs(coord):
+    state = coord.state
+    fleet(state, 3)
+    coord.submit(spec("J", 2))
+    token = state.job("J")["token"]
+    # What an older coordinator, killed mid-step, could leave: J ended, its gang still reserved; and a
+    # worker holding J's current token though J's gang does not list it.
+    state.r.hset(keys.job("J"), "state", JobState.CANCELLED.value)
+    state.r.hset(keys.worker("w2"), mapping={"job": "J", "token": token})
+    state.r.hset(keys.worker("w1"), mapping={"job": "GONE", "token": "3"})
+    coord.tick()
+    assert set(holders(state).values()) == {""}
+    assert not state.r.sismember(keys.RUNNING, "J")
+    assert_consistent(state)
+
+
+def test_the_reaper_leaves_a_worker_alone_that_a_running_attempt_holds(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2))
+    coord.reap()
+    assert set(holders(state).values()) == {"J"}
+
+
+# d7 (issue's defect 7): reap's read-then-remove ---------------------------------------------------------
+
+def test_reap_never_drops_from_the_running_set_a_job_that_a_pass_placed_between_its_read_and_its_removal(
+        coord, monkeypatch):
+    state = coord.state
+    fleet(state, 4)
+    coord.submit(spec("J", 2, max_failures=3))
+    t1 = state.job("J")["token"]
+    real_job = state.job
+    interleaved = []
+
+    def read_then_preempted(job_id):
+        snapshot = real_job(job_id)
+        if job_id == "J" and not interleaved:   # the timer has read J; a task thread retries and re-places it
+            interleaved.append(1)
+            coord.attempt_failed("J", t1, "rank 0 failed: WorkerLostError: lost", "WorkerLostError", {})
+            snapshot = {**snapshot, "state": JobState.PENDING.value}
+        return snapshot
+
+    monkeypatch.setattr(state, "job", read_then_preempted)
+    coord.reap()
+    monkeypatch.undo()
+    job = state.job("J")
+    assert interleaved and job["state"] == "RUNNING" and job["token"] != t1
+    assert state.r.sismember(keys.RUNNING, "J")
+    assert_consistent(state)
+
+
+# d5 (issue's defect 3): brief loss of liveness -----------------------------------------------------------
+
+def test_a_first_attempt_waits_while_a_registered_worker_is_momentarily_dead_or_draining(coord):
+    state = coord.state
+    fleet(state, 3)
+    state.r.delete(keys.worker_alive("w2"))          # restarting: its heartbeat lapsed for a moment
+    state.r.hset(keys.worker("w1"), "draining", "1")  # rolling restart
+    coord.submit(spec("A", 3))
+    assert state.job_state("A") is JobState.PENDING
+    add_worker(state, "w2", 30020)
+    state.r.hset(keys.worker("w1"), "draining", "0")
+    coord.schedule_pass()
+    assert state.job_state("A") is JobState.RUNNING
+
+
+def test_a_first_attempt_the_registered_fleet_can_never_hold_fails_once_the_grace_has_passed(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("A", 3))
+    assert state.job_state("A") is JobState.PENDING   # a third worker may be registering right now
+    assert "failing in" in state.job("A")["waiting"]
+    state.r.hset(keys.job("A"), "never_fits_since", coord.now() - coord.never_fits_grace - 1)
+    coord.schedule_pass()
+    assert state.job_state("A") is JobState.FAILED
+    assert "num_workers=3 requested but the fleet has 2 eligible workers" in state.job("A")["error"]
+
+
+def test_a_redis_restart_longer_than_the_heartbeat_ttl_fails_neither_the_running_nor_the_queued_job():
+    try:
+        services.redis_binary()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    port, data = services.free_port(), tempfile.mkdtemp(prefix="gangway-aof-")
+    cmd = services.redis_command(port, data, appendfsync="everysec")
+    url = f"redis://127.0.0.1:{port}/0"
+    with server_process(cmd, port, data) as first:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        wait_for_uptime(client, 2)
+        coord = make_coordinator(url, heartbeat_ttl=2.0, lease_seconds=2.0, rendezvous_timeout=30.0)
+        state = coord.state
+        fleet(state, 3, ttl=2.0)
+        coord.submit(spec("RUN", 2, max_failures=0))
+        coord.submit(spec("QUEUED", 3))
+        assert (state.job_state("RUN"), state.job_state("QUEUED")) == (JobState.RUNNING, JobState.PENDING)
+        first.terminate()   # a clean shutdown fsyncs the append-only file
+        first.wait(10)
+        time.sleep(3)       # down longer than GANGWAY_HEARTBEAT_TTL: every heartbeat key has expired
+        with server_process(cmd, port, "/nonexistent") as _:
+            state.r.connection_pool.disconnect()
+            coord.tick()    # the timer's first tick lands before the workers' next heartbeat
+            for wid in ("w0", "w1", "w2"):
+                state.heartbeat(wid, 2.0)
+            coord.tick()
+            assert (state.job_state("RUN"), state.job_state("QUEUED")) == (JobState.RUNNING, JobState.PENDING)
+            assert not state.r.hgetall(f"{keys.job('RUN')}:errors:{state.job('RUN')['token']}")
+        coord.app.close()
+
+
+# d4 (issue's defect 4): reported ranks reaped as silent ------------------------------------------------
+
+def test_a_rank_that_wrote_its_final_status_is_not_reaped_while_its_report_waits_in_the_queue(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2, max_failures=0))
+    token = state.job("J")["token"]
+    # The coordinator is down. Rank 1 finishes: its final status is written, its report is queued.
+    write_status(state, "J", token, 1, RankState.SUCCEEDED, summary={"rows": 10})
+    time.sleep(coord.settings.lease_seconds + 0.3)   # longer than a lease: rank 1 no longer renews
+    write_status(state, "J", token, 0, RankState.TRAINING)   # rank 0 still renews
+    coord.tick()   # a restarted coordinator's first tick, before it consumes the queue
+    assert state.job_state("J") is JobState.RUNNING
+    assert state.r.sismember(keys.job_done("J", token), "1")
+    coord.rank_finished("J", token, 1, True, None, {"rows": 10})   # the queued report, now consumed
+    write_status(state, "J", token, 0, RankState.SUCCEEDED)
+    coord.rank_finished("J", token, 0, True, None, {})
+    assert state.job_state("J") is JobState.SUCCEEDED
+    assert_consistent(state)
+
+
+def test_a_rank_whose_final_status_says_it_failed_counts_as_reported_even_if_its_message_is_lost(coord):
+    state = coord.state
+    fleet(state, 1)
+    coord.submit(spec("J", 1, max_failures=0))
+    token = state.job("J")["token"]
+    write_status(state, "J", token, 0, RankState.FAILED, error={"type": "ValueError", "message": "bad label"})
+    coord.tick()
+    assert state.job_state("J") is JobState.FAILED
+    assert "bad label" in state.job("J")["error"]
+
+
+# d2 (issue's defect 6): rank status shared across attempts -----------------------------------------------
+
+def test_a_retry_starts_with_no_rank_status_and_is_not_reaped_before_its_first_write(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2, max_failures=1))
+    t1 = state.job("J")["token"]
+    for rank in (0, 1):
+        write_status(state, "J", t1, rank, RankState.TRAINING)
+    coord.rank_finished("J", t1, 1, False, {"type": "WorkerLostError", "message": "lost"})
+    state.r.delete(keys.worker_alive("w1"))   # the retry has to wait for capacity ...
+    coord.rank_finished("J", t1, 0, False, {"type": "Aborted", "message": "aborted"})
+    assert state.job_state("J") is JobState.PENDING
+    time.sleep(coord.settings.lease_seconds + 0.3)   # ... longer than a lease
+    add_worker(state, "w2", 30020)
+    coord.schedule_pass()
+    t2 = state.job("J")["token"]
+    assert state.job_state("J") is JobState.RUNNING and t2 != t1
+    assert state.ranks("J") == {}   # status() shows this attempt's ranks only
+    write_status(state, "J", t2, 0, RankState.FETCHING)
+    coord.reap()                     # rank 1 has not written yet: it is within its first lease
+    assert state.r.hgetall(f"{keys.job('J')}:errors:{t2}") == {}
+    assert state.job_state("J") is JobState.RUNNING
+
+
+def test_a_rank_that_never_writes_is_lost_once_its_first_lease_ends(coord):
+    state = coord.state
+    fleet(state, 1)
+    coord.submit(spec("J", 1, max_failures=0))
+    time.sleep(coord.settings.rendezvous_timeout + coord.settings.lease_seconds + 0.3)
+    coord.tick()
+    coord.tick()
+    assert state.job_state("J") is JobState.FAILED
+    assert "never started on worker w0" in state.job("J")["error"]
+
+
+# clocks (issue's defect 5) ----------------------------------------------------------------------------
+
+def test_a_live_rank_on_a_worker_whose_clock_is_far_behind_is_not_reaped_and_a_silent_one_is(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2, max_failures=0))
+    token = state.job("J")["token"]
+    behind = time.time() - 40   # what rank 1's host thinks the time is
+    for _ in range(3):
+        write_status(state, "J", token, 0, RankState.TRAINING)
+        write_status(state, "J", token, 1, RankState.TRAINING, updated=behind)
+        coord.reap()
+        time.sleep(coord.settings.lease_seconds / 2)
+    assert state.r.hgetall(f"{keys.job('J')}:errors:{token}") == {}
+    time.sleep(coord.settings.lease_seconds + 0.3)   # now both go silent
+    write_status(state, "J", token, 0, RankState.TRAINING, updated=time.time() + 3600)   # a host far ahead
+    coord.reap()
+    errors = state.r.hgetall(f"{keys.job('J')}:errors:{token}")
+    assert list(errors) == ["1"] and "went silent" in errors["1"]
+
+
+def test_the_job_timeout_counts_from_when_the_coordinator_accepted_it_not_the_producers_clock(coord):
+    state = coord.state
+    fleet(state, 1)
+    late = spec("J", 1, timeout=30.0)
+    late.submitted_at = time.time() - 3600   # a producer whose clock is an hour behind Redis'
+    coord.submit(late)
+    coord.tick()
+    assert state.job_state("J") is JobState.RUNNING
+
+
+# producer edges (issue's defect 13, the coordinator's part) ---------------------------------------------
+
+def test_a_cancel_that_overtakes_its_submit_keeps_the_job_from_ever_running(coord):
+    state = coord.state
+    fleet(state, 1)
+    assert coord.cancel("J")              # both were queued while the coordinator was down; cancel ran first
+    assert coord.submit(spec("J", 1)) is JobState.CANCELLED
+    assert state.job_state("J") is JobState.CANCELLED and set(holders(state).values()) == {""}
+    assert "cancelled before it was queued" in state.job("J")["error"]
+    assert not coord.cancel("J")          # a second cancel of an ended job changes nothing
