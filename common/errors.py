@@ -63,11 +63,19 @@ class TrainingFailedError(GangwayError):
         self.rank_errors = dict(rank_errors or {})
         self.attempts = list(attempts or [])   # one entry per failed attempt: message, decision, rank errors
         details = "".join(
-            f"\n  rank {rank}: {err.get('type', 'Error')}: {err.get('message', '')}"
+            f"\n  rank {rank}: {err.get('type', 'Error')}: {_first_line(err.get('message', ''))}"
             for rank, err in sorted(self.rank_errors.items()))
         super().__init__(message + details)
 
     def tracebacks(self) -> str:
-        """All ranks' tracebacks, one after the other."""
-        return "\n".join(f"--- rank {r} ---\n{e.get('traceback', '')}"
+        """All ranks' tracebacks (whole messages included), each with the last lines its process printed."""
+        return "\n".join(f"--- rank {r} ---\n{e.get('traceback') or e.get('message', '')}"
+                         + (f"\n--- rank {r}: last output ---\n{e['output']}" if e.get("output") else "")
                          for r, e in sorted(self.rank_errors.items()))
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    """A message's headline: its first line (XGBoost appends kilobytes of C++ stack), cut to ``limit``."""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[:limit - 1] + "…"

@@ -57,6 +57,7 @@ class Settings:
     drain_grace: float = 60.0      # a SIGTERMed worker's running rank may finish this long, then is retried
     dead_worker_ttl: float = 600.0  # a worker dead (no heartbeat) this long is dropped from the registry
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
+    echo_ranks: str = "0"          # whose printed output fit()/run() echo at the caller: "0", "all", "0,3"
     redis_outage_seconds: float = 30.0  # the fleet's processes ride out a Redis that does not answer this long
     store_outage_seconds: float = 30.0  # S3 calls ride out a store that does not answer this long
     redis_appendfsync: str = "everysec"  # the embedded Redis' AOF fsync policy (always|everysec|no); off = no AOF

@@ -98,6 +98,15 @@ def check_max_failures(value: int | None, settings) -> int:
     return value
 
 
+def check_progress_timeout(value: float | None) -> float | None:
+    """None (the fleet's default), 0 (never call a rank hung) or seconds > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValidationError(f"progress_timeout must be None, 0 (never) or seconds > 0, got {value!r}")
+    return float(value)
+
+
 def check_timeout(value: float | None) -> float:
     if value is None:
         return 0.0
@@ -200,20 +209,25 @@ class BoostingEstimator:
 
     def fit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
             weight_col=None, early_stopping_rounds=None, timeout: float | None = None,
-            max_failures: int | None = None):
+            max_failures: int | None = None, progress_timeout: float | None = None):
         """Train on the fleet; prints rank 0's eval every ``verbose_eval`` rounds; returns the Booster.
 
-        ``max_failures``: retries after infrastructure failures (default ``GANGWAY_MAX_FAILURES``)."""
+        ``max_failures``: retries after infrastructure failures (default ``GANGWAY_MAX_FAILURES``);
+        ``progress_timeout``: seconds without a finished round after which a rank counts as hung (default
+        ``GANGWAY_PROGRESS_TIMEOUT``; 0 = never)."""
         job = self.submit(dataset, input_cols, label_col, eval_set, verbose_eval, weight_col=weight_col,
-                          early_stopping_rounds=early_stopping_rounds, max_failures=max_failures, timeout=timeout)
+                          early_stopping_rounds=early_stopping_rounds, max_failures=max_failures, timeout=timeout,
+                          progress_timeout=progress_timeout)
         say_uploads(job.job_id, self._datasets)
         return job.wait(None if timeout is None else timeout + 30, echo=check_verbose_eval(verbose_eval) is not None,
                         cancel_on_interrupt=True)
 
     def submit(self, dataset, input_cols=None, label_col=None, eval_set=None, verbose_eval=None, *,
                weight_col=None, early_stopping_rounds=None, priority: int = 0,
-               max_failures: int | None = None, timeout: float | None = None) -> TrainingJob:
+               max_failures: int | None = None, timeout: float | None = None,
+               progress_timeout: float | None = None) -> TrainingJob:
         """Validate, upload what the store lacks, enqueue; returns at once."""
+        check_progress_timeout(progress_timeout)
         check_common_args(verbose_eval, early_stopping_rounds, self.n_estimators)
         if max_failures is not None:
             check_positive_int("max_failures", max_failures, minimum=0)
@@ -232,7 +246,7 @@ class BoostingEstimator:
         self._check_params(params, prepared, label_col)
         opts = {"num_boost_round": self.n_estimators, "input_cols": prepared.input_cols, "label_col": label_col,
                 "weight_col": weight_col, "verbose_eval": check_verbose_eval(verbose_eval),
-                "early_stopping_rounds": early_stopping_rounds}
+                "early_stopping_rounds": early_stopping_rounds, "progress_timeout": progress_timeout}
         self._input_cols = prepared.input_cols
         self._datasets = prepared.datasets
         self.last_job = submit_spec(client, self.framework, resources, prepared, params, opts, self._load, priority,

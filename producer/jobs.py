@@ -19,7 +19,7 @@ from common.errors import (
     TrainingFailedError,
     ValidationError,
 )
-from common.models import JobState
+from common.models import JobState, RankState
 from common.settings import Settings
 from producer.client import Client
 
@@ -82,9 +82,15 @@ class TrainingJob:
             why = ("the coordinator never persisted it: is one running?" if self._submitted_at is not None
                    else "never submitted here, or expired after GANGWAY_JOB_TTL_DAYS")
             raise JobNotFoundError(f"no job {self.job_id!r} at {self._client.settings.redacted_broker_url} ({why})")
-        return JobStatus(self.job_id, JobState(job["state"]), int(job.get("attempt") or 0),
-                         self._client.state.ranks(self.job_id),
-                         json.loads(job["error"]) if job.get("error") else None, job.get("waiting", ""))
+        state = JobState(job["state"])
+        ranks = self._client.state.ranks(self.job_id)
+        if state.is_terminal:   # a rank cut off by the end of its job could not write its last state
+            for r in ranks.values():
+                if r.get("state") not in (RankState.SUCCEEDED.value, RankState.FAILED.value, RankState.ABORTED.value):
+                    r["state"] = RankState.ABORTED.value
+        return JobStatus(self.job_id, state, int(job.get("attempt") or 0), ranks,
+                         json.loads(job["error"]) if job.get("error") else None,
+                         job.get("waiting", "") if state is JobState.PENDING else "")
 
     def record(self) -> dict[str, str]:
         return self._client.state.job(self.job_id) or {}
@@ -206,6 +212,15 @@ class TrainingJob:
         return f"TrainingJob({self.job_id!r})"
 
 
+def echoed(line: str, echo_ranks: str) -> bool:
+    """Whether a job-log line is echoed at the caller: eval and gangway lines always; a rank's output
+    (``[rank N] ...``) when N is in GANGWAY_ECHO_RANKS (``0`` by default, ``all``, or ``0,3``)."""
+    if not line.startswith("[rank "):
+        return True
+    rank = line[len("[rank "):].split("]", 1)[0]
+    return echo_ranks.strip() == "all" or rank in {r.strip() for r in echo_ranks.split(",")}
+
+
 def _load_by_framework(job: TrainingJob) -> Any:
     """What ``fit``/``run`` return, from the artifacts: a job reattached by id gets the model too."""
     framework = job.record().get("framework", "")
@@ -246,7 +261,8 @@ class _LivePrinter:
         if self.echo:
             for line in self.job.client.state.log(self.job.job_id, self.seen):
                 self.seen += 1
-                (self.bar.write if self.bar else print)(line)
+                if echoed(line, self.job.client.settings.echo_ranks):
+                    (self.bar.write if self.bar else print)(line)
         r0 = st.ranks.get(0, {})
         if self.progress and r0.get("total"):
             if self.bar is None:

@@ -21,7 +21,14 @@ from common.models import Resources
 from common.store import parse_s3_uri
 from producer.client import Client
 from producer.connectors import DataConnector, ShardedDataConnector
-from producer.estimator import Prepared, as_connector, check_max_failures, say_uploads, submit_spec
+from producer.estimator import (
+    Prepared,
+    as_connector,
+    check_max_failures,
+    check_progress_timeout,
+    say_uploads,
+    submit_spec,
+)
 from producer.jobs import TrainingJob
 
 __all__ = ["PyTorchDistributor", "PyTorchScalingConfig", "WorkerResourceConfig", "PyTorchDistributorResult",
@@ -184,17 +191,23 @@ class PyTorchDistributor:
 
     def run(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
             artifact_stage_location: str | None = None, timeout: float | None = None,
-            max_failures: int | None = None) -> PyTorchDistributorResult:
-        """Run ``train_func`` on the gang and wait; rank 0's model folder is uploaded when it returns."""
+            max_failures: int | None = None, progress_timeout: float | None = None) -> PyTorchDistributorResult:
+        """Run ``train_func`` on the gang and wait; rank 0's model folder is uploaded when it returns.
+
+        A rank is not judged by what it logs: by default a live training process is never called hung
+        (``init_process_group(timeout=...)`` bounds a stuck collective); ``progress_timeout=S`` fails a rank
+        that logs no metrics for S seconds."""
         job = self.submit(dataset_map=dataset_map, hyper_params=hyper_params,
                           artifact_stage_location=artifact_stage_location, max_failures=max_failures,
-                          timeout=timeout)
+                          timeout=timeout, progress_timeout=progress_timeout)
         say_uploads(job.job_id, self._datasets)
         return job.wait(None if timeout is None else timeout + 30, echo=True, cancel_on_interrupt=True)
 
     def submit(self, *, dataset_map: dict[str, Any] | None = None, hyper_params: dict | None = None,
                artifact_stage_location: str | None = None, priority: int = 0,
-               max_failures: int | None = None, timeout: float | None = None) -> TrainingJob:
+               max_failures: int | None = None, timeout: float | None = None,
+               progress_timeout: float | None = None) -> TrainingJob:
+        check_progress_timeout(progress_timeout)
         client = Client.default()
         max_failures = check_max_failures(max_failures, client.settings)
         hyper_params = _check_hyper_params(hyper_params)
@@ -208,7 +221,8 @@ class PyTorchDistributor:
         if not client.store.exists(client.settings.data_bucket, func_key):
             client.store.put(client.settings.data_bucket, func_key, blob)
         opts = {"func_uri": f"s3://{client.settings.data_bucket}/{func_key}", "hyper_params": hyper_params,
-                "artifact_stage_location": stage, "func_name": getattr(self.train_func, "__qualname__", "")}
+                "artifact_stage_location": stage, "func_name": getattr(self.train_func, "__qualname__", ""),
+                "progress_timeout": progress_timeout}
         prepared = Prepared(datasets=datasets, input_cols=[], sample=None)
         self.last_job = submit_spec(client, "pytorch", resources, prepared, {}, opts, load_result, priority,
                                     max_failures, timeout)

@@ -142,3 +142,109 @@ def test_a_train_func_using_the_users_own_module_runs_on_workers_that_cannot_imp
 
 def _said(path, text: str) -> bool:
     return text in path.read_text(errors="replace")
+
+
+def _quiet_rank_1():
+    import time
+
+    from producer.pytorch import get_context
+    ctx = get_context()
+    if ctx.get_rank() == 1:
+        time.sleep(20)   # longer than the fleet's GANGWAY_PROGRESS_TIMEOUT (15 s), logging nothing
+    else:
+        ctx.get_metrics_reporter().log_metrics({"done": 1})
+
+
+def _torch(n: int = 2):
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig
+    return lambda f: PyTorchDistributor(f, PyTorchScalingConfig(num_nodes=1, num_workers_per_node=n))
+
+
+def test_a_torch_rank_that_logs_nothing_for_longer_than_the_progress_timeout_is_not_hung(fleet, fleet_settings):
+    assert fleet_settings.progress_timeout < 20
+    result = _torch()(_quiet_rank_1).run(timeout=120)
+    assert result.get_metrics() == {"done": 1}
+
+
+def test_a_jobs_own_progress_timeout_fails_a_silent_torch_rank(fleet):
+    from common.errors import TrainingFailedError
+    with pytest.raises(TrainingFailedError, match=r"rank 1 .*reported no progress for 5s") as info:
+        _torch()(_quiet_rank_1).run(timeout=120, progress_timeout=5, max_failures=0)
+    assert info.value.rank_errors[1]["type"] == "ProgressTimeoutError"
+
+
+def _chatty():
+    import logging
+    import sys
+
+    from producer.pytorch import get_context
+    rank = get_context().get_rank()
+    print(f"hello from rank {rank}")
+    logging.getLogger("user").warning("a warning from rank %s", rank)
+    print(f"to stderr from rank {rank}", file=sys.stderr)
+    if rank == 1:
+        print("about to fail")
+        raise ValueError("bad shard on rank 1")
+
+
+def test_prints_and_logs_of_every_rank_reach_the_job_log_and_rank_0s_the_callers_console(fleet, capsys):
+    from common.errors import TrainingFailedError
+    dist = _torch()(_chatty)
+    with pytest.raises(TrainingFailedError, match="rank 1 failed: ValueError: bad shard on rank 1") as info:
+        dist.run(timeout=120, max_failures=0)
+    log = "\n".join(dist.last_job.logs())
+    for rank in (0, 1):
+        assert f"[rank {rank}] hello from rank {rank}" in log and f"[rank {rank}] to stderr from rank {rank}" in log
+        assert f"a warning from rank {rank}" in log
+    out = capsys.readouterr().out
+    assert "[rank 0] hello from rank 0" in out and "[rank 1]" not in out   # GANGWAY_ECHO_RANKS=0
+    assert "about to fail" in info.value.rank_errors[1]["output"] and "about to fail" in info.value.tracebacks()
+
+
+def _exits_quietly():
+    import os
+    os._exit(0)
+
+
+def test_a_train_func_that_calls_os_exit_0_fails_instead_of_succeeding(fleet):
+    from common.errors import TrainingFailedError
+    with pytest.raises(TrainingFailedError, match="exited with code 0 before reporting completion") as info:
+        _torch(1)(_exits_quietly).run(timeout=120)
+    assert info.value.rank_errors[0]["type"] == "IncompleteTrainingError"
+    assert len(info.value.attempts) == 1   # the user's code: not retried
+
+
+def _one_rank_fails_inside_the_collective():
+    import torch
+    import torch.distributed as dist
+
+    from producer.pytorch import get_context
+    ctx = get_context()
+    dist.init_process_group(ctx.get_default_backend())
+    if ctx.get_rank() == 1:
+        raise ValueError("inf in rank 1's features")
+    t = torch.ones(1)
+    dist.all_reduce(t)   # rank 0 waits for a peer that is gone: its error is an echo
+
+
+def test_the_failing_ranks_error_is_the_headline_not_its_peers_socket_echo(fleet, state):
+    from common.errors import TrainingFailedError
+    with pytest.raises(TrainingFailedError) as info:
+        _torch()(_one_rank_fails_inside_the_collective).run(timeout=120, max_failures=0)
+    headline = str(info.value).splitlines()[0]
+    assert "rank 1 failed: ValueError: inf in rank 1's features" in headline, str(info.value)
+    assert all(len(line) < 600 for line in str(info.value).splitlines())
+    wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
+
+
+def _logs_a_tensor():
+    import torch
+
+    from producer.pytorch import get_context
+    get_context().get_metrics_reporter().log_metrics({"losses": torch.tensor([0.3, 0.2, 0.1])})
+
+
+def test_a_non_scalar_metric_is_refused_naming_it(fleet):
+    from common.errors import TrainingFailedError
+    with pytest.raises(TrainingFailedError, match=r"metric 'losses' must be a number.* torch.Tensor of 3 elements"):
+        _torch(1)(_logs_a_tensor).run(timeout=120)

@@ -72,3 +72,30 @@ def test_lightgbm_gpu_warning_points_at_the_callers_line():
         warnings.simplefilter("always")
         est._before_submit()
     assert seen and seen[0].filename == __file__
+
+
+def test_the_root_cause_beats_the_peers_collective_echoes():
+    from workers.coordinator.policy import root_cause
+    echo = {"type": "XGBoostError", "message": "[10:00:01] ../rabit: Ring allreduce small failed\n  [bt] (0) 0x1"}
+    gloo = {"type": "RuntimeError", "message": "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+                                                "[10.0.0.2]:29500: Connection reset by peer"}
+    cause = {"type": "XGBoostError", "message": "label must be in [0,1] for logistic regression"}
+    assert root_cause({0: echo, 1: cause, 2: gloo}) == (1, cause)
+    lost = {"type": "WorkerLostError", "message": "worker w2 stopped heartbeating"}
+    assert root_cause({0: echo, 1: cause, 3: lost})[0] == 3   # an infrastructure failure explains the rest
+    assert root_cause({0: {"type": "Aborted", "message": "aborted"}, 1: echo}) == (1, echo)
+    assert root_cause({0: echo, 1: gloo})[0] == 0   # nothing but echoes: the lowest rank
+
+
+def test_a_headline_is_the_first_line_without_the_cpp_stack():
+    from workers.coordinator.policy import headline
+    msg = "[10:00:01] src/data.cc:42: Check failed: valid: Label contains NaN\nStack trace:\n" + "  [bt] (0) x\n" * 500
+    assert headline(msg) == "[10:00:01] src/data.cc:42: Check failed: valid: Label contains NaN"
+    assert len(headline("x" * 1000)) == 300
+
+
+def test_callers_echo_rank_0s_output_unless_told_otherwise():
+    from producer.jobs import echoed
+    assert echoed("[0]\ttrain-rmse:0.1", "0") and echoed("[gangway] checkpoint s3://x", "0")
+    assert echoed("[rank 0] hello", "0") and not echoed("[rank 1] hello", "0")
+    assert echoed("[rank 1] hello", "all") and echoed("[rank 3] x", "0,3") and not echoed("[rank 2] x", "0,3")

@@ -39,3 +39,35 @@ def decide(attempt: int, max_failures: int, error_type: str) -> FailureDecision:
                                                    "retries are used up (raise max_failures to retry more)")
     return FailureDecision(FailureAction.RETRY, f"retrying: attempt {attempt} of {max_failures + 1} failed "
                                                 f"with {error_type}")
+
+
+# What a rank's collective reports when a *peer* died or failed first: such an error is an echo of the
+# cause, never the cause, when another rank has a different error.
+_ECHO_MARKERS = ("connection reset by peer", "socket recv error", "socket send error", "ring allreduce",
+                 "connection closed by peer", "broken pipe", "read error", "allreduce failed", "socket error",
+                 "gloo/transport", "connection refused", "peer closed", "timed out waiting for peer")
+
+
+def is_collective_echo(error: dict) -> bool:
+    """Whether ``error`` reads like a collective failing because a peer went away."""
+    if error.get("type") in RETRYABLE or error.get("type") == "Aborted":
+        return False
+    text = f"{error.get('message', '')}".lower()
+    return any(marker in text for marker in _ECHO_MARKERS)
+
+
+def root_cause(errors: dict[int, dict]) -> tuple[int, dict]:
+    """The rank whose error explains the attempt: an infrastructure failure first, then anything that is
+    not a peer's echo, then the lowest rank. ``Aborted`` reports count only when nothing else is there."""
+    real = {r: e for r, e in errors.items() if e.get("type") != "Aborted"} or errors
+    if not real:
+        return 0, {"type": "Error", "message": "unknown"}
+    return min(real.items(), key=lambda kv: (not is_retryable(kv[1].get("type", "")),
+                                             is_collective_echo(kv[1]), kv[0]))
+
+
+def headline(message: str, limit: int = 300) -> str:
+    """The first line of an error message (XGBoost appends kilobytes of ``[bt]`` C++ stack), cut to ``limit``."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[:limit - 1] + "…"

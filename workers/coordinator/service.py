@@ -18,7 +18,7 @@ from common.models import JobSpec, JobState, RankState, WorkerView
 from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
-from workers.coordinator.policy import FailureAction, decide, is_retryable
+from workers.coordinator.policy import FailureAction, decide, headline, is_retryable, root_cause
 from workers.coordinator.reservation import Reservations
 from workers.coordinator.scheduler import (
     Action,
@@ -258,10 +258,9 @@ class Coordinator:
     def decide_attempt(self, job_id: str, token: str) -> None:
         errors = {int(k): json.loads(v) for k, v in self.r.hgetall(self._errors_key(job_id, token)).items()}
         real = {r: e for r, e in errors.items() if e.get("type") != "Aborted"} or errors
-        causes = sorted(real.items(), key=lambda kv: (not is_retryable(kv[1].get("type", "")), kv[0]))
-        rank, first = causes[0] if causes else (0, {"type": "Error", "message": "unknown"})
+        rank, first = root_cause(errors)   # the cause, not its echoes in the peers' collectives
         self.attempt_failed(job_id, token, f"rank {rank} failed: {first.get('type', 'Error')}: "
-                                           f"{first.get('message', '')}", first.get("type", ""), real)
+                                           f"{headline(first.get('message', ''))}", first.get("type", ""), real)
 
     def attempt_failed(self, job_id: str, token: str, message: str, error_type: str, rank_errors: dict) -> None:
         """End the attempt; retry the job (back to PENDING, same queue position) or fail it."""

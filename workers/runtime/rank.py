@@ -21,7 +21,7 @@ from common.signing import SecurityError, verify
 from common.state import State
 from workers.runtime.artifacts import upload_artifacts
 from workers.runtime.instruments import RankInstruments
-from workers.runtime.supervisor import Standby, TrainingChild
+from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, TrainingChild
 
 log = logging.getLogger(__name__)
 _WRITE_EVERY = 0.25   # seconds between coalesced progress writes
@@ -72,6 +72,7 @@ class RankRun:
     payload: dict
     status: dict = field(default_factory=dict)
     error: dict | None = None
+    output: list[str] = field(default_factory=list)   # the child's printed lines not yet in the job log
     summary: dict = field(default_factory=dict)
     instruments: RankInstruments = field(init=False)
 
@@ -272,7 +273,10 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
             wait_for_peers(run, abort)   # only an attempt whose every rank succeeded writes artifacts
             run.summary["artifacts"] = publish_artifacts(settings, state, run, abort, payload["workdir"])
     except Aborted as exc:
-        ok, run.error = False, {"type": "Aborted", "message": str(exc), "traceback": ""}
+        # The abort may have overtaken this rank's own error (it failed first; a peer's echo reached the
+        # coordinator sooner): the cause, when the child reported one, is the rank's error, not "Aborted".
+        own = _own_error(child, run.output) if child is not None else None
+        ok, run.error = False, own or {"type": "Aborted", "message": str(exc), "traceback": ""}
     except Exception as exc:   # an error of the runtime itself is this rank's error
         import traceback
         ok, run.error = False, {"type": type(exc).__name__, "message": str(exc),
@@ -280,6 +284,9 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     finally:
         if child is not None:
             child.kill(settings.kill_grace)
+            _relay_output(run, child)
+            if run.error is not None and child.tail:
+                run.error.setdefault("output", child.stderr_tail(4000))   # what it printed last, with its error
             child.close()
         abort.close()
         for folder in made:
@@ -289,6 +296,68 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, pa
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
     standby.refill()
     return {"status": "succeeded" if ok else "failed"}
+
+
+def _own_error(child: TrainingChild, output: list[str], wait: float = 1.0) -> dict | None:
+    """The ``error`` event the child sent (or sends within ``wait`` s, as it exits), if any; the output
+    lines read on the way go to ``output``."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            ev = child.events.get(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                return None
+            continue
+        if ev is None:
+            return None
+        if ev.get("ev") == "error" and ev.get("type") != "Aborted":
+            return {k: ev.get(k, "") for k in ("type", "message", "traceback")}
+        if ev.get("ev") == "output":
+            output.append(ev["line"])
+
+
+def _relay_output(run: RankRun, child: TrainingChild) -> None:
+    """What the child printed and was not relayed yet, into the job log and the worker log."""
+    lines = []
+    while True:
+        try:
+            ev = child.events.get_nowait()
+        except queue.Empty:
+            break
+        if ev is not None and ev.get("ev") == "output":
+            lines.append(ev["line"])
+    run.output.extend(lines)
+    if child.output_dropped:
+        run.output.append(f"[gangway] {child.output_dropped} output lines dropped (over "
+                          f"{OUTPUT_LINES_PER_SECOND} lines/s)")
+        child.output_dropped = 0
+    _flush_output(run)
+
+
+def _flush_output(run: RankRun) -> bool:
+    """Write buffered output lines, prefixed with the rank, to the job log; False if the write was refused."""
+    if not run.output:
+        return True
+    lines = [f"[rank {run.rank}] {line}" for line in run.output]
+    run.output.clear()
+    for line in lines:
+        log.info("job %s %s", run.job_id, line)
+    try:
+        return run.state.fenced_write(run.job_id, run.token, run.rank, None, lines)
+    except Exception as exc:   # output is best effort; the rank's outcome is not
+        log.warning("job %s rank %s: output not written: %s", run.job_id, run.rank, exc)
+        return True
+
+
+def progress_limit(spec: dict, settings: Settings) -> float:
+    """Seconds of silence after which a rank counts as hung. A job's own ``progress_timeout`` wins; PyTorch
+    ranks have none by default (a live process is progress; a hung collective is what torch's own
+    collective timeouts catch); XGBoost and LightGBM report every round, so GANGWAY_PROGRESS_TIMEOUT."""
+    own = (spec.get("train") or {}).get("progress_timeout")
+    if own is not None:
+        return float(own)
+    return 0.0 if spec.get("framework") == "pytorch" else settings.progress_timeout
 
 
 def _report(run: RankRun, app: Celery, ok: bool, aborted: bool) -> None:
@@ -310,7 +379,9 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
     last_write, pending = 0.0, None
     last_event = time.monotonic()
     inst = run.instruments
-    limit = run.settings.progress_timeout
+    limit = progress_limit(run.payload.get("spec") or {}, run.settings)
+    done = False
+    last_output = 0.0
     while True:
         if abort.event.is_set():
             raise Aborted(abort.reason)
@@ -360,11 +431,18 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
         elif kind == "checkpoint":
             run.summary["last_checkpoint"] = ev.get("uri")
             run.state.fenced_write(run.job_id, run.token, run.rank, None, [f"[gangway] checkpoint {ev.get('uri')}"])
+        elif kind == "output":
+            run.output.append(ev["line"])
         elif kind == "done":
+            done = True
             run.summary.update(ev.get("summary") or {})
         elif kind == "error":
             run.error = {k: ev.get(k, "") for k in ("type", "message", "traceback")}
         now = time.monotonic()
+        if run.output and (now - last_output >= _WRITE_EVERY or len(run.output) >= 100):
+            last_output = now
+            if not _flush_output(run):
+                abort.set("the attempt is no longer current")
         if pending is not None and (now - last_write >= _WRITE_EVERY or kind == "done"):
             if not run.write(None, iteration=pending["iter"], total=pending["total"], metrics=pending["metrics"]):
                 abort.set("the attempt is no longer current")
@@ -372,8 +450,14 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
     code = child.proc.wait()
     if pending is not None:
         run.write(None, iteration=pending["iter"], total=pending["total"], metrics=pending["metrics"])
-    if code == 0 and run.error is None:
+    if code == 0 and run.error is None and done:
         return True
+    if code == 0 and run.error is None:   # os._exit(0), or a forked copy of the child returning, in train_func
+        run.error = {"type": "IncompleteTrainingError",
+                     "message": "the training process exited with code 0 before reporting completion (did the "
+                                "training code call os._exit() or exit from a forked process?)",
+                     "traceback": child.stderr_tail()}
+        return False
     if run.error is None:
         run.error = {"type": "ChildProcessError",
                      "message": f"training process exited with code {code} (signal {-code})" if code < 0

@@ -7,6 +7,7 @@ be killed. ``PR_SET_PDEATHSIG`` ties the child's life to its supervisor.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
@@ -14,8 +15,8 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 
 from workers.runtime.events import parse
 
@@ -30,18 +31,42 @@ def _die_with_parent() -> None:
         pass
 
 
+OUTPUT_LINES_PER_SECOND = 50     # relayed to the job log; a chatty loop is cut, not the training
+OUTPUT_LINE_CHARS = 2000
+
+
 class TrainingChild:
-    """One ``python -m workers.runtime.child`` process and the thread reading its events."""
+    """One ``python -m workers.runtime.child`` process, the thread reading its events, and the thread
+    reading its output (train_func's prints, logging and stderr: relayed as ``output`` events, rate-limited,
+    and the tail kept for the rank's error)."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.stderr = tempfile.TemporaryFile(mode="w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers.runtime.child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, env=env, text=True, bufsize=1, preexec_fn=_die_with_parent,
+            stderr=subprocess.PIPE, env=env, text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent,
             start_new_session=True)   # its own process group: whatever train_func forks goes with it
         self.events: queue.Queue[dict | None] = queue.Queue()
+        self.tail: collections.deque[str] = collections.deque(maxlen=60)
+        self.output_dropped = 0
         self._reader = threading.Thread(target=self._read, name="gangway-child-reader", daemon=True)
         self._reader.start()
+        self._output = threading.Thread(target=self._read_output, name="gangway-child-output", daemon=True)
+        self._output.start()
+
+    def _read_output(self) -> None:
+        assert self.proc.stderr is not None
+        window, sent = time.monotonic(), 0
+        for raw in self.proc.stderr:
+            line = raw.rstrip("\n")[:OUTPUT_LINE_CHARS]
+            self.tail.append(line)
+            now = time.monotonic()
+            if now - window >= 1.0:
+                window, sent = now, 0
+            if sent < OUTPUT_LINES_PER_SECOND:
+                sent += 1
+                self.events.put({"ev": "output", "line": line})
+            else:
+                self.output_dropped += 1
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -84,15 +109,12 @@ class TrainingChild:
         self._signal_group(signal.SIGKILL)   # grandchildren left behind by the training code
 
     def stderr_tail(self, limit: int = 4000) -> str:
-        self.stderr.flush()
-        self.stderr.seek(0, os.SEEK_END)
-        size = self.stderr.tell()
-        self.stderr.seek(max(0, size - limit))
-        return self.stderr.read().decode(errors="replace")
+        """The last lines the training process printed (stdout and stderr), at most ``limit`` characters."""
+        self._output.join(timeout=1.0)   # the pipe drains once the process is gone
+        return "\n".join(self.tail)[-limit:]
 
     def close(self) -> None:
         self.kill(1.0)
-        self.stderr.close()
 
 
 class Standby:

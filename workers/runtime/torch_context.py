@@ -32,7 +32,7 @@ class MetricsReporter:
         """Record metrics; rank 0's last values are the result's ``get_metrics()``."""
         if not isinstance(metrics, dict):
             raise TypeError(f"log_metrics expects a dict, got {type(metrics).__name__}")
-        self._sink(dict(metrics))
+        self._sink({str(k): _scalar(k, v) for k, v in metrics.items()})
 
 
 class TrainingContext:
@@ -107,3 +107,23 @@ class TrainingContext:
 
     def scratch_dir(self) -> str:
         return tempfile.mkdtemp(dir=self._workdir)
+
+
+def _scalar(name: Any, value: Any) -> Any:
+    """A metric as JSON: numbers, bools, strings, lists and dicts of those, and one-element tensors or
+    arrays (``.item()``); anything else is refused naming the metric, never turned into a string."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_scalar(name, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _scalar(f"{name}.{k}", v) for k, v in value.items()}
+    item = getattr(value, "item", None)
+    size = getattr(value, "numel", None) or getattr(value, "size", None)
+    count = size() if callable(size) else size
+    if callable(item) and count in (None, 1):
+        return item()
+    raise TypeError(f"metric {name!r} must be a number, a bool, a string (or a list or dict of them) or a "
+                    f"one-element tensor, got {type(value).__module__}.{type(value).__qualname__}"
+                    + (f" of {count} elements" if count not in (None, 1) else "")
+                    + " (log a summary such as its mean, or .tolist())")
