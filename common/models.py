@@ -116,6 +116,7 @@ class Resources:
     num_cpu_per_worker: int = -1   # -1: all the worker's CPUs
     num_nodes: int = 0             # >0: the gang spans exactly this many hosts ...
     workers_per_node: int = 0      # ... with this many workers on each
+    gpus_per_worker: int = 0       # >0: each rank needs a worker owning at least this many GPUs (a GPU gang)
 
 
 @dataclass

@@ -37,7 +37,8 @@ __all__ = ["PyTorchDistributor", "PyTorchScalingConfig", "WorkerResourceConfig",
 
 @dataclass(frozen=True)
 class WorkerResourceConfig:
-    """What one rank needs: ``num_gpus`` > 0 reserves a GPU worker (one GPU each)."""
+    """What one rank needs: ``num_gpus`` > 0 reserves a GPU worker owning at least that many GPUs (its
+    ``CUDA_VISIBLE_DEVICES`` is exactly those), ``num_cpus`` a worker with at least that many CPUs."""
 
     num_cpus: int = 1
     num_gpus: int = 0
@@ -47,9 +48,6 @@ class WorkerResourceConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValidationError(f"WorkerResourceConfig.{name} must be an integer >= 0, got {v!r}")
-        if self.num_gpus > 1:
-            raise ValidationError(f"num_gpus={self.num_gpus}: a gangway worker owns one GPU; use more "
-                                  "num_workers_per_node instead")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,8 @@ class PyTorchScalingConfig:
         req = self.resource_requirements_per_worker
         return Resources(num_workers=self.num_nodes * self.num_workers_per_node, use_gpu=req.num_gpus > 0,
                          num_cpu_per_worker=req.num_cpus if req.num_cpus > 0 else -1,
-                         num_nodes=self.num_nodes, workers_per_node=self.num_workers_per_node)
+                         num_nodes=self.num_nodes, workers_per_node=self.num_workers_per_node,
+                         gpus_per_worker=req.num_gpus)
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,20 @@ def main(ctx: click.Context, broker_url: str | None, s3_endpoint: str | None, ve
 
 @main.command()
 @click.option("--workers", "n_workers", default=2, show_default=True, help="Trainer workers to start.")
-@click.option("--gpus", is_flag=True, help="One worker per GPU, CUDA_VISIBLE_DEVICES pinned.")
+@click.option("--gpus", is_flag=True, help="GPU workers, CUDA_VISIBLE_DEVICES pinned to each one's GPUs.")
+@click.option("--gpus-per-worker", default=1, show_default=True,
+              help="With --gpus: GPUs each worker owns (a rank asking num_gpus=K needs a worker with K).")
 @click.option("--bind", default=None, metavar="ADDRESS",
               help="Serve the Redis and S3 it starts on this address, for worker hosts (env GANGWAY_BIND; "
                    "not loopback: GANGWAY_BROKER_URL must carry a password).")
 @click.pass_context
-def up(ctx: click.Context, n_workers: int, gpus: bool, bind: str | None) -> None:
+def up(ctx: click.Context, n_workers: int, gpus: bool, gpus_per_worker: int, bind: str | None) -> None:
     """Start the embedded fleet (only what does not already answer) and keep it running until SIGINT/SIGTERM:
     a process it started that dies is restarted with backoff (1 s, 2 s, 4 s … 30 s); one that dies 5 times
     within a minute is left stopped and `gangway check` names it."""
     from workers.local.fleet import Fleet
-    fleet = Fleet(_settings(ctx).replace(bind=bind) if bind else _settings(ctx), workers=n_workers, gpus=gpus)
+    fleet = Fleet(_settings(ctx).replace(bind=bind) if bind else _settings(ctx), workers=n_workers, gpus=gpus,
+                  gpus_per_worker=gpus_per_worker)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

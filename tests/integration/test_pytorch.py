@@ -162,3 +162,14 @@ def test_unicode_column_names_train_end_to_end(fleet):
     booster = est.fit(df, ["âge", "収入", "score"], "risk", timeout=60)
     assert booster.feature_names == ["âge", "収入", "score"]
     assert len(est.predict(df)) == len(df)
+
+
+def test_the_seed_examples_4_gpu_worker_is_refused_on_a_cpu_fleet_with_requested_and_available(fleet, state):
+    from common.errors import PlacementError
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig, WorkerResourceConfig
+    config = PyTorchScalingConfig(num_nodes=1, num_workers_per_node=1,
+                                  resource_requirements_per_worker=WorkerResourceConfig(num_cpus=0, num_gpus=4))
+    with pytest.raises(PlacementError, match=r"num_gpus=4 per worker requested but the fleet's workers own at "
+                                             r"most 0 GPUs each"):
+        PyTorchDistributor(lambda: None, config).run()
+    assert all(not w.job_id for w in state.workers())

@@ -136,4 +136,6 @@ def test_a_job_can_be_reattached_by_id_from_another_handle(trained):
     again = TrainingJob(est.last_job.job_id)
     st = again.status()
     assert st.state is JobState.SUCCEEDED and st.attempt == 1 and set(st.ranks) == {0, 1}
-    assert again.result()["state"] == "SUCCEEDED"
+    booster = again.result()   # what fit() returned, loaded from the artifacts
+    assert booster.num_boosted_rounds() == est.get_booster().num_boosted_rounds()
+    assert booster.save_raw("json") == est.get_booster().save_raw("json")

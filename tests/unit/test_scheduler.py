@@ -167,3 +167,35 @@ def test_a_job_that_fits_the_registered_fleet_waits_while_a_worker_is_momentaril
 def test_a_job_larger_than_the_registered_fleet_is_judged_never_to_fit():
     decisions = plan_pass([spec("j", 4)], [w("a"), w("b", alive=False), w("c")])
     assert decisions[0].action is Action.FAIL and "(2 live, 3 registered)" in decisions[0].reason
+
+
+def test_a_rank_asking_for_4_gpus_gets_a_worker_owning_4_and_never_a_1_gpu_worker():
+    need4 = Resources(1, True, gpus_per_worker=4)
+    fleet = [w("small", gpus=("0",)), w("big", gpus=("1", "2", "3", "4"))]
+    assert select_gang("j", need4, fleet).worker_ids == ("big",)
+    assert select_gang("j", need4, [w("small", gpus=("0",)), w("big", gpus=("1", "2", "3", "4"), job="x")]) is None
+    assert infeasibility(need4, fleet) == ""
+
+
+def test_gpus_per_worker_beyond_every_worker_is_refused_with_requested_and_available():
+    reason = infeasibility(Resources(1, True, gpus_per_worker=4), [w("a", gpus=("0",)), w("b", gpus=("1", "2"))])
+    assert reason.startswith("num_gpus=4 per worker requested but the fleet's workers own at most 2 GPUs each")
+    cpu_only = infeasibility(Resources(1, True, gpus_per_worker=4), [w("a"), w("b")])
+    assert "num_gpus=4 per worker requested" in cpu_only and "at most 0 GPUs" in cpu_only
+
+
+def test_gangway_up_splits_the_hosts_gpus_into_disjoint_sets_per_worker():
+    import pytest
+
+    from common.errors import ConfigurationError
+    from workers.local.fleet import gpu_split
+    assert gpu_split(["0", "1", "2", "3", "4", "5", "6", "7"], 2, 4) == ["0,1,2,3", "4,5,6,7"]
+    assert gpu_split(["0", "1"], 2, 1) == ["0", "1"]
+    with pytest.raises(ConfigurationError, match=r"needs 8 GPUs but this host has 4"):
+        gpu_split(["0", "1", "2", "3"], 2, 4)
+
+
+def test_a_multi_gpu_rank_sees_exactly_its_gpus_and_a_one_gpu_rank_its_hosts_gang_gpus():
+    from workers.runtime.torch_runner import visible_gpus
+    assert visible_gpus({"gpus": ["4", "5", "6", "7"], "host_gpus": ["0", "4"]}, local_rank=1) == (["4", "5", "6", "7"], 0)
+    assert visible_gpus({"gpus": ["3"], "host_gpus": ["1", "3"]}, local_rank=1) == (["1", "3"], 1)

@@ -35,8 +35,10 @@ class Decision:
 
 
 def _eligible(resources: Resources, workers: Iterable[WorkerView]) -> list[WorkerView]:
-    need_cpus = resources.num_cpu_per_worker
-    return [w for w in workers if need_cpus <= 0 or w.info.cpus >= need_cpus]
+    """Workers that own what one rank asks for: CPUs, and GPUs when a rank needs several."""
+    need_cpus, need_gpus = resources.num_cpu_per_worker, resources.gpus_per_worker
+    return [w for w in workers if (need_cpus <= 0 or w.info.cpus >= need_cpus)
+            and (need_gpus <= 1 or w.info.num_gpus >= need_gpus)]
 
 
 def _rank_order(workers: Iterable[WorkerView]) -> list[WorkerView]:
@@ -65,8 +67,14 @@ def infeasibility(resources: Resources, workers: Sequence[WorkerView], *, regist
                 "`gangway worker`)")
     eligible = _eligible(resources, pool)
     if not eligible:
-        return (f"num_cpu_per_worker={resources.num_cpu_per_worker} but the largest worker has "
-                f"{max(w.info.cpus for w in pool)} CPUs")
+        if resources.gpus_per_worker > 1 and resources.num_cpu_per_worker <= 0:
+            return (f"num_gpus={resources.gpus_per_worker} per worker requested but the fleet's workers own at "
+                    f"most {max(w.info.num_gpus for w in pool)} GPUs each (`gangway up --gpus-per-worker K` "
+                    f"gives a worker K GPUs)")
+        return (f"num_cpu_per_worker={resources.num_cpu_per_worker}"
+                + (f" and num_gpus={resources.gpus_per_worker}" if resources.gpus_per_worker > 1 else "")
+                + f" but the largest worker has {max(w.info.cpus for w in pool)} CPUs and "
+                  f"{max(w.info.num_gpus for w in pool)} GPUs")
     gpu_workers = [w for w in eligible if w.info.num_gpus > 0]
     if resources.use_gpu is True:
         if not gpu_workers:

@@ -195,7 +195,8 @@ class Coordinator:
         for rank, wid in enumerate(placement.worker_ids):
             host = by_id[wid].info.host
             host_gpus = [g for w in gang if w.info.host == host for g in w.info.gpus[:1]]
-            payload = {**common, "rank": rank, "worker_id": wid, "host_gpus": host_gpus}
+            own = list(by_id[wid].info.gpus[:max(1, spec.resources.gpus_per_worker)]) if placement.use_gpu else []
+            payload = {**common, "rank": rank, "worker_id": wid, "host_gpus": host_gpus, "gpus": own}
             self.app.send_task("gangway.train_rank", args=[payload], queue=keys.worker_queue(wid),
                                task_id=f"{placement.job_id}.{token}.r{rank}",
                                # what Flower shows instead of the payload (which carries the whole spec)

@@ -54,6 +54,7 @@ class Fleet:
     settings: Settings
     workers: int = 2
     gpus: bool = False
+    gpus_per_worker: int = 1
     started: list[Started] = field(default_factory=list)
     worker_ids: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
@@ -139,21 +140,18 @@ class Fleet:
         lo, hi = self.settings.port_block
         size = hi - lo + 1
         cpus = max(1, (os.cpu_count() or 1) // max(1, self.workers))
-        gpu_ids = _gpu_ids() if self.gpus else []
-        if self.gpus and len(gpu_ids) < self.workers:
-            raise ConfigurationError(f"--gpus asks one worker per GPU but this host has {len(gpu_ids)} GPUs "
-                                     f"for {self.workers} workers")
+        per_worker = gpu_split(_gpu_ids(), self.workers, self.gpus_per_worker) if self.gpus else []
         tag = uuid.uuid4().hex[:6]
         for i in range(self.workers):
             wid = f"w{i}-{tag}"
             block = f"{lo + i * size}-{lo + i * size + size - 1}"
             extra = {"GANGWAY_WORKER_ID": wid, "GANGWAY_WORKER_PORTS": block,
                      "GANGWAY_WORKER_CPUS": str(self.settings.worker_cpus or cpus),
-                     "GANGWAY_WORKER_GPUS": gpu_ids[i] if self.gpus else "none",
+                     "GANGWAY_WORKER_GPUS": per_worker[i] if self.gpus else "none",
                      "GANGWAY_METRICS_PORT": str(self._metrics_port(i + 1)),
                      metrics.MULTIPROC_ENV: metrics.prepare_multiprocess_dir(self.home / "metrics" / wid)}
             if self.gpus:
-                extra["CUDA_VISIBLE_DEVICES"] = gpu_ids[i]
+                extra["CUDA_VISIBLE_DEVICES"] = per_worker[i]
             self._spawn(f"worker-{wid}", self._celery("workers.runtime.main", keys.worker_queue(wid),
                                                       f"{wid}@%h", "prefork"), self._env(**extra))
             self.worker_ids.append(wid)
@@ -264,6 +262,16 @@ class Fleet:
         mine = ", ".join(s.name for s in self.started)
         reused = ", ".join(self.reused) or "nothing"
         return f"started: {mine or 'nothing'}; reused: {reused}"
+
+
+def gpu_split(gpu_ids: list[str], workers: int, per_worker: int) -> list[str]:
+    """``GANGWAY_WORKER_GPUS`` of each of ``workers`` workers owning ``per_worker`` GPUs each, disjoint."""
+    if per_worker < 1:
+        raise ConfigurationError(f"--gpus-per-worker must be >= 1, got {per_worker}")
+    if len(gpu_ids) < workers * per_worker:
+        raise ConfigurationError(f"--gpus with {workers} workers x {per_worker} GPUs each needs "
+                                 f"{workers * per_worker} GPUs but this host has {len(gpu_ids)} ({gpu_ids})")
+    return [",".join(gpu_ids[i * per_worker:(i + 1) * per_worker]) for i in range(workers)]
 
 
 def given_up(home: str | Path) -> list[str]:

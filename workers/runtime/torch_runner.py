@@ -143,13 +143,22 @@ class Checkpoints:
         return target
 
 
+def visible_gpus(payload: dict, local_rank: int) -> tuple[list[str], int]:
+    """(``CUDA_VISIBLE_DEVICES``, this rank's device index). One GPU a rank: this host's gang GPUs in
+    local-rank order, ``cuda:{local_rank}`` being its own (NCCL sees its peers' devices). Several GPUs a
+    rank (``num_gpus=K``): exactly its worker's K GPUs, ``cuda:0`` … ``cuda:K-1``."""
+    own = payload.get("gpus") or []
+    if len(own) > 1:
+        return list(own), 0
+    return list(payload.get("host_gpus") or []), local_rank
+
+
 def _pin_gpus(prep: Prepared, local_rank: int) -> None:
-    """On a GPU gang, this host's gang GPUs in local-rank order: ``cuda:{local_rank}`` is this rank's GPU."""
-    gpus = prep.payload.get("host_gpus") or []
+    gpus, device = visible_gpus(prep.payload, local_rank)
     if prep.payload.get("use_gpu") and gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         import torch
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
 
 
 def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
