@@ -32,18 +32,34 @@ if [ -n "${GPU_CLAIM_DIR:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
         exit 1
     fi
     mkdir -p "$GPU_CLAIM_DIR"
+    # GPUS_PER_WORKER=K: claim K GPUs (one lock, one file descriptor 3..9, each), for ranks that
+    # ask WorkerResourceConfig(num_gpus=K).
+    want=${GPUS_PER_WORKER:-1}
+    case "$want" in
+        [1-7]) ;;
+        *) echo "gangway: GPUS_PER_WORKER=$want: a worker container claims 1 to 7 GPUs" >&2; exit 1 ;;
+    esac
+    fd=3
+    claimed=""
     for gpu in $gpus; do
-        exec 9>"$GPU_CLAIM_DIR/gpu$gpu.lock"
-        if flock -n 9; then
-            CUDA_VISIBLE_DEVICES=$gpu
-            export CUDA_VISIBLE_DEVICES
-            echo "gangway: claimed GPU $gpu ($GPU_CLAIM_DIR/gpu$gpu.lock)" >&2
-            exec "$@"
+        eval "exec $fd>\"\$GPU_CLAIM_DIR/gpu$gpu.lock\""
+        if flock -n "$fd"; then
+            claimed="${claimed:+$claimed,}$gpu"
+            fd=$((fd + 1))
+            if [ "$fd" -eq $((3 + want)) ]; then
+                CUDA_VISIBLE_DEVICES=$claimed
+                GANGWAY_WORKER_GPUS=$claimed
+                export CUDA_VISIBLE_DEVICES GANGWAY_WORKER_GPUS
+                echo "gangway: claimed GPU $claimed ($GPU_CLAIM_DIR/gpu*.lock)" >&2
+                exec "$@"
+            fi
+        else
+            eval "exec $fd>&-"
         fi
     done
-    exec 9>&-
-    echo "gangway: every GPU of this host ($(echo $gpus | tr ' ' ',')) is held by another worker" \
-         "container (locks in $GPU_CLAIM_DIR); scale worker-gpu to at most $(echo $gpus | wc -w)" >&2
+    echo "gangway: fewer than $want free GPUs on this host ($(echo $gpus | tr ' ' ',')); the others are held by" \
+         "other worker containers (locks in $GPU_CLAIM_DIR); scale worker-gpu to at most" \
+         "$(( $(echo $gpus | wc -w) / want ))" >&2
     exit 1
 fi
 

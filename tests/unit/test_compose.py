@@ -223,7 +223,7 @@ def gpu_host(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
-    smi.write_text('#!/bin/sh\nprintf "0\\n1\\n"\n')
+    smi.write_text('#!/bin/sh\nfor g in ${FAKE_GPUS:-0 1}; do echo "$g"; done\n')
     smi.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GPU_CLAIM_DIR": str(tmp_path / "claims"),
            "GANGWAY_WORKER_HOST": "10.0.0.7"}
@@ -248,7 +248,17 @@ def test_gpu_worker_replicas_claim_distinct_gpus_and_a_surplus_replica_exits(gpu
     assert gpu_host().stdout.readline().strip() == "gpu=1"
     third = gpu_host()
     assert third.wait(timeout=30) == 1
-    assert "every GPU of this host (0,1) is held by another worker" in third.stderr.read()
+    assert "fewer than 1 free GPUs on this host (0,1); the others are held by other worker" in third.stderr.read()
+
+
+def test_gpu_worker_replicas_of_k_gpus_each_claim_disjoint_sets(gpu_host):
+    four = {"FAKE_GPUS": "0 1 2 3", "GPUS_PER_WORKER": "2"}
+    assert gpu_host(**four).stdout.readline().strip() == "gpu=0,1"
+    assert gpu_host(**four).stdout.readline().strip() == "gpu=2,3"
+    third = gpu_host(**four)
+    assert third.wait(timeout=30) == 1 and "scale worker-gpu to at most 2" in third.stderr.read()
+    bad = gpu_host(GPUS_PER_WORKER="9")
+    assert bad.wait(timeout=30) == 1 and "claims 1 to 7 GPUs" in bad.stderr.read()
 
 
 def test_a_stopped_replica_frees_its_gpu(gpu_host):
