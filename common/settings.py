@@ -42,6 +42,7 @@ class Settings:
     home: str = field(default_factory=_default_home)
     cache_bytes: int = 2 * 1024**3
     chunk_rows: int = 65536
+    chunk_bytes: int = 32 * 1024**2   # a wide table's chunks get fewer rows than chunk_rows, to stay under this
     fetch_threads: int = 8
     heartbeat_interval: float = 2.0
     heartbeat_ttl: float = 10.0
