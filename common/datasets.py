@@ -170,6 +170,51 @@ class DatasetReader:
         self._finish(used)
         return pa.concat_tables(tables).slice(0, rows) if tables else _empty_table(manifest)
 
+    def _to_disk(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> Path:
+        """The chunk's cache file, fetched and written now if missing (never held beyond this call)."""
+        chunk = manifest.chunks[index]
+        hit = self.cache.get(chunk.sha256)
+        if hit is not None:
+            with self._lock:
+                self.stats.bytes_cached += chunk.nbytes
+                self.stats.cache_hits += 1
+            return hit
+        key = manifest.object_key(prefix, chunk)
+        data = self.store.get(bucket, key)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != chunk.sha256:
+            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
+                               f"sha256 {digest[:16]}… but the manifest says {chunk.sha256[:16]}…")
+        final = self.cache.path(chunk.sha256)
+        tmp = final.with_suffix(f".part{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(f"cannot write chunk {index} of s3://{bucket}/{prefix} to the cache at "
+                               f"{self.cache.root} ({len(data):,} bytes): {exc}") from exc
+        with self._lock:
+            self.stats.bytes_fetched += len(data)
+            self.stats.cache_misses += 1
+        return final
+
+    def cache_shard(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1, rank: int = 0,
+                    equal: bool = False) -> list[CachedSlice]:
+        """``rank``'s shard as files in the on-disk cache, for reading one chunk at a time (out of core).
+        At most ``threads`` chunks are in memory while fetching; the shard's files are kept by the trim."""
+        t0 = time.perf_counter()
+        manifest = manifest or read_manifest(self.store, uri)
+        bucket, prefix = parse_s3_uri(uri)
+        prefix = prefix.rstrip("/") + "/"
+        slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            paths = list(pool.map(lambda s: self._to_disk(bucket, prefix, manifest, s.chunk), slices))
+        self.cache.trim(keep={manifest.chunks[s.chunk].sha256 for s in slices})
+        self.stats.chunks += len(slices)
+        self.stats.seconds += time.perf_counter() - t0
+        return [CachedSlice(p, s.offset, s.length) for p, s in zip(paths, slices)]
+
     def read(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1,
              rank: int = 0, equal: bool = False) -> pa.Table:
         """The rows of ``rank``'s contiguous shard (the whole dataset for world_size=1)."""
@@ -188,6 +233,21 @@ class DatasetReader:
         if not tables:
             return _empty_table(manifest)
         return pa.concat_tables(tables)
+
+
+@dataclass(frozen=True)
+class CachedSlice:
+    """Rows [offset, offset+length) of the chunk file at ``path`` (in the on-disk cache)."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def read_cached(piece: CachedSlice) -> pa.Table:
+    """One cached chunk's rows, memory-mapped: pages come from the file, not the heap."""
+    with pa.memory_map(str(piece.path)) as source:
+        return pa.ipc.open_stream(source).read_all().slice(piece.offset, piece.length)
 
 
 def _empty_table(manifest: Manifest) -> pa.Table:

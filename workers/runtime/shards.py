@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from common.datasets import ChunkCache, DatasetReader
+from common.datasets import CachedSlice, ChunkCache, DatasetReader
+from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
 
 
 @dataclass
 class RankData:
-    tables: dict[str, pa.Table]
+    tables: dict[str, pa.Table]                      # in core: the Arrow shards
+    cached: dict[str, list[CachedSlice]] = field(default_factory=dict)   # out of core: chunk files
     bytes_fetched: int = 0
     bytes_cached: int = 0
     seconds: float = 0.0
@@ -22,10 +24,11 @@ class RankData:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"rows": {k: t.num_rows for k, t in self.tables.items()},
-                "bytes_fetched": self.bytes_fetched, "bytes_cached": self.bytes_cached,
+        rows = {k: t.num_rows for k, t in self.tables.items()}
+        rows.update({k: sum(p.length for p in pieces) for k, pieces in self.cached.items()})
+        return {"rows": rows, "bytes_fetched": self.bytes_fetched, "bytes_cached": self.bytes_cached,
                 "fetch_seconds": self.seconds, "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
-                "shard_nbytes": sum(t.nbytes for t in self.tables.values())}
+                "shard_nbytes": sum(t.nbytes for t in self.tables.values()), **self.extra}
 
 
 _stores: dict[Settings, S3Store] = {}
@@ -43,14 +46,39 @@ def make_reader(settings: Settings) -> DatasetReader:
     return DatasetReader(warm_store(settings), cache, threads=settings.fetch_threads, write_behind=True)
 
 
-def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int) -> RankData:
+def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int,
+                   manifests: dict[str, Manifest] | None = None) -> RankData:
     """Each named dataset: this rank's shard when ``sharded``, else all of it."""
     reader = make_reader(settings)
+    manifests = manifests or {}
     tables = {}
     for name, ref in datasets.items():
         if ref.get("sharded", True):
-            tables[name] = reader.read(ref["uri"], world_size=world_size, rank=rank, equal=ref.get("equal", False))
+            tables[name] = reader.read(ref["uri"], manifests.get(name), world_size=world_size, rank=rank,
+                                       equal=ref.get("equal", False))
         else:
-            tables[name] = reader.read(ref["uri"])
+            tables[name] = reader.read(ref["uri"], manifests.get(name))
     st = reader.stats
-    return RankData(tables, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+    return RankData(tables, {}, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+
+
+def cache_datasets(settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
+                   world_size: int, rank: int) -> RankData:
+    """Like ``fetch_datasets``, but leaves each shard in the on-disk chunk cache (out-of-core training)."""
+    reader = make_reader(settings)
+    cached = {}
+    for name, ref in datasets.items():
+        sharded = ref.get("sharded", True)
+        cached[name] = reader.cache_shard(ref["uri"], manifests[name], world_size=world_size if sharded else 1,
+                                          rank=rank if sharded else 0, equal=ref.get("equal", False))
+    st = reader.stats
+    return RankData({}, cached, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+
+
+def shard_bytes_and_rows(manifest: Manifest, world_size: int, rank: int, equal: bool = False
+                         ) -> tuple[int, int, int]:
+    """Arrow bytes (pro rata of the chunks' rows), rows, and the largest chunk's bytes of a rank's shard."""
+    slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
+    chunks = [manifest.chunks[s.chunk] for s in slices]
+    nbytes = sum(c.nbytes * s.length // max(c.rows, 1) for c, s in zip(chunks, slices))
+    return nbytes, sum(s.length for s in slices), max((c.nbytes for c in chunks), default=0)
