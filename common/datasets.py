@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from common.errors import DatasetError
 from common.ingest import WriteResult, schema_dict, write_batches  # noqa: F401  (re-exported)
-from common.manifest import MANIFEST_NAME, ChunkInfo, Manifest, assign_shard
+from common.manifest import MANIFEST_NAME, Manifest, assign_shard
 from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)

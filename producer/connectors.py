@@ -3,17 +3,29 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
-from common.datasets import ChunkCache, DatasetReader, WriteResult, read_manifest, write_batches
+from common.datasets import (
+    ChunkCache,
+    DatasetReader,
+    WriteResult,
+    read_manifest,
+    write_batches,
+)
 from common.manifest import Manifest
 from common.settings import Settings
 from common.store import ObjectStore, S3Store, parse_s3_uri
 from producer.progress import UploadProgress
-from producer.sources import BatchSource, lazyframe_source, parquet_source, sql_source, stream_source
+from producer.sources import (
+    BatchSource,
+    lazyframe_source,
+    parquet_source,
+    sql_source,
+    stream_source,
+)
 
 
 class DataConnector:

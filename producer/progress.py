@@ -21,7 +21,7 @@ class UploadProgress:
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
 
-    def __enter__(self) -> UploadProgress:
+    def __enter__(self) -> UploadProgress:  # noqa: PYI034  (a final class in all but name)
         from tqdm import tqdm
         # delay: quick uploads (most submits) print nothing at all.
         self._bar = tqdm(total=self.total_rows, desc=f"uploading {self.what}", unit="rows", unit_scale=True,

@@ -97,7 +97,7 @@ print(json.dumps({"uri": written.uri, "rows": written.manifest.num_rows, "nbytes
 def _produce(settings: Settings, source: str) -> dict:
     env = {**os.environ, **settings.as_env()}
     out = subprocess.run([sys.executable, "-c", PRODUCER, source], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=os.getcwd())
+                         timeout=600, cwd=os.getcwd(), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["stderr"] = out.stderr

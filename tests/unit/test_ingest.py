@@ -127,7 +127,7 @@ class SlowStore(MemoryStore):
 
 def test_at_most_in_flight_chunks_are_read_ahead_of_the_store():
     store = SlowStore()
-    produced, stored = [0], []
+    produced = [0]
     lock = threading.Lock()
     ahead = []
 

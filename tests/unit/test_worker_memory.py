@@ -29,7 +29,7 @@ def test_sizes_parse_in_binary_and_decimal_units(text, value):
 
 def test_a_bad_worker_memory_names_the_setting_and_the_value():
     with pytest.raises(ConfigurationError, match=r"GANGWAY_WORKER_MEMORY must be a size like .* got 'lots'"):
-        Settings.from_env({"GANGWAY_WORKER_MEMORY": "lots"}).worker_memory_bytes
+        _ = Settings.from_env({"GANGWAY_WORKER_MEMORY": "lots"}).worker_memory_bytes
 
 
 def test_an_explicit_worker_memory_wins():
@@ -131,3 +131,24 @@ def test_out_of_core_xgboost_from_cached_chunks_matches_in_core(tmp_path):
     assert results["in_core"][0] == "QuantileDMatrix" and results["external"][0] == "ExtMemQuantileDMatrix"
     assert results["external"][1] == pytest.approx(results["in_core"][1], rel=0.01), results
     assert os.listdir(tmp_path / "work" / "xgb-extmem")   # its pages went to the rank folder
+
+
+def test_out_of_core_lightgbm_from_chunk_sequences_matches_in_core(tmp_path):
+    lgb = pytest.importorskip("lightgbm")
+    from workers.runtime.lightgbm_runner import _datasets
+    from workers.runtime.shards import RankData
+    store = MemoryStore()
+    uri = write_dataset(_regression(20_000), store, "bkt", chunk_rows=2048).uri
+    evaluri = write_dataset(_regression(4_000, seed=1), store, "bkt", chunk_rows=2048).uri
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
+    opts = {"input_cols": [f"f{i}" for i in range(6)], "label_col": "y", "weight_col": None}
+    results = {}
+    for mode, data in {"in_core": RankData({"train": reader.read(uri), "eval": reader.read(evaluri)}),
+                       "external": RankData({}, {"train": reader.cache_shard(uri),
+                                                 "eval": reader.cache_shard(evaluri)})}.items():
+        sets, names = _datasets(data, opts)
+        log: dict = {}
+        lgb.train({"objective": "regression", "num_threads": 1, "verbose": -1}, sets[0], 20, valid_sets=sets,
+                  valid_names=names, callbacks=[lgb.record_evaluation(log)])
+        results[mode] = log["eval"]["l2"][-1]
+    assert results["external"] == pytest.approx(results["in_core"], rel=0.01), results

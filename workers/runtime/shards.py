@@ -1,15 +1,26 @@
 """Fetching a rank's data: its contiguous shard (or the whole set) through the host's chunk cache."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from common.datasets import CachedSlice, ChunkCache, DatasetReader
+from common.datasets import CachedSlice, ChunkCache, DatasetReader, read_manifest
 from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
+from workers.runtime.memory import (
+    HoldMode,
+    MemoryPlan,
+    ShardSize,
+    plan_gbdt,
+    worker_budget,
+    worker_tree_rss,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,3 +93,37 @@ def shard_bytes_and_rows(manifest: Manifest, world_size: int, rank: int, equal: 
     chunks = [manifest.chunks[s.chunk] for s in slices]
     nbytes = sum(c.nbytes * s.length // max(c.rows, 1) for c, s in zip(chunks, slices))
     return nbytes, sum(s.length for s in slices), max((c.nbytes for c in chunks), default=0)
+
+
+def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
+                world: int) -> MemoryPlan:
+    """In core or out of core for this rank's part of every dataset, within the worker's budget."""
+    spec = payload["spec"]
+    nbytes = rows = largest = 0
+    for name, ref in datasets.items():
+        sharded = ref.get("sharded", True)
+        b, r, big = shard_bytes_and_rows(manifests[name], world if sharded else 1, payload["rank"] if sharded else 0,
+                                         ref.get("equal", False))
+        nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
+    size = ShardSize(nbytes=nbytes, rows=rows, features=len(spec["train"]["input_cols"]), largest_chunk=largest,
+                     max_bin=int(spec["params"].get("max_bin", 256)))
+    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core)
+
+
+def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], world: int, *,
+                  external_ok: bool = True) -> RankData:
+    """The rank's data, in memory when the plan says it fits, else as chunk files in the disk cache
+    (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time)."""
+    store = warm_store(settings)
+    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    plan = plan_memory(payload, settings, datasets, manifests, world)
+    log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
+    if plan.mode == HoldMode.IN_CORE or not external_ok:
+        data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
+    else:
+        data = cache_datasets(settings, datasets, manifests, world, payload["rank"])
+        data.extra["shard_nbytes"] = plan.in_core_need   # what in core would have held
+    data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if data.cached else HoldMode.IN_CORE.value,
+                            "budget": plan.budget, "in_use": plan.in_use, "in_core_need": plan.in_core_need,
+                            "external_need": plan.external_need}
+    return data

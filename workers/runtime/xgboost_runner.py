@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,16 +12,12 @@ import xgboost as xgb
 from xgboost.tracker import RabitTracker
 
 from common.arrays import float32_column, float32_matrix
-from common.datasets import CachedSlice, read_cached, read_manifest
+from common.datasets import CachedSlice, read_cached
 from common.errors import WorkerMemoryError
-from common.manifest import Manifest
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints
 from workers.runtime.events import Emitter
-from workers.runtime.memory import HoldMode, MemoryPlan, ShardSize, plan_gbdt, worker_budget, worker_tree_rss
-from workers.runtime.shards import RankData, cache_datasets, fetch_datasets, shard_bytes_and_rows, warm_store
-
-log = logging.getLogger(__name__)
+from workers.runtime.shards import RankData, fetch_planned, warm_store
 
 
 @dataclass
@@ -42,7 +37,7 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     world = payload["rendezvous"]["world_size"]
     # XGBoost all-reduces eval metrics, so the eval set is sharded like the training data.
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
-    prep = Prepared(payload, settings, _fetch(payload, settings, datasets, world))
+    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world))
     if payload["rank"] == 0:
         latest = _checkpoints(prep).latest() if payload.get("attempt", 1) > 1 else None
         if latest is not None:
@@ -52,33 +47,6 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
         prep.tracker, port = start_tracker(payload["rendezvous"], world, settings.rendezvous_timeout)
         prep.published["tracker_port"] = port
     return prep
-
-
-def plan_memory(payload: dict, settings: Settings, manifests: dict[str, Manifest], world: int) -> MemoryPlan:
-    """In core or out of core for this rank's train + eval shards, within the worker's budget."""
-    spec = payload["spec"]
-    nbytes = rows = largest = 0
-    for name, ref in spec["datasets"].items():
-        b, r, big = shard_bytes_and_rows(manifests[name], world, payload["rank"], ref.get("equal", False))
-        nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
-    size = ShardSize(nbytes=nbytes, rows=rows, features=len(spec["train"]["input_cols"]), largest_chunk=largest,
-                     max_bin=int(spec["params"].get("max_bin", 256)))
-    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core)
-
-
-def _fetch(payload: dict, settings: Settings, datasets: dict[str, dict], world: int) -> RankData:
-    store = warm_store(settings)
-    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
-    plan = plan_memory(payload, settings, manifests, world)
-    log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
-    if plan.mode == HoldMode.IN_CORE:
-        data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
-    else:
-        data = cache_datasets(settings, datasets, manifests, world, payload["rank"])
-        data.extra["shard_nbytes"] = plan.in_core_need   # what in core would have held
-    data.extra["memory"] = {"mode": plan.mode.value, "budget": plan.budget, "in_use": plan.in_use,
-                            "in_core_need": plan.in_core_need, "external_need": plan.external_need}
-    return data
 
 
 def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
