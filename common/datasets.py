@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.errors import DatasetError
+from common.errors import DatasetError, StoreError
 from common.ingest import WriteResult, schema_dict, write_batches  # noqa: F401  (re-exported)
 from common.manifest import MANIFEST_NAME, Manifest, assign_shard
 from common.store import ObjectStore, parse_s3_uri
@@ -113,6 +113,12 @@ class DatasetReader:
         self._to_cache: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
 
+    def _get_chunk(self, bucket: str, prefix: str, key: str, index: int) -> bytes:
+        try:
+            return self.store.get(bucket, key)
+        except StoreError as exc:   # pooled chunk keys do not say which dataset needed them: add it
+            raise StoreError(f"{exc} (chunk {index} of dataset s3://{bucket}/{prefix})") from exc
+
     def _fetch(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> pa.Buffer:
         chunk = manifest.chunks[index]
         key = manifest.object_key(prefix, chunk)
@@ -122,7 +128,7 @@ class DatasetReader:
                 self.stats.bytes_cached += chunk.nbytes
                 self.stats.cache_hits += 1
             return pa.memory_map(str(hit)).read_buffer()
-        data = self.store.get(bucket, key)
+        data = self._get_chunk(bucket, prefix, key, index)
         digest = hashlib.sha256(data).hexdigest()
         if digest != chunk.sha256:
             raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
@@ -180,7 +186,7 @@ class DatasetReader:
                 self.stats.cache_hits += 1
             return hit
         key = manifest.object_key(prefix, chunk)
-        data = self.store.get(bucket, key)
+        data = self._get_chunk(bucket, prefix, key, index)
         digest = hashlib.sha256(data).hexdigest()
         if digest != chunk.sha256:
             raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "

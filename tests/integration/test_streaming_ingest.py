@@ -146,3 +146,23 @@ def test_an_interrupted_upload_leaves_no_manifest_and_the_retry_completes(s3_set
         before | {written.uri.split(f"{bucket}/", 1)[1] + MANIFEST_NAME}
     again = DataConnector.from_batches(iter(batches)).materialise(store, settings)
     assert again.uri == written.uri and again.uploaded_bytes == 0
+
+
+def test_parquet_under_an_s3_prefix_streams_like_local_files(s3_settings, tmp_path):
+    from common.store import S3Store
+    from producer import DataConnector
+    store = S3Store(s3_settings)
+    store.ensure_bucket("raw-parquet")
+    rng = np.random.default_rng(5)
+    table = pa.table({"x": rng.standard_normal(30_000), "y": rng.standard_normal(30_000)})
+    for i in range(3):
+        local = tmp_path / f"part-{i}.parquet"
+        pq.write_table(table.slice(i * 10_000, 10_000), local, row_group_size=4_000)
+        store.put_file("raw-parquet", f"exports/day=1/part-{i}.parquet", str(local))
+    store.put("raw-parquet", "exports/day=1/_SUCCESS", b"")
+    settings = s3_settings.replace(chunk_rows=8_000)
+    from_s3 = DataConnector.from_parquet("s3://raw-parquet/exports/day=1/").materialise(store, settings)
+    from_disk = DataConnector.from_parquet(str(tmp_path / "part-*.parquet")).materialise(store, settings)
+    assert from_s3.manifest.num_rows == 30_000 and [c.rows for c in from_s3.manifest.chunks] == [8_000] * 3 + [6_000]
+    assert from_s3.manifest.chunks == from_disk.manifest.chunks   # same rows, same chunks
+    assert from_disk.uploaded_bytes < 2_000   # only its manifest: every chunk was pooled already

@@ -252,3 +252,12 @@ def test_upload_progress_counts_rows_and_bytes(settings):
         write_batches(_table(250).to_batches(), MemoryStore(), "bkt", chunk_rows=100, progress=progress)
     assert progress.rows == 250 and progress.nbytes > 250 * 12
     assert "250/250" in out.getvalue() and "MB/s" in out.getvalue()
+
+
+def test_a_missing_pooled_chunk_names_the_dataset_that_needed_it(tmp_path):
+    from common.errors import StoreError
+    store = MemoryStore()
+    res = write_dataset(_table(10), store, "bkt", chunk_rows=5)
+    del store._objects[("bkt", res.manifest.chunks[1].key)]
+    with pytest.raises(StoreError, match=rf"no object s3://bkt/chunks/.* \(chunk 1 of dataset {res.uri}\)"):
+        DatasetReader(store, ChunkCache(tmp_path, 10**9)).read(res.uri)
