@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -174,7 +175,7 @@ class DatasetReader:
             used.add(chunk.sha256)
             have += chunk.rows
         self._finish(used)
-        return pa.concat_tables(tables).slice(0, rows) if tables else _empty_table(manifest)
+        return pa.concat_tables(tables).slice(0, rows) if tables else empty_table(manifest)
 
     def _to_disk(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> Path:
         """The chunk's cache file, fetched and written now if missing (never held beyond this call)."""
@@ -205,17 +206,47 @@ class DatasetReader:
             self.stats.cache_misses += 1
         return final
 
+    def _pin(self, bucket: str, prefix: str, manifest: Manifest, index: int, pin_dir: Path) -> Path:
+        """The chunk as a file of the rank's own (a hard link to the cache's, a copy across devices): the
+        host's cache is shared by its workers, and another rank's trim may remove the cache's name."""
+        target = pin_dir / f"{manifest.chunks[index].sha256}.arrow"
+        for _ in range(3):
+            if target.exists():
+                return target
+            source = self._to_disk(bucket, prefix, manifest, index)
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                continue   # trimmed between fetch and link: fetch again
+            except OSError:
+                shutil.copyfile(source, target)
+        if not target.exists():
+            raise DatasetError(f"chunk {index} of s3://{bucket}/{prefix} keeps disappearing from the cache at "
+                               f"{self.cache.root} (GANGWAY_CACHE_BYTES={self.cache.max_bytes:,} is too small for the "
+                               "shards of this host's ranks)")
+        return target
+
     def cache_shard(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1, rank: int = 0,
-                    equal: bool = False) -> list[CachedSlice]:
-        """``rank``'s shard as files in the on-disk cache, for reading one chunk at a time (out of core).
-        At most ``threads`` chunks are in memory while fetching; the shard's files are kept by the trim."""
+                    equal: bool = False, pin_dir: str | os.PathLike | None = None) -> list[CachedSlice]:
+        """``rank``'s shard as files on disk, for reading one chunk at a time (out of core). At most
+        ``threads`` chunks are in memory while fetching. With ``pin_dir`` (the rank's folder) the files
+        are the rank's own links, so no trim of the shared cache can take them while the rank trains."""
         t0 = time.perf_counter()
         manifest = manifest or read_manifest(self.store, uri)
         bucket, prefix = parse_s3_uri(uri)
         prefix = prefix.rstrip("/") + "/"
         slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
+        if pin_dir is not None:
+            os.makedirs(pin_dir, exist_ok=True)
+
+        def get(s) -> Path:
+            if pin_dir is None:
+                return self._to_disk(bucket, prefix, manifest, s.chunk)
+            return self._pin(bucket, prefix, manifest, s.chunk, Path(pin_dir))
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            paths = list(pool.map(lambda s: self._to_disk(bucket, prefix, manifest, s.chunk), slices))
+            paths = list(pool.map(get, slices))
         self.cache.trim(keep={manifest.chunks[s.chunk].sha256 for s in slices})
         self.stats.chunks += len(slices)
         self.stats.seconds += time.perf_counter() - t0
@@ -237,7 +268,7 @@ class DatasetReader:
         self.stats.chunks += len(slices)
         self.stats.seconds += time.perf_counter() - t0
         if not tables:
-            return _empty_table(manifest)
+            return empty_table(manifest)
         return pa.concat_tables(tables)
 
 
@@ -256,7 +287,7 @@ def read_cached(piece: CachedSlice) -> pa.Table:
         return pa.ipc.open_stream(source).read_all().slice(piece.offset, piece.length)
 
 
-def _empty_table(manifest: Manifest) -> pa.Table:
+def empty_table(manifest: Manifest) -> pa.Table:
     return pa.table({name: pa.array([], type=_type_from_str(t)) for name, t in manifest.schema.items()})
 
 

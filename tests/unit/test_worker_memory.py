@@ -152,3 +152,25 @@ def test_out_of_core_lightgbm_from_chunk_sequences_matches_in_core(tmp_path):
                   valid_names=names, callbacks=[lgb.record_evaluation(log)])
         results[mode] = log["eval"]["l2"][-1]
     assert results["external"] == pytest.approx(results["in_core"], rel=0.01), results
+
+
+def test_a_mapped_shard_reads_the_ranks_rows_without_copying_them_to_the_heap(tmp_path):
+    from workers.runtime.shards import _mapped_table
+    store = MemoryStore()
+    res = write_dataset(_regression(5000), store, "bkt", chunk_rows=512)
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
+    before = pa.total_allocated_bytes()
+    table = _mapped_table(reader.cache_shard(res.uri, world_size=2, rank=1), res.manifest)
+    assert pa.total_allocated_bytes() - before < 64 * 1024   # buffers live in the mapped files
+    assert table.equals(reader.read(res.uri, world_size=2, rank=1))
+
+
+def test_pinned_shards_survive_another_ranks_trim_of_the_shared_cache(tmp_path):
+    store = MemoryStore()
+    res = write_dataset(_regression(4000), store, "bkt", chunk_rows=500)
+    cache = ChunkCache(tmp_path / "cache", max_bytes=1)   # every trim removes all but the caller's shard
+    mine = DatasetReader(store, cache).cache_shard(res.uri, world_size=2, rank=0, pin_dir=tmp_path / "r0")
+    DatasetReader(store, cache).cache_shard(res.uri, world_size=2, rank=1, pin_dir=tmp_path / "r1")
+    assert not any(cache.path(res.manifest.chunks[i].sha256).exists() for i in range(4))   # trimmed ...
+    got = pa.concat_tables([read_cached(p) for p in mine])   # ... but rank 0's links still read
+    assert got.equals(DatasetReader(store, ChunkCache(tmp_path / "other", 10 ** 9)).read(res.uri, world_size=2, rank=0))

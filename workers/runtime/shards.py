@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from common.datasets import CachedSlice, ChunkCache, DatasetReader, read_manifest
+from common.datasets import CachedSlice, ChunkCache, DatasetReader, empty_table, read_cached, read_manifest
 from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
@@ -74,16 +74,36 @@ def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: in
 
 
 def cache_datasets(settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
-                   world_size: int, rank: int) -> RankData:
-    """Like ``fetch_datasets``, but leaves each shard in the on-disk chunk cache (out-of-core training)."""
+                   world_size: int, rank: int, pin_dir: str | None = None) -> RankData:
+    """Like ``fetch_datasets``, but leaves each shard on disk (out-of-core training): chunk files of
+    the host's cache, linked into ``pin_dir`` (the rank's folder) so no other rank's trim removes them."""
     reader = make_reader(settings)
     cached = {}
     for name, ref in datasets.items():
         sharded = ref.get("sharded", True)
         cached[name] = reader.cache_shard(ref["uri"], manifests[name], world_size=world_size if sharded else 1,
-                                          rank=rank if sharded else 0, equal=ref.get("equal", False))
+                                          rank=rank if sharded else 0, equal=ref.get("equal", False),
+                                          pin_dir=pin_dir)
     st = reader.stats
     return RankData({}, cached, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+
+
+def map_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int,
+                 pin_dir: str | None = None) -> RankData:
+    """Each dataset as a table over memory-mapped cached chunk files: nothing is copied to the heap,
+    pages come from disk as they are read and the kernel can drop them again, so a shard larger
+    than memory can be iterated (PyTorch: ``get_shard()``, ``to_torch_dataset()``)."""
+    store = warm_store(settings)
+    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    data = cache_datasets(settings, datasets, manifests, world_size, rank, pin_dir)
+    data.tables = {name: _mapped_table(pieces, manifests[name]) for name, pieces in data.cached.items()}
+    data.cached = {}
+    return data
+
+
+def _mapped_table(pieces: list[CachedSlice], manifest: Manifest) -> pa.Table:
+    tables = [read_cached(p) for p in pieces]
+    return pa.concat_tables(tables) if tables else empty_table(manifest)
 
 
 def shard_bytes_and_rows(manifest: Manifest, world_size: int, rank: int, equal: bool = False
@@ -93,6 +113,11 @@ def shard_bytes_and_rows(manifest: Manifest, world_size: int, rank: int, equal: 
     chunks = [manifest.chunks[s.chunk] for s in slices]
     nbytes = sum(c.nbytes * s.length // max(c.rows, 1) for c, s in zip(chunks, slices))
     return nbytes, sum(s.length for s in slices), max((c.nbytes for c in chunks), default=0)
+
+
+def _pin_dir(payload: dict) -> str | None:
+    """The rank's own folder for its shard's chunk files (a subfolder of workdir: never uploaded)."""
+    return os.path.join(payload["workdir"], "shard") if payload.get("workdir") else None
 
 
 def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
@@ -121,7 +146,7 @@ def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], 
     if plan.mode == HoldMode.IN_CORE or not external_ok:
         data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
     else:
-        data = cache_datasets(settings, datasets, manifests, world, payload["rank"])
+        data = cache_datasets(settings, datasets, manifests, world, payload["rank"], _pin_dir(payload))
         data.extra["shard_nbytes"] = plan.in_core_need   # what in core would have held
     data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if data.cached else HoldMode.IN_CORE.value,
                             "budget": plan.budget, "in_use": plan.in_use, "in_core_need": plan.in_core_need,
