@@ -95,27 +95,32 @@ class TreeSampler:
     def __init__(self, fleet: Fleet) -> None:
         self.roots = {s.name: s.proc.pid for s in fleet.started if s.name.startswith("worker-")}
         self.peaks = dict.fromkeys(self.roots, 0)
+        self.anon_peaks = dict.fromkeys(self.roots, 0)   # RSS less file-backed pages (mapped files: reclaimable)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree_rss(self, pid: int) -> int:
+    def _tree_rss(self, pid: int) -> tuple[int, int]:
         try:
             root = psutil.Process(pid)
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
-        total = 0
+            return 0, 0
+        total = anon = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                info = p.memory_info()
             except psutil.NoSuchProcess:
-                pass
-        return total
+                continue
+            total += info.rss
+            anon += info.rss - info.shared
+        return total, anon
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for name, pid in self.roots.items():
-                self.peaks[name] = max(self.peaks[name], self._tree_rss(pid))
+                rss, anon = self._tree_rss(pid)
+                self.peaks[name] = max(self.peaks[name], rss)
+                self.anon_peaks[name] = max(self.anon_peaks[name], anon)
             time.sleep(0.1)
 
     def __enter__(self) -> TreeSampler:  # noqa: PYI034
@@ -148,7 +153,7 @@ def train(settings: Settings, uri: str, holdout_uri: str, rounds: int) -> dict:
             job.wait()
             wall = time.perf_counter() - t0
         ranks = job.status().ranks
-        return {"wall": wall, "peaks": sampler.peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
+        return {"wall": wall, "peaks": sampler.peaks, "anon_peaks": sampler.anon_peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
                 "modes": sorted({r.get("fetch", {}).get("memory", {}).get("mode") for r in ranks.values()}),
                 "train": max(r["summary"].get("dmatrix_seconds", 0) + r["summary"].get("train_seconds", 0)
                              for r in ranks.values())}
@@ -199,7 +204,8 @@ def run(a: argparse.Namespace, base: Settings, home: str) -> dict:
     # A quarter of the files: still more chunks than the uploader keeps in flight (8 x 64K rows).
     m["small_files"] = max(1, a.files // 4)
     log(f"producer: {m['small_files']} files ({m['big']['uploaded'] / 1e6 / m['big']['seconds']:.0f} MB/s for all)")
-    m["small"] = produce(base, train_paths[:m["small_files"]])
+    # Its own bucket: both runs must really upload (a chunk already pooled is skipped, which costs less).
+    m["small"] = produce(base.replace(data_bucket="gangway-small"), train_paths[:m["small_files"]])
     m["holdout"] = produce(base, holdout)
     log("raw PUT throughput")
     chunk = m["big"]["nbytes"] // max(1, m["big"]["rows"] // base.chunk_rows)
@@ -230,6 +236,7 @@ def report(a: argparse.Namespace, m: dict) -> None:
         row(f"worker tree peak RSS, budget {a.worker_memory} (MiB)",
             ", ".join(f"{v / MiB:.0f}" for v in ooc["peaks"].values()) + f" (mode: {'/'.join(ooc['modes'])}; "
             f"shard {m['shard_mib']:.0f} MiB)", "<= budget", worst <= budget),
+        row("  of which not file-backed (MiB)", ", ".join(f"{v / MiB:.0f}" for v in ooc["anon_peaks"].values())),
         row("in-core worker tree peak RSS (MiB)", ", ".join(f"{v / MiB:.0f}" for v in inc["peaks"].values())),
         row("matrix + training s, out of core / in core",
             f"{ooc['train']:.1f} / {inc['train']:.1f} = {ooc['train'] / inc['train']:.2f}x "

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from common.datasets import CachedSlice, ChunkCache, DatasetReader, empty_table, read_cached, read_manifest
+from common.datasets import (
+    CachedSlice,
+    ChunkCache,
+    DatasetReader,
+    empty_table,
+    read_cached,
+    read_manifest,
+)
 from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
