@@ -1,7 +1,7 @@
 """Materialise Arrow tables into the store (content-addressed) and read shards back.
 
-Writers serialise each chunk once, hash it, and upload nothing when the
-dataset's manifest is already there. Readers fetch chunks in parallel into a
+Writers stream (``common.ingest``): each chunk is serialised once, hashed, and
+stored only when the store lacks it. Readers fetch chunks in parallel into a
 size-bounded local cache keyed by content hash and memory-map them, so plain
 IPC chunks are read without copies and a retry does not fetch again.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,66 +19,19 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.errors import DatasetError
-from common.manifest import (
-    MANIFEST_NAME,
-    ChunkInfo,
-    Manifest,
-    assign_shard,
-    dataset_hash,
-)
+from common.errors import DatasetError, StoreError
+from common.ingest import WriteResult, schema_dict, write_batches  # noqa: F401  (re-exported)
+from common.manifest import MANIFEST_NAME, Manifest, assign_shard
 from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WriteResult:
-    uri: str
-    manifest: Manifest
-    uploaded_bytes: int
-    seconds: float
-
-
-def schema_dict(schema: pa.Schema) -> dict[str, str]:
-    return {f.name: str(f.type) for f in schema}
-
-
-def _serialise(batch: pa.RecordBatch | pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write(batch)
-    return sink.getvalue()
-
-
 def write_dataset(table: pa.Table, store: ObjectStore, bucket: str, *, chunk_rows: int,
-                  threads: int = 8, meta: dict | None = None) -> WriteResult:
-    """Upload ``table`` as a content-addressed dataset; skip what is already stored."""
-    t0 = time.perf_counter()
-    table = table.combine_chunks() if table.num_rows else table
-    bounds = range(0, max(table.num_rows, 1), max(chunk_rows, 1))
-    buffers = [_serialise(table.slice(start, chunk_rows)) for start in bounds]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        hashes = list(pool.map(lambda b: hashlib.sha256(memoryview(b)).hexdigest(), buffers))
-    schema = schema_dict(table.schema)
-    dhash = dataset_hash(schema, hashes)
-    prefix = f"datasets/{dhash}/"
-    chunks = tuple(ChunkInfo(key=f"chunk-{i:05d}.arrow", rows=min(chunk_rows, table.num_rows - start),
-                             nbytes=buffers[i].size, sha256=hashes[i])
-                   for i, start in enumerate(bounds))
-    manifest = Manifest(dataset_hash=dhash, schema=schema, chunks=chunks, meta=dict(meta or {}))
-    uri = f"s3://{bucket}/{prefix}"
-    store.ensure_bucket(bucket)
-    if store.exists(bucket, prefix + MANIFEST_NAME):
-        return WriteResult(uri, manifest, 0, time.perf_counter() - t0)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda i: store.put(bucket, prefix + chunks[i].key, buffers[i].to_pybytes()),
-                      range(len(chunks))))
-    body = manifest.to_json().encode()
-    store.put(bucket, prefix + MANIFEST_NAME, body)
-    uploaded = sum(c.nbytes for c in chunks) + len(body)
-    log.info("dataset %s uploaded: %d rows, %d bytes", uri, manifest.num_rows, uploaded)
-    return WriteResult(uri, manifest, uploaded, time.perf_counter() - t0)
+                  threads: int = 8, meta: dict | None = None, progress=None, inspect=None) -> WriteResult:
+    """Upload an in-memory ``table`` as a content-addressed dataset (streamed: one chunk copy at a time)."""
+    return write_batches(table.to_batches(), store, bucket, chunk_rows=chunk_rows, schema=table.schema,
+                         threads=threads, meta=meta, progress=progress, inspect=inspect)
 
 
 def read_manifest(store: ObjectStore, uri: str) -> Manifest:
@@ -160,17 +114,26 @@ class DatasetReader:
         self._to_cache: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
 
-    def _fetch(self, bucket: str, prefix: str, chunk: ChunkInfo) -> pa.Buffer:
+    def _get_chunk(self, bucket: str, prefix: str, key: str, index: int) -> bytes:
+        try:
+            return self.store.get(bucket, key)
+        except StoreError as exc:   # pooled chunk keys do not say which dataset needed them: add it
+            raise StoreError(f"{exc} (chunk {index} of dataset s3://{bucket}/{prefix})") from exc
+
+    def _fetch(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> pa.Buffer:
+        chunk = manifest.chunks[index]
+        key = manifest.object_key(prefix, chunk)
         hit = self.cache.get(chunk.sha256)
         if hit is not None:
             with self._lock:
                 self.stats.bytes_cached += chunk.nbytes
                 self.stats.cache_hits += 1
             return pa.memory_map(str(hit)).read_buffer()
-        data = self.store.get(bucket, prefix + chunk.key)
+        data = self._get_chunk(bucket, prefix, key, index)
         digest = hashlib.sha256(data).hexdigest()
         if digest != chunk.sha256:
-            raise DatasetError(f"chunk s3://{bucket}/{prefix}{chunk.key} is corrupt: sha256 {digest[:16]}… "
+            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
+                               f"sha256 {digest[:16]}… "
                                f"but the manifest says {chunk.sha256[:16]}…")
         with self._lock:
             self.stats.bytes_fetched += len(data)
@@ -205,14 +168,89 @@ class DatasetReader:
         bucket, prefix = parse_s3_uri(uri)
         prefix = prefix.rstrip("/") + "/"
         tables, have, used = [], 0, set()
-        for chunk in manifest.chunks:
+        for i, chunk in enumerate(manifest.chunks):
             if have >= rows:
                 break
-            tables.append(pa.ipc.open_stream(self._fetch(bucket, prefix, chunk)).read_all())
+            tables.append(pa.ipc.open_stream(self._fetch(bucket, prefix, manifest, i)).read_all())
             used.add(chunk.sha256)
             have += chunk.rows
         self._finish(used)
-        return pa.concat_tables(tables).slice(0, rows) if tables else _empty_table(manifest)
+        return pa.concat_tables(tables).slice(0, rows) if tables else empty_table(manifest)
+
+    def _to_disk(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> Path:
+        """The chunk's cache file, fetched and written now if missing (never held beyond this call)."""
+        chunk = manifest.chunks[index]
+        hit = self.cache.get(chunk.sha256)
+        if hit is not None:
+            with self._lock:
+                self.stats.bytes_cached += chunk.nbytes
+                self.stats.cache_hits += 1
+            return hit
+        key = manifest.object_key(prefix, chunk)
+        data = self._get_chunk(bucket, prefix, key, index)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != chunk.sha256:
+            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
+                               f"sha256 {digest[:16]}… but the manifest says {chunk.sha256[:16]}…")
+        final = self.cache.path(chunk.sha256)
+        tmp = final.with_suffix(f".part{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(f"cannot write chunk {index} of s3://{bucket}/{prefix} to the cache at "
+                               f"{self.cache.root} ({len(data):,} bytes): {exc}") from exc
+        with self._lock:
+            self.stats.bytes_fetched += len(data)
+            self.stats.cache_misses += 1
+        return final
+
+    def _pin(self, bucket: str, prefix: str, manifest: Manifest, index: int, pin_dir: Path) -> Path:
+        """The chunk as a file of the rank's own (a hard link to the cache's, a copy across devices): the
+        host's cache is shared by its workers, and another rank's trim may remove the cache's name."""
+        target = pin_dir / f"{manifest.chunks[index].sha256}.arrow"
+        for _ in range(3):
+            if target.exists():
+                return target
+            source = self._to_disk(bucket, prefix, manifest, index)
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                continue   # trimmed between fetch and link: fetch again
+            except OSError:
+                shutil.copyfile(source, target)
+        if not target.exists():
+            raise DatasetError(f"chunk {index} of s3://{bucket}/{prefix} keeps disappearing from the cache at "
+                               f"{self.cache.root} (GANGWAY_CACHE_BYTES={self.cache.max_bytes:,} is too small for the "
+                               "shards of this host's ranks)")
+        return target
+
+    def cache_shard(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1, rank: int = 0,
+                    equal: bool = False, pin_dir: str | os.PathLike | None = None) -> list[CachedSlice]:
+        """``rank``'s shard as files on disk, for reading one chunk at a time (out of core). At most
+        ``threads`` chunks are in memory while fetching. With ``pin_dir`` (the rank's folder) the files
+        are the rank's own links, so no trim of the shared cache can take them while the rank trains."""
+        t0 = time.perf_counter()
+        manifest = manifest or read_manifest(self.store, uri)
+        bucket, prefix = parse_s3_uri(uri)
+        prefix = prefix.rstrip("/") + "/"
+        slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
+        if pin_dir is not None:
+            os.makedirs(pin_dir, exist_ok=True)
+
+        def get(s) -> Path:
+            if pin_dir is None:
+                return self._to_disk(bucket, prefix, manifest, s.chunk)
+            return self._pin(bucket, prefix, manifest, s.chunk, Path(pin_dir))
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            paths = list(pool.map(get, slices))
+        self.cache.trim(keep={manifest.chunks[s.chunk].sha256 for s in slices})
+        self.stats.chunks += len(slices)
+        self.stats.seconds += time.perf_counter() - t0
+        return [CachedSlice(p, s.offset, s.length) for p, s in zip(paths, slices)]
 
     def read(self, uri: str, manifest: Manifest | None = None, *, world_size: int = 1,
              rank: int = 0, equal: bool = False) -> pa.Table:
@@ -223,18 +261,33 @@ class DatasetReader:
         prefix = prefix.rstrip("/") + "/"
         slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            buffers = list(pool.map(lambda s: self._fetch(bucket, prefix, manifest.chunks[s.chunk]), slices))
+            buffers = list(pool.map(lambda s: self._fetch(bucket, prefix, manifest, s.chunk), slices))
         tables = [pa.ipc.open_stream(buf).read_all().slice(s.offset, s.length)   # zero-copy
                   for s, buf in zip(slices, buffers)]
         self._finish({manifest.chunks[s.chunk].sha256 for s in slices})
         self.stats.chunks += len(slices)
         self.stats.seconds += time.perf_counter() - t0
         if not tables:
-            return _empty_table(manifest)
+            return empty_table(manifest)
         return pa.concat_tables(tables)
 
 
-def _empty_table(manifest: Manifest) -> pa.Table:
+@dataclass(frozen=True)
+class CachedSlice:
+    """Rows [offset, offset+length) of the chunk file at ``path`` (in the on-disk cache)."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def read_cached(piece: CachedSlice) -> pa.Table:
+    """One cached chunk's rows, memory-mapped: pages come from the file, not the heap."""
+    with pa.memory_map(str(piece.path)) as source:
+        return pa.ipc.open_stream(source).read_all().slice(piece.offset, piece.length)
+
+
+def empty_table(manifest: Manifest) -> pa.Table:
     return pa.table({name: pa.array([], type=_type_from_str(t)) for name, t in manifest.schema.items()})
 
 

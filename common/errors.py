@@ -22,6 +22,10 @@ class DatasetError(GangwayError):
     """A dataset could not be materialised, found or read."""
 
 
+class WorkerMemoryError(GangwayError):
+    """A rank's data cannot fit its worker's memory budget, even out of core (the numbers are named)."""
+
+
 class StoreError(GangwayError):
     """The object store refused or failed a request (bucket and key are named)."""
 

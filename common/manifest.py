@@ -1,8 +1,11 @@
 """Dataset manifest format and shard assignment (pure).
 
-A dataset lives at ``s3://<data-bucket>/datasets/<hash>/``: ``chunk-NNNNN.arrow``
-files (Arrow IPC stream, uncompressed so readers map them without copies) and
-``manifest.json`` written last, so a manifest's presence means the dataset is whole.
+A dataset is ``s3://<data-bucket>/datasets/<hash>/manifest.json`` over chunks (Arrow
+IPC stream, uncompressed so readers map them without copies). Format 2 keeps chunks
+in a bucket-wide pool, ``chunks/<sha256>.arrow``: a streaming writer stores each chunk
+before it knows the dataset's hash, and a chunk any dataset already stored is not sent
+again. Format 1 (still read) kept ``chunk-NNNNN.arrow`` under the dataset's prefix.
+The manifest is written last, so its presence means the dataset is whole.
 """
 from __future__ import annotations
 
@@ -11,12 +14,19 @@ import json
 from dataclasses import asdict, dataclass, field
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CHUNK_POOL = "chunks/"
+
+
+def pool_key(sha256: str) -> str:
+    """Bucket key of a chunk in the content-addressed pool (format 2)."""
+    return f"{CHUNK_POOL}{sha256}.arrow"
 
 
 @dataclass(frozen=True)
 class ChunkInfo:
-    key: str          # object key relative to the dataset prefix
+    key: str          # format 2: key in the bucket; format 1: key relative to the dataset prefix
     rows: int
     nbytes: int
     sha256: str
@@ -42,6 +52,10 @@ class Manifest:
     def columns(self) -> list[str]:
         return list(self.schema)
 
+    def object_key(self, prefix: str, chunk: ChunkInfo) -> str:
+        """Bucket key of ``chunk`` of the dataset stored under ``prefix`` (``datasets/<hash>/``)."""
+        return prefix + chunk.key if self.format_version == 1 else chunk.key
+
     def to_json(self) -> str:
         d = asdict(self)
         d["chunks"] = [asdict(c) for c in self.chunks]
@@ -50,7 +64,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
         d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported manifest format_version {d.get('format_version')!r}")
         d["chunks"] = tuple(ChunkInfo(**c) for c in d["chunks"])
         return cls(**d)

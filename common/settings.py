@@ -42,6 +42,7 @@ class Settings:
     home: str = field(default_factory=_default_home)
     cache_bytes: int = 2 * 1024**3
     chunk_rows: int = 65536
+    chunk_bytes: int = 32 * 1024**2   # a wide table's chunks get fewer rows than chunk_rows, to stay under this
     fetch_threads: int = 8
     heartbeat_interval: float = 2.0
     heartbeat_ttl: float = 10.0
@@ -61,6 +62,10 @@ class Settings:
     redis_outage_seconds: float = 30.0  # the fleet's processes ride out a Redis that does not answer this long
     store_outage_seconds: float = 30.0  # S3 calls ride out a store that does not answer this long
     redis_appendfsync: str = "everysec"  # the embedded Redis' AOF fsync policy (always|everysec|no); off = no AOF
+    # Memory of one worker's whole process tree, e.g. "1GiB"; "" = its cgroup's limit, else the host's
+    # memory / the workers on it. A shard that does not fit in core trains out of core.
+    worker_memory: str = ""
+    out_of_core: str = "auto"      # auto: when the shard does not fit worker_memory; always; never
 
     def __post_init__(self) -> None:
         s3_url(self.s3_endpoint, self.s3_secure)   # a malformed endpoint fails here, in one line
@@ -101,6 +106,11 @@ class Settings:
         """The S3 endpoint as a URL, whichever of the two accepted forms was configured."""
         return s3_url(self.s3_endpoint, self.s3_secure)
 
+    @property
+    def worker_memory_bytes(self) -> int | None:
+        """``worker_memory`` in bytes, None when unset (the runtime then uses its default)."""
+        return parse_size(self.worker_memory, "GANGWAY_WORKER_MEMORY") if self.worker_memory.strip() else None
+
 
 def s3_url(endpoint: str, secure: bool) -> str:
     """``host:port`` (MinIO's convention; https when ``secure``) or ``http(s)://host[:port]`` -> a URL."""
@@ -124,6 +134,20 @@ def s3_url(endpoint: str, secure: bool) -> str:
     scheme = "https" if secure else parts.scheme
     return f"{scheme}://{parts.hostname if ':' not in parts.hostname else f'[{parts.hostname}]'}" + \
         (f":{port}" if port else "")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """``"1GiB"``, ``"512MiB"``, ``"1.5GB"``, ``"1000000"`` -> bytes."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise ConfigurationError(f"{name} must be a size like '1GiB', '512MiB' or '2000000000', got {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
 def parse_port_block(text: str) -> tuple[int, int]:

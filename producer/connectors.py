@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -13,24 +13,37 @@ from common.datasets import (
     DatasetReader,
     WriteResult,
     read_manifest,
-    write_dataset,
+    write_batches,
 )
-from common.errors import DatasetError
 from common.manifest import Manifest
 from common.settings import Settings
 from common.store import ObjectStore, S3Store, parse_s3_uri
+from producer.progress import UploadProgress
+from producer.sources import (
+    BatchSource,
+    lazyframe_source,
+    parquet_source,
+    sql_source,
+    stream_source,
+)
 
 
 class DataConnector:
     """Tabular data for training. Every rank of an XGBoost job gets a shard of it; inside
-    a PyTorch ``train_func`` a plain ``DataConnector`` gives every rank all of it."""
+    a PyTorch ``train_func`` a plain ``DataConnector`` gives every rank all of it.
+
+    A connector is lazy: a file, query or stream source is read as batches when it is
+    uploaded (``materialise``), chunk by chunk, never as a whole table."""
 
     sharded = False
 
     def __init__(self, *, table: pa.Table | None = None, parquet: Sequence[str] | None = None,
-                 uri: str | None = None, name: str = "") -> None:
+                 uri: str | None = None, source: BatchSource | None = None, name: str = "") -> None:
         self._table = table
         self._parquet = list(parquet) if parquet else None
+        if source is None and self._parquet is not None:
+            source = parquet_source(self._parquet)
+        self._source = source
         self._uri = uri
         self._name = name
         self._materialised: dict[tuple, WriteResult] = {}
@@ -54,24 +67,36 @@ class DataConnector:
 
     @classmethod
     def from_dataframe(cls, obj: Any, **kw) -> DataConnector:
-        """pandas, polars, pyarrow, or anything exposing ``__arrow_c_stream__``."""
+        """pandas, polars (``DataFrame`` or ``LazyFrame``, streamed), pyarrow, or anything exposing
+        ``__arrow_c_stream__`` (read as a stream)."""
         if isinstance(obj, DataConnector):
             return obj
         if isinstance(obj, (pa.Table, pa.RecordBatch)):
             return cls.from_arrow(obj, **kw)
+        if isinstance(obj, pa.RecordBatchReader):
+            return cls.from_batches(obj, **kw)
         mod = type(obj).__module__.split(".")[0]
         if mod == "pandas":
             return cls.from_pandas(obj, **kw)
+        if mod == "polars" and type(obj).__name__ == "LazyFrame":
+            return cls(source=lazyframe_source(obj), **kw)
         if hasattr(obj, "to_arrow") and mod == "polars":
-            return cls.from_arrow(obj.to_arrow(), **kw)
+            return cls.from_arrow(obj.to_arrow(), **kw)   # in memory already: zero-copy
         if hasattr(obj, "__arrow_c_stream__"):
-            return cls.from_arrow(pa.table(obj), **kw)
+            return cls(source=stream_source(obj), **kw)
         raise TypeError(f"cannot make a DataConnector from {type(obj).__module__}.{type(obj).__name__}: "
                         "expected a pandas/polars DataFrame, a pyarrow Table, or an object with "
                         "__arrow_c_stream__")
 
     @classmethod
+    def from_batches(cls, batches, schema: pa.Schema | None = None, **kw) -> DataConnector:
+        """A ``RecordBatchReader`` or an iterable of ``RecordBatch`` (e.g. a generator), uploaded as it
+        is produced. A generator or reader can be read once; ``schema`` is needed if it may be empty."""
+        return cls(source=stream_source(batches, schema), **kw)
+
+    @classmethod
     def from_parquet(cls, path: str | Sequence[str], **kw) -> DataConnector:
+        """Files, globs, directories or an ``s3://bucket/prefix/``, streamed row group by row group."""
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("from_parquet needs at least one path")
@@ -79,22 +104,13 @@ class DataConnector:
 
     @classmethod
     def from_sql(cls, query: str, con=None, **kw) -> DataConnector:
-        """The result of ``query`` on a DuckDB connection (default: DuckDB's in-process default)."""
+        """The result of ``query`` on a DuckDB connection (default: DuckDB's in-process default),
+        streamed through its record batch reader."""
         import duckdb
         con = con if con is not None else duckdb.default_connection()
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"from_sql needs a query string, got {query!r}")
-        try:
-            # con.sql() gives a relation whose Arrow export avoids the DB-API copy.
-            rel = con.sql(query) if hasattr(con, "sql") else con.execute(query)
-            fetch = next(getattr(rel, m) for m in ("to_arrow_table", "fetch_arrow_table", "arrow")
-                         if hasattr(rel, m))
-            table = fetch()
-        except duckdb.Error as exc:
-            raise DatasetError(f"query failed: {query!r}: {exc}") from exc
-        if isinstance(table, pa.RecordBatchReader):
-            table = table.read_all()
-        return cls.from_arrow(table, **kw)
+        return cls(source=sql_source(query, con), **kw)
 
     @classmethod
     def from_uri(cls, uri: str, **kw) -> DataConnector:
@@ -106,15 +122,37 @@ class DataConnector:
     def _settings(self, settings: Settings | None) -> Settings:
         return settings or Settings.from_env()
 
+    def _stored(self) -> str | None:
+        """The URI this connector was uploaded to (a one-shot source is read from there again)."""
+        return self._uri or next((r.uri for r in self._materialised.values()), None)
+
+    def schema(self, settings: Settings | None = None) -> pa.Schema | None:
+        """The Arrow schema (None for a dataset already in the store: see its manifest)."""
+        if self._table is not None:
+            return self._table.schema
+        if self._source is not None:
+            s = self._settings(settings)
+            with self._lock:
+                return self._source.schema(s, s.chunk_rows)
+        return None
+
     def to_arrow(self, settings: Settings | None = None, limit: int | None = None) -> pa.Table:
+        """The whole table in memory (or its first ``limit`` rows): for small data and predictions."""
         if self._table is not None:
             return self._table if limit is None else self._table.slice(0, limit)
-        if self._parquet is not None:
-            table = _read_parquet(self._parquet, self._settings(settings))
-            return table if limit is None else table.slice(0, limit)
         s = self._settings(settings)
+        if self._source is not None and (self._source.reiterable or self._stored() is None):
+            with self._lock:
+                if limit is not None:
+                    return self._source.head(s, s.chunk_rows, limit)
+                schema = self._source.schema(s, s.chunk_rows)
+                table = pa.Table.from_batches(self._source.batches(s, s.chunk_rows), schema=schema)
+                if not self._source.reiterable:   # a generator is spent: keep what it gave
+                    self._table, self._source = table, None
+                return table
         reader = DatasetReader(S3Store(s), ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
-        return reader.read(self._uri) if limit is None else reader.head(self._uri, limit)
+        uri = self._stored()
+        return reader.read(uri) if limit is None else reader.head(uri, limit)
 
     def to_pandas(self, limit: int | None = None, settings: Settings | None = None):
         return self.to_arrow(settings, limit=limit).to_pandas()
@@ -133,9 +171,10 @@ class DataConnector:
                                  drop_last_batch=drop_last_batch, seed=seed, rank=rank)
 
     # materialisation ------------------------------------------------------
-    def materialise(self, store: ObjectStore, settings: Settings) -> WriteResult:
-        """Upload once (content-addressed); a connector already in the store uploads nothing."""
-        key = (id(store), settings.data_bucket, settings.chunk_rows)
+    def materialise(self, store: ObjectStore, settings: Settings, *, inspect=None) -> WriteResult:
+        """Upload once (content-addressed, streamed chunk by chunk); a connector already in the store
+        uploads nothing. ``inspect`` sees every chunk of an upload (e.g. to check labels on the way)."""
+        key = (id(store), settings.data_bucket, settings.chunk_rows, settings.chunk_bytes)
         with self._lock:
             if key in self._materialised:
                 cached = self._materialised[key]
@@ -144,16 +183,27 @@ class DataConnector:
                 manifest = read_manifest(store, self._uri)
                 result = WriteResult(self._uri, manifest, 0, 0.0)
             else:
-                result = write_dataset(self.to_arrow(settings), store, settings.data_bucket,
-                                       chunk_rows=settings.chunk_rows, threads=settings.fetch_threads)
+                result = self._upload(store, settings, inspect)
             self._materialised[key] = result
             return result
+
+    def _upload(self, store: ObjectStore, settings: Settings, inspect) -> WriteResult:
+        if self._table is not None:
+            batches, schema, rows = self._table.to_batches(), self._table.schema, self._table.num_rows
+        else:
+            schema = self._source.schema(settings, settings.chunk_rows)
+            batches, rows = self._source.batches(settings, settings.chunk_rows), None
+        with UploadProgress(rows, repr(self)) as progress:
+            return write_batches(batches, store, settings.data_bucket, chunk_rows=settings.chunk_rows,
+                                 chunk_bytes=settings.chunk_bytes, schema=schema, threads=settings.fetch_threads, progress=progress,
+                                 inspect=inspect)
 
     def manifest(self, store: ObjectStore, settings: Settings) -> Manifest:
         return self.materialise(store, settings).manifest
 
     def __repr__(self) -> str:
-        src = ("table" if self._table is not None else "parquet" if self._parquet else f"uri={self._uri}")
+        src = ("table" if self._table is not None else self._source.describe if self._source is not None
+               else f"uri={self._uri}")
         return f"{type(self).__name__}({src})"
 
 
@@ -173,40 +223,3 @@ class ShardedDataConnector(DataConnector):
         if self._shard is None:
             raise RuntimeError("get_shard() is only available inside a train_func run by PyTorchDistributor")
         return self._shard
-
-
-def _expand(paths: list[str]) -> list[str]:
-    import glob
-    out = []
-    for p in paths:
-        if not p.startswith("s3://") and any(ch in p for ch in "*?["):
-            found = sorted(glob.glob(p))
-            if not found:
-                raise DatasetError(f"no parquet files match {p!r}")
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
-def _read_parquet(paths: list[str], settings: Settings) -> pa.Table:
-    import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
-    tables = []
-    for p in _expand(paths):
-        try:
-            if p.startswith("s3://"):
-                bucket, key = parse_s3_uri(p)
-                host = settings.s3_endpoint.split("://", 1)[-1]
-                scheme = "https" if settings.s3_secure or settings.s3_endpoint.startswith("https") else "http"
-                s3 = pafs.S3FileSystem(access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
-                                       endpoint_override=host, scheme=scheme, region=settings.s3_region)
-                tables.append(pq.read_table(f"{bucket}/{key}", filesystem=s3))
-            else:
-                tables.append(pq.read_table(p))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"cannot read parquet {p!r}: {exc}") from exc
-    try:
-        return pa.concat_tables(tables, promote_options="default")
-    except pa.ArrowInvalid as exc:
-        raise DatasetError(f"parquet files {paths} have incompatible schemas: {exc}") from exc

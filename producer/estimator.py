@@ -15,9 +15,13 @@ from producer.client import Client, new_job_id
 from producer.connectors import DataConnector
 from producer.jobs import TrainingJob
 from producer.validation import (
+    LabelCounter,
     check_columns,
+    check_labels,
     check_positive_int,
-    check_table,
+    check_rows,
+    check_types,
+    count_bad_labels,
     manifest_types,
 )
 
@@ -60,35 +64,44 @@ class Prepared:
     sample: Any   # a small pyarrow table of the training data, for checking params locally
 
 
+SAMPLE_ROWS = 256
+
+
 def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_col, weight_col,
                  world_hint: int, *, shard_eval: bool) -> Prepared:
-    """Validate columns/types/labels, then materialise (content-addressed) train and eval sets."""
+    """Validate columns/types/labels, then materialise (content-addressed, streamed) train and eval sets.
+
+    Only schemas and first rows are read before the upload, so every check that can fail early
+    does, and a bad eval set uploads nothing; labels of a streamed source are checked chunk by
+    chunk during its upload, and row counts from its manifest."""
     conns = {"train": as_connector(dataset, "dataset")}
     if eval_set is not None:
         conns["eval"] = as_connector(eval_set, "eval_set")
     settings = client.settings
     features: list[str] | None = None
-    tables = {}
-    for name, conn in conns.items():   # every check first, so a bad eval set uploads nothing
-        table = conn.to_arrow(settings) if conn._uri is None else None
-        cols = table.column_names if table is not None else conn.manifest(client.store, settings).columns
+    samples = {}
+    for name, conn in conns.items():
+        schema = conn.schema(settings)
+        cols = schema.names if schema is not None else conn.manifest(client.store, settings).columns
         features = features or check_columns(name, cols, input_cols, label_col, weight_col)
         check_columns(name, cols, features, label_col, weight_col)
-        if table is not None:
-            check_table(name, table.num_rows, {f.name: f.type for f in table.schema}, table, features,
-                        label_col, weight_col, world_hint if name == "train" or shard_eval else 1)
-        tables[name] = table
+        types = ({f.name: f.type for f in schema} if schema is not None
+                 else manifest_types(conn.manifest(client.store, settings)))
+        check_types(name, types, features, label_col, weight_col)
+        if name == "train" or schema is not None:   # a stored eval set is not fetched here
+            samples[name] = conn.to_arrow(settings, limit=SAMPLE_ROWS)
+        if schema is not None:   # an in-memory table is checked whole; a stream's first rows now, the rest on the way up
+            whole = conn._table if conn._table is not None else samples[name]
+            check_labels(name, label_col, count_bad_labels(whole.column(label_col)))
     datasets: dict[str, dict] = {}
     for name, conn in conns.items():
-        written = conn.materialise(client.store, settings)
-        if tables[name] is None:
-            check_table(name, written.manifest.num_rows, manifest_types(written.manifest), None, features,
-                        label_col, weight_col, world_hint if name == "train" or shard_eval else 1)
+        labels = LabelCounter(label_col)
+        written = conn.materialise(client.store, settings, inspect=labels)
+        check_rows(name, written.manifest.num_rows, world_hint if name == "train" or shard_eval else 1)
+        check_labels(name, label_col, labels.bad)
         datasets[name] = {"uri": written.uri, "sharded": True if name == "train" else shard_eval,
                           "rows": written.manifest.num_rows, "uploaded_bytes": written.uploaded_bytes}
-    train = tables["train"]
-    sample = train.slice(0, 256) if train is not None else conns["train"].to_arrow(settings, limit=256)
-    return Prepared(datasets, features, sample)
+    return Prepared(datasets, features, samples["train"])
 
 
 def check_max_failures(value: int | None, settings) -> int:

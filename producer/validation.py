@@ -46,25 +46,51 @@ def check_columns(name: str, columns: Sequence[str], input_cols: Sequence[str] |
 def check_table(name: str, num_rows: int, types: dict[str, pa.DataType | None], table: pa.Table | None,
                 input_cols: list[str], label_col: str, weight_col: str | None, world_size: int = 1) -> None:
     """Rows, types and label sanity of one dataset (labels only when the table is at hand)."""
+    check_rows(name, num_rows, world_size)
+    check_types(name, types, input_cols, label_col, weight_col)
+    if table is not None:
+        check_labels(name, label_col, count_bad_labels(table.column(label_col)))
+
+
+def check_rows(name: str, num_rows: int, world_size: int = 1) -> None:
     if num_rows == 0:
         raise ValidationError(f"dataset {name!r} is empty (0 rows)")
     if num_rows < world_size:
         raise ValidationError(f"dataset {name!r} has {num_rows} rows, fewer than the {world_size} workers "
                               "of the gang")
+
+
+def check_types(name: str, types: dict[str, pa.DataType | None], input_cols: list[str], label_col: str,
+                weight_col: str | None) -> None:
     bad = {c: str(types[c]) for c in input_cols + [label_col] + ([weight_col] if weight_col else [])
            if types.get(c) is not None and not _is_numeric(types[c])}
     if bad:
         raise ValidationError(f"non-numeric columns in dataset {name!r}: {bad} "
                               "(encode them as numbers before training)")
-    if table is None:
-        return
-    label = table.column(label_col)
+
+
+def count_bad_labels(label: pa.Array | pa.ChunkedArray) -> int:
+    """Missing, NaN or infinite labels."""
     n_bad = label.null_count
     if pa.types.is_floating(label.type) and len(label):
         n_bad += len(label) - label.null_count - (pc.sum(pc.is_finite(label)).as_py() or 0)
+    return n_bad
+
+
+def check_labels(name: str, label_col: str, n_bad: int) -> None:
     if n_bad:
         raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {n_bad} missing, NaN or "
                               "inf values")
+
+
+class LabelCounter:
+    """Counts bad labels chunk by chunk while a stream is uploaded (``materialise(inspect=...)``)."""
+
+    def __init__(self, label_col: str) -> None:
+        self.label_col, self.bad = label_col, 0
+
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        self.bad += count_bad_labels(batch.column(batch.schema.get_field_index(self.label_col)))
 
 
 def manifest_types(manifest: Manifest) -> dict[str, pa.DataType | None]:

@@ -105,13 +105,14 @@ def test_a_corrupt_chunk_fails_the_job_with_every_ranks_error_and_the_key_named(
     written = conn.materialise(store, fleet_settings)
     bucket, prefix = fleet_settings.data_bucket, written.uri.split(f"{fleet_settings.data_bucket}/", 1)[1]
     for chunk in written.manifest.chunks[1:]:   # the caller samples chunk 0; the ranks need the rest
-        store.put(bucket, prefix + chunk.key, b"garbage")
+        store.put(bucket, written.manifest.object_key(prefix, chunk), b"garbage")
     with pytest.raises(TrainingFailedError) as info:
         _est().fit(DataConnector.from_uri(written.uri), FEATURES, "risk", timeout=60)
     err = info.value
     assert err.rank_errors, str(err)
     first = next(iter(err.rank_errors.values()))
-    assert first["type"] == "DatasetError" and "is corrupt" in first["message"] and "chunk-00001" in first["message"]
+    assert first["type"] == "DatasetError" and "is corrupt" in first["message"] \
+        and f"chunk 1 (s3://{bucket}/{written.manifest.chunks[1].key})" in first["message"]
     assert "Traceback" in first["traceback"]
     wait_until(lambda: all_workers_idle(state), 10, "the gang to be freed")
 

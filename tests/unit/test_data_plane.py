@@ -71,9 +71,9 @@ def test_reader_returns_each_ranks_rows_and_a_retry_hits_the_cache(tmp_path):
 def test_a_corrupt_chunk_is_detected_and_named(tmp_path):
     store = MemoryStore()
     res = write_dataset(_table(10), store, "bkt", chunk_rows=5)
-    key = res.uri.split("bkt/", 1)[1] + "chunk-00001.arrow"
+    key = res.manifest.object_key("", res.manifest.chunks[1])
     store.put("bkt", key, b"not arrow")
-    with pytest.raises(DatasetError, match="chunk-00001.arrow is corrupt"):
+    with pytest.raises(DatasetError, match=rf"chunk 1 \(s3://bkt/{key}\) of dataset {res.uri} is corrupt"):
         DatasetReader(store, ChunkCache(tmp_path, 10**9)).read(res.uri)
 
 

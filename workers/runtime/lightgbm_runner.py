@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass, field
 
 import lightgbm as lgb
+import numpy as np
 
-from common.arrays import float32_matrix
+from common.arrays import float32_column, float32_matrix
+from common.datasets import CachedSlice, read_cached
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints
 from workers.runtime.events import Emitter
 from workers.runtime.ports import first_free_port
-from workers.runtime.shards import RankData, fetch_datasets, warm_store
+from workers.runtime.shards import RankData, fetch_planned, warm_store
 
 PARALLEL_LEARNERS = ("data", "feature", "voting", "data_parallel", "feature_parallel", "voting_parallel")
 _GPU_DEVICES = ("gpu", "cuda")
@@ -48,7 +50,10 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     spec, rank = payload["spec"], payload["rank"]
     world = payload["rendezvous"]["world_size"]
     datasets = {k: {**v, "sharded": k == "train"} for k, v in spec["datasets"].items()}
-    prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, rank))
+    # A retry resumes from a checkpoint: LightGBM then predicts its init scores from the raw data,
+    # which it cannot do from chunk Sequences, so a retried attempt holds its data in memory.
+    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world,
+                                                     external_ok=payload.get("attempt", 1) == 1))
     if world > 1:
         prep.published[f"listen_port_{rank}"] = free_listen_port(settings)
     if rank == 0 and payload.get("attempt", 1) > 1:
@@ -67,6 +72,58 @@ def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
     return lgb.Dataset(float32_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
                        weight=table.column(weight).to_numpy(zero_copy_only=False) if weight else None,
                        feature_name=feats, reference=reference, free_raw_data=True)
+
+
+class ChunkSequence(lgb.Sequence):
+    """One cached chunk's feature rows for LightGBM, read from its memory-mapped file: the Dataset is
+    binned from these batch by batch, so the raw float matrix never exists whole."""
+
+    batch_size = 4096
+    _current: tuple[int, object] | None = None   # (id, matrix) of the chunk being sampled: one at a time
+
+    def __init__(self, piece: CachedSlice, features: list[str]) -> None:
+        self.piece, self.features = piece, features
+
+    def __len__(self) -> int:
+        return self.piece.length
+
+    def _matrix(self):
+        # LightGBM samples rows one by one, in order: keep the current chunk's matrix, drop the last one's.
+        current = ChunkSequence._current
+        if current is None or current[0] != id(self):
+            ChunkSequence._current = current = (id(self), float32_matrix(read_cached(self.piece), self.features))
+        return current[1]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            ChunkSequence._current = None
+            rows = read_cached(self.piece).slice(idx.start or 0, (idx.stop or len(self)) - (idx.start or 0))
+            return float32_matrix(rows, self.features)
+        return self._matrix()[idx].astype(np.float64)   # LightGBM's sampler takes doubles
+
+
+def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None) -> lgb.Dataset:
+    """A Dataset from cached chunks (out of core): labels and weights in memory, features streamed."""
+    feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([float32_column(read_cached(p).column(name)) for p in pieces])
+    return lgb.Dataset([ChunkSequence(p, feats) for p in pieces], label=column(label),
+                       weight=column(weight) if weight else None, feature_name=feats, reference=reference,
+                       free_raw_data=True)
+
+
+def _datasets(data: RankData, opts: dict) -> tuple[list[lgb.Dataset], list[str]]:
+    """(train, eval) Datasets, in core from Arrow or out of core from cached chunks."""
+    make = ((lambda name, ref=None: _chunked_dataset(data.cached[name], opts, ref)) if data.cached
+            else (lambda name, ref=None: _dataset(data.tables[name], opts, ref)))
+    names = list(data.cached or data.tables)
+    dtrain = make("train")
+    sets, labels = [dtrain], ["train"]
+    if "eval" in names:
+        sets.append(make("eval", dtrain))
+        labels.append("eval")
+    return sets, labels
 
 
 def network_params(payload: dict, shared: dict, timeout: float) -> dict:
@@ -121,11 +178,8 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     rank, rounds = p["rank"], int(opts["num_boost_round"])
     params = train_params(p, prep.settings, shared, emitter)
     t0 = time.perf_counter()
-    dtrain = _dataset(prep.data.tables["train"], opts)
-    valid_sets, names = [dtrain], ["train"]
-    if "eval" in prep.data.tables:
-        valid_sets.append(_dataset(prep.data.tables["eval"], opts, reference=dtrain))
-        names.append("eval")
+    valid_sets, names = _datasets(prep.data, opts)
+    dtrain = valid_sets[0]
     evals_result: dict = {}
     ckpt = _checkpoints(prep)
     init_model, done_before = None, int(shared.get("resume_rounds") or 0)

@@ -1,19 +1,39 @@
 """Fetching a rank's data: its contiguous shard (or the whole set) through the host's chunk cache."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from common.datasets import ChunkCache, DatasetReader
+from common.datasets import (
+    CachedSlice,
+    ChunkCache,
+    DatasetReader,
+    empty_table,
+    read_cached,
+    read_manifest,
+)
+from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
+from workers.runtime.memory import (
+    HoldMode,
+    MemoryPlan,
+    ShardSize,
+    plan_gbdt,
+    worker_budget,
+    worker_tree_rss,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RankData:
-    tables: dict[str, pa.Table]
+    tables: dict[str, pa.Table]                      # in core: the Arrow shards
+    cached: dict[str, list[CachedSlice]] = field(default_factory=dict)   # out of core: chunk files
     bytes_fetched: int = 0
     bytes_cached: int = 0
     seconds: float = 0.0
@@ -22,10 +42,11 @@ class RankData:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"rows": {k: t.num_rows for k, t in self.tables.items()},
-                "bytes_fetched": self.bytes_fetched, "bytes_cached": self.bytes_cached,
+        rows = {k: t.num_rows for k, t in self.tables.items()}
+        rows.update({k: sum(p.length for p in pieces) for k, pieces in self.cached.items()})
+        return {"rows": rows, "bytes_fetched": self.bytes_fetched, "bytes_cached": self.bytes_cached,
                 "fetch_seconds": self.seconds, "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
-                "shard_nbytes": sum(t.nbytes for t in self.tables.values())}
+                "shard_nbytes": sum(t.nbytes for t in self.tables.values()), **self.extra}
 
 
 _stores: dict[Settings, S3Store] = {}
@@ -43,14 +64,98 @@ def make_reader(settings: Settings) -> DatasetReader:
     return DatasetReader(warm_store(settings), cache, threads=settings.fetch_threads, write_behind=True)
 
 
-def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int) -> RankData:
+def fetch_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int,
+                   manifests: dict[str, Manifest] | None = None) -> RankData:
     """Each named dataset: this rank's shard when ``sharded``, else all of it."""
     reader = make_reader(settings)
+    manifests = manifests or {}
     tables = {}
     for name, ref in datasets.items():
         if ref.get("sharded", True):
-            tables[name] = reader.read(ref["uri"], world_size=world_size, rank=rank, equal=ref.get("equal", False))
+            tables[name] = reader.read(ref["uri"], manifests.get(name), world_size=world_size, rank=rank,
+                                       equal=ref.get("equal", False))
         else:
-            tables[name] = reader.read(ref["uri"])
+            tables[name] = reader.read(ref["uri"], manifests.get(name))
     st = reader.stats
-    return RankData(tables, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+    return RankData(tables, {}, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+
+
+def cache_datasets(settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
+                   world_size: int, rank: int, pin_dir: str | None = None) -> RankData:
+    """Like ``fetch_datasets``, but leaves each shard on disk (out-of-core training): chunk files of
+    the host's cache, linked into ``pin_dir`` (the rank's folder) so no other rank's trim removes them."""
+    reader = make_reader(settings)
+    cached = {}
+    for name, ref in datasets.items():
+        sharded = ref.get("sharded", True)
+        cached[name] = reader.cache_shard(ref["uri"], manifests[name], world_size=world_size if sharded else 1,
+                                          rank=rank if sharded else 0, equal=ref.get("equal", False),
+                                          pin_dir=pin_dir)
+    st = reader.stats
+    return RankData({}, cached, st.bytes_fetched, st.bytes_cached, st.seconds, st.cache_hits, st.cache_misses)
+
+
+def map_datasets(settings: Settings, datasets: dict[str, dict], world_size: int, rank: int,
+                 pin_dir: str | None = None) -> RankData:
+    """Each dataset as a table over memory-mapped cached chunk files: nothing is copied to the heap,
+    pages come from disk as they are read and the kernel can drop them again, so a shard larger
+    than memory can be iterated (PyTorch: ``get_shard()``, ``to_torch_dataset()``)."""
+    store = warm_store(settings)
+    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    data = cache_datasets(settings, datasets, manifests, world_size, rank, pin_dir)
+    data.tables = {name: _mapped_table(pieces, manifests[name]) for name, pieces in data.cached.items()}
+    data.cached = {}
+    return data
+
+
+def _mapped_table(pieces: list[CachedSlice], manifest: Manifest) -> pa.Table:
+    tables = [read_cached(p) for p in pieces]
+    return pa.concat_tables(tables) if tables else empty_table(manifest)
+
+
+def shard_bytes_and_rows(manifest: Manifest, world_size: int, rank: int, equal: bool = False
+                         ) -> tuple[int, int, int]:
+    """Arrow bytes (pro rata of the chunks' rows), rows, and the largest chunk's bytes of a rank's shard."""
+    slices = assign_shard([c.rows for c in manifest.chunks], world_size, rank, equal)
+    chunks = [manifest.chunks[s.chunk] for s in slices]
+    nbytes = sum(c.nbytes * s.length // max(c.rows, 1) for c, s in zip(chunks, slices))
+    return nbytes, sum(s.length for s in slices), max((c.nbytes for c in chunks), default=0)
+
+
+def _pin_dir(payload: dict) -> str | None:
+    """The rank's own folder for its shard's chunk files (a subfolder of workdir: never uploaded)."""
+    return os.path.join(payload["workdir"], "shard") if payload.get("workdir") else None
+
+
+def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
+                world: int) -> MemoryPlan:
+    """In core or out of core for this rank's part of every dataset, within the worker's budget."""
+    spec = payload["spec"]
+    nbytes = rows = largest = 0
+    for name, ref in datasets.items():
+        sharded = ref.get("sharded", True)
+        b, r, big = shard_bytes_and_rows(manifests[name], world if sharded else 1, payload["rank"] if sharded else 0,
+                                         ref.get("equal", False))
+        nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
+    size = ShardSize(nbytes=nbytes, rows=rows, features=len(spec["train"]["input_cols"]), largest_chunk=largest,
+                     max_bin=int(spec["params"].get("max_bin", 256)))
+    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core)
+
+
+def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], world: int, *,
+                  external_ok: bool = True) -> RankData:
+    """The rank's data, in memory when the plan says it fits, else as chunk files in the disk cache
+    (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time)."""
+    store = warm_store(settings)
+    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    plan = plan_memory(payload, settings, datasets, manifests, world)
+    log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
+    if plan.mode == HoldMode.IN_CORE or not external_ok:
+        data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
+    else:
+        data = cache_datasets(settings, datasets, manifests, world, payload["rank"], _pin_dir(payload))
+        data.extra["shard_nbytes"] = plan.in_core_need   # what in core would have held
+    data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if data.cached else HoldMode.IN_CORE.value,
+                            "budget": plan.budget, "in_use": plan.in_use, "in_core_need": plan.in_core_need,
+                            "external_need": plan.external_need}
+    return data

@@ -15,7 +15,7 @@ from workers.runtime.events import Emitter
 from workers.runtime.netif import interface_of
 from workers.runtime.pickled_code import restore_filenames
 from workers.runtime.ports import first_free_port
-from workers.runtime.shards import RankData, fetch_datasets, warm_store
+from workers.runtime.shards import RankData, map_datasets, warm_store
 
 
 CHECKPOINT_MARKER = ".gangway-complete.json"   # written last: the checkpoint folder is whole
@@ -53,7 +53,8 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
             f"train_func needs module {exc.name!r}, which worker {settings.worker_id or '?'} cannot import: install "
             "it on the fleet's workers, or keep it as a file beside your script (gangway ships modules outside "
             "site-packages by value)", name=exc.name) from exc
-    prep = Prepared(payload, settings, fetch_datasets(settings, spec["datasets"], world, rank), func)
+    prep = Prepared(payload, settings, map_datasets(settings, spec["datasets"], world, rank,
+                                                     os.path.join(payload["workdir"], "shard")), func)
     if rank == 0:
         prep.published["master_port"] = free_master_port(settings)
     return prep

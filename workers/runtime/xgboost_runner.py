@@ -12,10 +12,12 @@ import xgboost as xgb
 from xgboost.tracker import RabitTracker
 
 from common.arrays import float32_column, float32_matrix
+from common.datasets import CachedSlice, read_cached
+from common.errors import WorkerMemoryError
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints
 from workers.runtime.events import Emitter
-from workers.runtime.shards import RankData, fetch_datasets, warm_store
+from workers.runtime.shards import RankData, fetch_planned, warm_store
 
 
 @dataclass
@@ -35,7 +37,7 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     world = payload["rendezvous"]["world_size"]
     # XGBoost all-reduces eval metrics, so the eval set is sharded like the training data.
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
-    prep = Prepared(payload, settings, fetch_datasets(settings, datasets, world, payload["rank"]))
+    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world))
     if payload["rank"] == 0:
         latest = _checkpoints(prep).latest() if payload.get("attempt", 1) > 1 else None
         if latest is not None:
@@ -95,6 +97,59 @@ class ArrowBatches(xgb.DataIter):
         self._i = 0
 
 
+class CachedChunks(xgb.DataIter):
+    """Feeds an ``ExtMemQuantileDMatrix`` one cached chunk file at a time (memory-mapped); XGBoost
+    writes its quantised pages under ``cache_prefix`` (the rank folder), not in memory."""
+
+    def __init__(self, pieces: list[CachedSlice], features: list[str], label: str, weight: str | None,
+                 cache_prefix: str) -> None:
+        self._pieces, self._features, self._label, self._weight = pieces, features, label, weight
+        self._i = 0
+        super().__init__(cache_prefix=cache_prefix, release_data=True)
+
+    def next(self, input_data) -> bool:
+        if self._i == len(self._pieces):
+            return False
+        table = read_cached(self._pieces[self._i])
+        kw = {"label": float32_column(table.column(self._label))}
+        if self._weight:
+            kw["weight"] = float32_column(table.column(self._weight))
+        input_data(data=float32_matrix(table, self._features), feature_names=self._features, **kw)
+        self._i += 1
+        return True
+
+    def reset(self) -> None:
+        self._i = 0
+
+
+def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | None, max_bin: int,
+                   nthread: int) -> list[tuple[xgb.DMatrix, str]]:
+    """(train, eval) matrices: in-core QuantileDMatrix from the Arrow shard, or ExtMemQuantileDMatrix
+    over the cached chunks when the shard does not fit the worker's memory budget."""
+    data = prep.data
+    if data.cached:
+        if not hasattr(xgb, "ExtMemQuantileDMatrix"):
+            raise WorkerMemoryError(f"this shard needs out-of-core training ({data.extra.get('memory')}), which "
+                                    f"needs xgboost >= 3.0 (this worker has {xgb.__version__})")
+        pages = os.path.join(prep.payload["workdir"], "xgb-extmem")   # a subfolder: never uploaded
+        os.makedirs(pages, exist_ok=True)
+
+        def matrix(name: str, ref=None):
+            it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name))
+            return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref)
+        names = list(data.cached)
+    else:
+        def matrix(name: str, ref=None):
+            return xgb.QuantileDMatrix(ArrowBatches(data.tables[name], feats, label, weight), max_bin=max_bin,
+                                       nthread=nthread, ref=ref)
+        names = list(data.tables)
+    dtrain = matrix("train")
+    evals = [(dtrain, "train")]
+    if "eval" in names:
+        evals.append((matrix("eval", ref=dtrain), "eval"))
+    return evals
+
+
 class Relay(xgb.callback.TrainingCallback):
     """Progress every round (droppable), rank 0's eval line every ``verbose_eval`` rounds and its
     checkpoint every ``checkpoint_every`` rounds."""
@@ -141,13 +196,8 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
         max_bin = int(params.get("max_bin", 256))
         nthread = int(params["nthread"])
-        dtrain = xgb.QuantileDMatrix(ArrowBatches(prep.data.tables["train"], feats, label, weight),
-                                     max_bin=max_bin, nthread=nthread)
-        evals = [(dtrain, "train")]
-        if "eval" in prep.data.tables:
-            deval = xgb.QuantileDMatrix(ArrowBatches(prep.data.tables["eval"], feats, label, weight),
-                                        ref=dtrain, max_bin=max_bin, nthread=nthread)
-            evals.append((deval, "eval"))
+        evals = build_matrices(prep, feats, label, weight, max_bin, nthread)
+        dtrain = evals[0][0]
         prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
         ckpt = _checkpoints(prep)

@@ -1,0 +1,77 @@
+"""Out-of-core training in a real 2-worker gang: XGBoost ranks stream cached chunks into
+ExtMemQuantileDMatrix, LightGBM ranks bin a Dataset from chunk Sequences, both reach in-core accuracy;
+a budget that cannot hold even that fails before training, with the numbers."""
+from __future__ import annotations
+
+import pytest
+import xgboost as xgb
+
+from common.errors import TrainingFailedError
+from producer import DataConnector
+from producer.xgboost import XGBEstimator, XGBScalingConfig
+from tests.conftest import private_fleet_settings, running_fleet
+from tests.integration.helpers import FEATURES, regression_frame, rmse
+
+pytestmark = pytest.mark.integration
+PARAMS = {"objective": "reg:squarederror", "max_depth": 4, "learning_rate": 0.2}
+
+if not hasattr(xgb, "ExtMemQuantileDMatrix"):
+    pytest.skip(f"xgboost {xgb.__version__} has no ExtMemQuantileDMatrix", allow_module_level=True)
+
+
+def _est(rounds: int = 40) -> XGBEstimator:
+    return XGBEstimator(n_estimators=rounds, params=PARAMS, scaling_config=XGBScalingConfig(num_workers=2))
+
+
+@pytest.fixture(scope="module")
+def external_fleet():
+    """A fleet whose ranks always train out of core (GANGWAY_OUT_OF_CORE=always), small chunks."""
+    with running_fleet(private_fleet_settings(out_of_core="always", chunk_rows=2048), workers=2) as fleet:
+        yield fleet
+
+
+def _modes(job) -> dict[int, str]:
+    return {r: v.get("fetch", {}).get("memory", {}).get("mode") for r, v in job.status().ranks.items()}
+
+
+def test_out_of_core_ranks_reach_the_rmse_of_in_core_xgboost(external_fleet):
+    df = regression_frame(24000, seed=21)
+    train, holdout = df.iloc[:20000], df.iloc[20000:]
+    est = _est()
+    job = est.submit(DataConnector.from_dataframe(train), FEATURES, "risk",
+                     eval_set=DataConnector.from_dataframe(holdout), timeout=120)
+    job.wait(180)
+    assert _modes(job) == {0: "external", 1: "external"}, job.status().ranks
+    native = xgb.train({**PARAMS, "nthread": 2}, xgb.QuantileDMatrix(train[FEATURES], train["risk"]), 40)
+    ours = rmse(est.predict(holdout), holdout["risk"])
+    theirs = rmse(native.predict(xgb.DMatrix(holdout[FEATURES])), holdout["risk"])
+    assert abs(ours - theirs) / theirs <= 0.05, (ours, theirs)
+
+
+def test_out_of_core_lightgbm_ranks_reach_the_rmse_of_in_core_lightgbm(external_fleet):
+    import lightgbm as lgb
+
+    from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    params = {"objective": "regression", "metric": "rmse", "num_leaves": 31, "learning_rate": 0.1}
+    df = regression_frame(24000, seed=23)
+    train, holdout = df.iloc[:20000], df.iloc[20000:]
+    est = LightGBMEstimator(n_estimators=40, params=params, scaling_config=LightGBMScalingConfig(num_workers=2))
+    job = est.submit(DataConnector.from_dataframe(train), FEATURES, "risk",
+                     eval_set=DataConnector.from_dataframe(holdout), timeout=120)
+    job.wait(180)
+    assert _modes(job) == {0: "external", 1: "external"}, job.status().ranks
+    native = lgb.train({**params, "verbose": -1, "num_threads": 2}, lgb.Dataset(train[FEATURES], train["risk"]),
+                       num_boost_round=40)
+    ours, theirs = rmse(est.predict(holdout), holdout["risk"]), rmse(native.predict(holdout[FEATURES]),
+                                                                        holdout["risk"])
+    assert abs(ours - theirs) / theirs <= 0.05, (ours, theirs)
+
+
+def test_a_budget_too_small_even_out_of_core_fails_before_training_with_the_numbers():
+    settings = private_fleet_settings(worker_memory="64MiB")
+    with running_fleet(settings, workers=2), pytest.raises(TrainingFailedError) as info:
+        _est(5).fit(regression_frame(4000, seed=22), FEATURES, "risk", timeout=60)
+    err = next(iter(info.value.rank_errors.values()))
+    assert err["type"] == "WorkerMemoryError", err
+    assert "does not fit GANGWAY_WORKER_MEMORY=64 MiB even out of core" in err["message"]
+    assert "raise GANGWAY_WORKER_MEMORY to at least" in err["message"]

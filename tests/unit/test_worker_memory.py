@@ -1,0 +1,176 @@
+"""A worker's memory budget, the in-core / out-of-core decision, and out-of-core XGBoost from cached chunks."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from common.datasets import ChunkCache, DatasetReader, read_cached, write_dataset
+from common.errors import ConfigurationError, WorkerMemoryError
+from common.settings import Settings, parse_size
+from common.store import MemoryStore
+from workers.runtime.memory import (
+    HoldMode,
+    ShardSize,
+    cgroup_memory_limit,
+    default_worker_memory,
+    plan_gbdt,
+    worker_budget,
+)
+
+GiB, MiB = 1024 ** 3, 1024 ** 2
+
+
+@pytest.mark.parametrize("text,value", [("1GiB", GiB), ("512MiB", 512 * MiB), ("1.5GB", 1_500_000_000),
+                                        ("2000000", 2_000_000), (" 64 mib ", 64 * MiB)])
+def test_sizes_parse_in_binary_and_decimal_units(text, value):
+    assert parse_size(text) == value
+
+
+def test_a_bad_worker_memory_names_the_setting_and_the_value():
+    with pytest.raises(ConfigurationError, match=r"GANGWAY_WORKER_MEMORY must be a size like .* got 'lots'"):
+        _ = Settings.from_env({"GANGWAY_WORKER_MEMORY": "lots"}).worker_memory_bytes
+
+
+def test_an_explicit_worker_memory_wins():
+    assert worker_budget(Settings.from_env({"GANGWAY_WORKER_MEMORY": "1GiB"})) == GiB
+
+
+def test_the_default_budget_is_the_cgroup_limit_else_the_hosts_share():
+    assert default_worker_memory(2 * GiB, 64 * GiB, 16, 4) == 2 * GiB
+    assert default_worker_memory(None, 64 * GiB, 16, 4) == 16 * GiB      # 4 workers of 4 CPUs
+    assert default_worker_memory(None, 64 * GiB, 16, 0) == 64 * GiB      # one worker takes the host
+    assert default_worker_memory(128 * GiB, 64 * GiB, 16, 4) == 64 * GiB  # a limit above the host's memory
+
+
+def _cgroup_files(tmp_path, self_cgroup: str, files: dict[str, str]):
+    proc = tmp_path / "proc" / "self"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text(self_cgroup)
+    for rel, text in files.items():
+        p = tmp_path / "cg" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return str(tmp_path / "proc"), str(tmp_path / "cg")
+
+
+def test_cgroup_v2_and_v1_limits_are_read_and_unlimited_is_none(tmp_path):
+    assert cgroup_memory_limit(*_cgroup_files(tmp_path / "a", "0::/w1\n", {"w1/memory.max": "1073741824\n"})) == GiB
+    assert cgroup_memory_limit(*_cgroup_files(tmp_path / "b", "0::/\n", {"memory.max": "max\n"})) is None
+    v1 = "4:memory:/docker/abc\n1:cpu:/\n"
+    assert cgroup_memory_limit(*_cgroup_files(tmp_path / "c", v1,
+                                              {"memory/memory.limit_in_bytes": str(512 * MiB)})) == 512 * MiB
+    assert cgroup_memory_limit(*_cgroup_files(tmp_path / "d", v1,
+                                              {"memory/memory.limit_in_bytes": str(2 ** 63 - 4096)})) is None
+
+
+SHARD = ShardSize(nbytes=400 * MiB, rows=3_000_000, features=28, largest_chunk=8 * MiB)
+
+
+def test_a_shard_that_fits_trains_in_core():
+    plan = plan_gbdt(SHARD, budget=4 * GiB, in_use=500 * MiB)
+    assert plan.mode == HoldMode.IN_CORE and plan.in_core_need > SHARD.nbytes
+
+
+def test_a_shard_that_does_not_fit_trains_out_of_core():
+    plan = plan_gbdt(SHARD, budget=1 * GiB, in_use=500 * MiB)
+    assert plan.mode == HoldMode.EXTERNAL and plan.external_need < plan.in_core_need
+
+
+def test_when_even_out_of_core_cannot_fit_the_error_names_shard_budget_and_need():
+    with pytest.raises(WorkerMemoryError, match=r"3,000,000 rows x 28 features \(400 MiB of Arrow\) does not fit "
+                                                r"GANGWAY_WORKER_MEMORY=600 MiB even out of core: the worker's "
+                                                r"processes use 500 MiB.*at least \d+ MiB"):
+        plan_gbdt(SHARD, budget=600 * MiB, in_use=500 * MiB)
+
+
+def test_out_of_core_can_be_forced_either_way_and_a_bad_choice_is_named():
+    assert plan_gbdt(SHARD, 64 * GiB, 0, "always").mode == HoldMode.EXTERNAL
+    assert plan_gbdt(SHARD, 1 * GiB, 500 * MiB, "never").mode == HoldMode.IN_CORE
+    with pytest.raises(ConfigurationError, match="GANGWAY_OUT_OF_CORE must be one of .* got 'sometimes'"):
+        plan_gbdt(SHARD, GiB, 0, "sometimes")
+
+
+def _regression(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    y = (2 * X[:, 0] + np.sin(3 * X[:, 1]) + X[:, 2] * X[:, 3] + rng.normal(0, 0.1, n)).astype(np.float32)
+    return pa.table({**{f"f{i}": X[:, i] for i in range(6)}, "y": y})
+
+
+def test_a_cached_shard_is_chunk_files_that_read_back_as_the_ranks_rows(tmp_path):
+    store = MemoryStore()
+    uri = write_dataset(_regression(1000), store, "bkt", chunk_rows=128).uri
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
+    pieces = reader.cache_shard(uri, world_size=3, rank=1)
+    assert all(p.path.exists() for p in pieces)
+    assert pa.concat_tables([read_cached(p) for p in pieces]).equals(reader.read(uri, world_size=3, rank=1))
+
+
+def test_out_of_core_xgboost_from_cached_chunks_matches_in_core(tmp_path):
+    xgb = pytest.importorskip("xgboost")
+    if not hasattr(xgb, "ExtMemQuantileDMatrix"):
+        pytest.skip(f"xgboost {xgb.__version__} has no ExtMemQuantileDMatrix")
+    from workers.runtime.shards import RankData
+    from workers.runtime.xgboost_runner import Prepared, build_matrices
+    store = MemoryStore()
+    uri = write_dataset(_regression(20_000), store, "bkt", chunk_rows=2048).uri
+    evaluri = write_dataset(_regression(4_000, seed=1), store, "bkt", chunk_rows=2048).uri
+    reader = DatasetReader(store, ChunkCache(tmp_path / "cache", 10 ** 9))
+    os.makedirs(tmp_path / "work")
+    feats = [f"f{i}" for i in range(6)]
+    results = {}
+    for mode, data in {"in_core": RankData({"train": reader.read(uri), "eval": reader.read(evaluri)}),
+                       "external": RankData({}, {"train": reader.cache_shard(uri),
+                                                 "eval": reader.cache_shard(evaluri)})}.items():
+        evals = build_matrices(Prepared({"workdir": str(tmp_path / "work")}, Settings(), data), feats, "y", None,
+                               256, 1)
+        log: dict = {}
+        xgb.train({"max_depth": 5, "nthread": 1}, evals[0][0], 20, evals=evals, evals_result=log, verbose_eval=False)
+        results[mode] = (type(evals[0][0]).__name__, log["eval"]["rmse"][-1])
+    assert results["in_core"][0] == "QuantileDMatrix" and results["external"][0] == "ExtMemQuantileDMatrix"
+    assert results["external"][1] == pytest.approx(results["in_core"][1], rel=0.01), results
+    assert os.listdir(tmp_path / "work" / "xgb-extmem")   # its pages went to the rank folder
+
+
+def test_out_of_core_lightgbm_from_chunk_sequences_matches_in_core(tmp_path):
+    lgb = pytest.importorskip("lightgbm")
+    from workers.runtime.lightgbm_runner import _datasets
+    from workers.runtime.shards import RankData
+    store = MemoryStore()
+    uri = write_dataset(_regression(20_000), store, "bkt", chunk_rows=2048).uri
+    evaluri = write_dataset(_regression(4_000, seed=1), store, "bkt", chunk_rows=2048).uri
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
+    opts = {"input_cols": [f"f{i}" for i in range(6)], "label_col": "y", "weight_col": None}
+    results = {}
+    for mode, data in {"in_core": RankData({"train": reader.read(uri), "eval": reader.read(evaluri)}),
+                       "external": RankData({}, {"train": reader.cache_shard(uri),
+                                                 "eval": reader.cache_shard(evaluri)})}.items():
+        sets, names = _datasets(data, opts)
+        log: dict = {}
+        lgb.train({"objective": "regression", "num_threads": 1, "verbose": -1}, sets[0], 20, valid_sets=sets,
+                  valid_names=names, callbacks=[lgb.record_evaluation(log)])
+        results[mode] = log["eval"]["l2"][-1]
+    assert results["external"] == pytest.approx(results["in_core"], rel=0.01), results
+
+
+def test_a_mapped_shard_reads_the_ranks_rows_without_copying_them_to_the_heap(tmp_path):
+    from workers.runtime.shards import _mapped_table
+    store = MemoryStore()
+    res = write_dataset(_regression(5000), store, "bkt", chunk_rows=512)
+    reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
+    before = pa.total_allocated_bytes()
+    table = _mapped_table(reader.cache_shard(res.uri, world_size=2, rank=1), res.manifest)
+    assert pa.total_allocated_bytes() - before < 64 * 1024   # buffers live in the mapped files
+    assert table.equals(reader.read(res.uri, world_size=2, rank=1))
+
+
+def test_pinned_shards_survive_another_ranks_trim_of_the_shared_cache(tmp_path):
+    store = MemoryStore()
+    res = write_dataset(_regression(4000), store, "bkt", chunk_rows=500)
+    cache = ChunkCache(tmp_path / "cache", max_bytes=1)   # every trim removes all but the caller's shard
+    mine = DatasetReader(store, cache).cache_shard(res.uri, world_size=2, rank=0, pin_dir=tmp_path / "r0")
+    DatasetReader(store, cache).cache_shard(res.uri, world_size=2, rank=1, pin_dir=tmp_path / "r1")
+    assert not any(cache.path(res.manifest.chunks[i].sha256).exists() for i in range(4))   # trimmed ...
+    got = pa.concat_tables([read_cached(p) for p in mine])   # ... but rank 0's links still read
+    assert got.equals(DatasetReader(store, ChunkCache(tmp_path / "other", 10 ** 9)).read(res.uri, world_size=2, rank=0))

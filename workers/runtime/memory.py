@@ -1,0 +1,178 @@
+"""A worker's memory budget and how a rank's GBDT data is held within it.
+
+The decisions are pure functions of sizes (unit-tested); the readers of cgroup
+limits and process RSS are thin. The budget covers the worker's whole process
+tree (Celery processes, the warm standby, the training child): what the tree
+already uses is subtracted before a shard is planned into the rest.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+from common.errors import ConfigurationError, WorkerMemoryError
+from common.settings import Settings
+
+MiB = 1024 ** 2
+# Per row, what XGBoost keeps in memory however the matrix is held: label, weight, gradient pair,
+# prediction cache, row partition (~4 + 4 + 8 + 4 + 4 bytes) plus slack for the tree builder.
+GBDT_BYTES_PER_ROW = 32
+# The quantised matrix: one byte per value for max_bin <= 256 (two above).
+HIST_BYTES_PER_VALUE = 1
+
+
+class HoldMode(str, enum.Enum):
+    IN_CORE = "in_core"          # Arrow shard in memory, QuantileDMatrix next to it
+    EXTERNAL = "external"        # chunks streamed from the on-disk cache, ExtMemQuantileDMatrix pages on disk
+
+
+@dataclass(frozen=True)
+class ShardSize:
+    """What a rank will train on: Arrow bytes, rows and features of its train (+ eval) shards."""
+
+    nbytes: int
+    rows: int
+    features: int
+    largest_chunk: int
+    max_bin: int = 256
+
+    @property
+    def quantised_bytes(self) -> int:
+        return self.rows * self.features * (HIST_BYTES_PER_VALUE if self.max_bin <= 256 else 2)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: HoldMode
+    budget: int
+    in_use: int
+    in_core_need: int
+    external_need: int
+
+    def describe(self) -> str:
+        return (f"{self.mode.value}: budget {self.budget / MiB:.0f} MiB, worker tree using {self.in_use / MiB:.0f} MiB, "
+                f"in core needs {self.in_core_need / MiB:.0f} MiB, out of core {self.external_need / MiB:.0f} MiB")
+
+
+def default_worker_memory(cgroup_limit: int | None, host_memory: int, host_cpus: int, worker_cpus: int) -> int:
+    """The budget when GANGWAY_WORKER_MEMORY is unset: the container's cgroup limit if it has one (a
+    container per worker), else the host's memory split evenly among its workers (host CPUs / the
+    CPUs each worker takes; the local fleet gives each worker an equal share)."""
+    if cgroup_limit:
+        return min(cgroup_limit, host_memory)
+    workers = max(1, host_cpus // worker_cpus) if worker_cpus > 0 else 1
+    return host_memory // workers
+
+
+OUT_OF_CORE_CHOICES = ("auto", "always", "never")
+
+
+def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "auto") -> MemoryPlan:
+    """In core when the Arrow shard, the quantised matrix and the per-row state fit what the budget has
+    left; else out of core (a chunk and a matrix page at a time, plus the per-row state);
+    WorkerMemoryError, with the numbers, when not even that fits. ``out_of_core`` ("always", "never")
+    overrides the choice, e.g. to compare both modes on one dataset."""
+    if out_of_core not in OUT_OF_CORE_CHOICES:
+        raise ConfigurationError(f"GANGWAY_OUT_OF_CORE must be one of {list(OUT_OF_CORE_CHOICES)}, "
+                                 f"got {out_of_core!r}")
+    per_row = shard.rows * GBDT_BYTES_PER_ROW
+    in_core = shard.nbytes + shard.quantised_bytes + per_row
+    # Out of core: the DataIter's current chunk and its float32 copy, a page of the quantised matrix
+    # (about a chunk's rows), and the per-row state; pages live in the rank folder.
+    external = 3 * shard.largest_chunk + per_row
+    left = budget - in_use
+    fits = in_core <= left if out_of_core == "auto" else out_of_core == "never"
+    plan = MemoryPlan(HoldMode.IN_CORE if fits else HoldMode.EXTERNAL, budget, in_use, in_core, external)
+    if plan.mode == HoldMode.EXTERNAL and external > left:
+        raise WorkerMemoryError(
+            f"a shard of {shard.rows:,} rows x {shard.features} features ({shard.nbytes / MiB:.0f} MiB of Arrow) "
+            f"does not fit GANGWAY_WORKER_MEMORY={budget / MiB:.0f} MiB even out of core: the worker's processes "
+            f"use {in_use / MiB:.0f} MiB, and training needs {external / MiB:.0f} MiB out of core "
+            f"({in_core / MiB:.0f} MiB in core); raise GANGWAY_WORKER_MEMORY to at least "
+            f"{(in_use + external) / MiB:.0f} MiB or use more workers")
+    return plan
+
+
+# readers ----------------------------------------------------------------------------------------
+
+def cgroup_memory_limit(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """This process's cgroup memory limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``), None if unlimited."""
+    try:
+        with open(os.path.join(proc_root, "self", "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":   # v2 unified hierarchy
+            base, name = cgroup_root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        # Inside a container the cgroup is mounted as the root, while /proc/self/cgroup may name the host path.
+        for folder in (os.path.join(base, path.lstrip("/")), base):
+            limit = _read_limit(os.path.join(folder, name))
+            if limit is not None:
+                return limit
+    return None
+
+
+def _read_limit(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    value = int(text)
+    return value if value < 1 << 60 else None   # v1 says "unlimited" with a huge number
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def worker_budget(settings: Settings) -> int:
+    """GANGWAY_WORKER_MEMORY, else ``default_worker_memory`` of this host."""
+    explicit = settings.worker_memory_bytes
+    if explicit is not None:
+        return explicit
+    return default_worker_memory(cgroup_memory_limit(), host_memory(), os.cpu_count() or 1, settings.worker_cpus)
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _subtree_rss(pid: int) -> int:
+    return _rss(pid) + sum(_subtree_rss(c) for c in _children(pid))
+
+
+def worker_tree_rss() -> int:
+    """RSS of the worker's processes as seen from its training child: the parent's whole subtree (the
+    Celery pool process, the warm standby and this child) plus the grandparent (Celery's main process)."""
+    parent = os.getppid()
+    if parent <= 1:
+        return _rss(os.getpid())
+    total = _subtree_rss(parent)
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return total
+    return total + (_rss(grandparent) if grandparent > 1 else 0)
