@@ -248,3 +248,34 @@ def test_a_non_scalar_metric_is_refused_naming_it(fleet):
     from common.errors import TrainingFailedError
     with pytest.raises(TrainingFailedError, match=r"metric 'losses' must be a number.* torch.Tensor of 3 elements"):
         _torch(1)(_logs_a_tensor).run(timeout=120)
+
+
+def test_only_what_was_asked_for_is_evaluated(fleet):
+    df = regression_frame(3000, seed=147)
+    est = XGBEstimator(n_estimators=5, scaling_config=XGBScalingConfig(num_workers=1))
+    est.fit(df, FEATURES, "risk")
+    assert est.get_eval_results() == {}   # no eval set, no lines: no metric computed at all
+    est.fit(df.iloc[:2500], FEATURES, "risk", eval_set=df.iloc[2500:])
+    assert set(est.get_eval_results()) == {"eval"}   # the training set only when verbose_eval asks for lines
+    est.fit(df.iloc[:2500], FEATURES, "risk", eval_set=df.iloc[2500:], verbose_eval=True)
+    assert set(est.get_eval_results()) == {"train", "eval"}
+
+
+@pytest.mark.parametrize("framework", ["xgboost", "lightgbm"])
+def test_the_last_rounds_eval_line_is_printed_when_early_stopping_ends_between_lines(fleet, framework):
+    import numpy as np
+    rng = np.random.default_rng(148)
+    df = regression_frame(4000, seed=148)
+    noise = df.iloc[3000:].copy()
+    noise["risk"] = rng.permutation(noise["risk"].to_numpy())   # an eval set the model cannot improve on
+    if framework == "xgboost":
+        est = XGBEstimator(n_estimators=500, params={"learning_rate": 0.3}, scaling_config=XGBScalingConfig(num_workers=1))
+    else:
+        from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+        est = LightGBMEstimator(n_estimators=500, params={"learning_rate": 0.3, "verbose": -1},
+                                scaling_config=LightGBMScalingConfig(num_workers=1))
+    est.fit(df.iloc[:3000], FEATURES, "risk", eval_set=noise, verbose_eval=100, early_stopping_rounds=3)
+    rounds = len(next(iter(est.get_eval_results()["eval"].values())))
+    assert rounds < 100   # it stopped before the second printed line
+    lines = [ln for ln in est.last_job.logs() if not ln.startswith(("[rank ", "[gangway]"))]
+    assert lines[0].startswith("[0]\t") and lines[-1].startswith(f"[{rounds - 1}]\t"), lines

@@ -155,7 +155,7 @@ def train_params(payload: dict, settings: Settings, shared: dict, emitter: Emitt
 
 def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoints: BoosterCheckpoints | None,
            checkpoint_every: int):
-    state = {"t": time.perf_counter()}
+    state = {"t": time.perf_counter(), "line": "", "printed": True}
 
     def callback(env: lgb.callback.CallbackEnv) -> None:
         latest = {f"{d}-{m}": float(v) for d, m, v, *_ in env.evaluation_result_list or []}
@@ -164,12 +164,21 @@ def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoin
         emitter.emit("progress", droppable=True, iter=done, total=total, metrics=latest,
                      iter_seconds=now - state["t"])
         state["t"] = now
+        state["line"] = f"[{env.iteration}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items())
+        state["printed"] = False
         if rank == 0 and every and (env.iteration % every == 0 or done == total):
-            emitter.emit("eval", line=f"[{env.iteration}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+            emitter.emit("eval", line=state["line"])
+            state["printed"] = True
         if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
             checkpoints.save_async(done, env.model.model_to_string().encode())
 
+    def finish() -> None:
+        """The last round's line, when early stopping ended training between two printed lines."""
+        if rank == 0 and every and not state["printed"] and state["line"]:
+            emitter.emit("eval", line=state["line"])
+
     callback.order = 30   # after record_evaluation (20), before early stopping (30 is fine: it only reads)
+    callback.finish = finish
     return callback
 
 
@@ -187,14 +196,17 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         init_model = lgb.Booster(model_str=ckpt.load(shared["resume_key"]).decode())
         if rank == 0:
             emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
-    callbacks = [lgb.record_evaluation(evals_result),
-                 _relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
-                        prep.settings.checkpoint_rounds)]
+    relay = _relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
+                   prep.settings.checkpoint_rounds)
+    callbacks = [lgb.record_evaluation(evals_result), relay]
     if opts.get("early_stopping_rounds"):
         callbacks.append(lgb.early_stopping(int(opts["early_stopping_rounds"]), first_metric_only=True,
                                             verbose=False))
-    booster = lgb.train(params, dtrain, num_boost_round=rounds - done_before, valid_sets=valid_sets,
-                        valid_names=names, callbacks=callbacks, init_model=init_model)
+    # The training set is evaluated only when the user watches the lines (verbose_eval): a pass a round.
+    asked = [(d, n) for d, n in zip(valid_sets, names) if n != "train" or opts.get("verbose_eval")]
+    booster = lgb.train(params, dtrain, num_boost_round=rounds - done_before, valid_sets=[d for d, _ in asked],
+                        valid_names=[n for _, n in asked], callbacks=callbacks, init_model=init_model)
+    relay.finish()
     ckpt.flush()
     trees = json.dumps(booster.dump_model()["tree_info"], sort_keys=True)
     summary = {"model_sha256": hashlib.sha256(trees.encode()).hexdigest(),

@@ -159,6 +159,12 @@ class Relay(xgb.callback.TrainingCallback):
         self.emitter, self.rank, self.total, self.every = emitter, rank, total, verbose_eval
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self._t = time.perf_counter()
+        self._last_line, self._printed = "", True
+
+    def after_training(self, model):
+        if self.rank == 0 and self.every and not self._printed:   # early stopping ended between two lines
+            self.emitter.emit("eval", line=self._last_line)
+        return model
 
     def after_iteration(self, model, epoch: int, evals_log) -> bool:
         latest = {f"{d}-{m}": float(v[-1]) for d, ms in evals_log.items() for m, v in ms.items()}
@@ -167,8 +173,11 @@ class Relay(xgb.callback.TrainingCallback):
         self.emitter.emit("progress", droppable=True, iter=done, total=self.total, metrics=latest,
                           iter_seconds=now - self._t)
         self._t = now
+        self._last_line = f"[{epoch}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items())
+        self._printed = False
         if self.rank == 0 and self.every and (epoch % self.every == 0 or done == self.total):
-            self.emitter.emit("eval", line=f"[{epoch}]\t" + "\t".join(f"{k}:{v:.5f}" for k, v in latest.items()))
+            self.emitter.emit("eval", line=self._last_line)
+            self._printed = True
         if self.checkpoints is not None and self.checkpoint_every and done % self.checkpoint_every == 0 \
                 and done < self.total:
             self.checkpoints.save_async(done, bytes(model.save_raw("ubj")))
@@ -209,7 +218,10 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
                 emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
         relay = Relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
                       prep.settings.checkpoint_rounds)
-        booster = xgb.train(params, dtrain, num_boost_round=rounds - done_before, evals=evals,
+        # Evaluate what was asked for, as xgb.train does: the eval set when given; the training set only
+        # when the user watches the lines (verbose_eval), since it costs a pass over the shard each round.
+        asked = [(m, name) for m, name in evals if name != "train" or opts.get("verbose_eval")]
+        booster = xgb.train(params, dtrain, num_boost_round=rounds - done_before, evals=asked,
                             evals_result=evals_result, xgb_model=start,
                             early_stopping_rounds=opts.get("early_stopping_rounds"), verbose_eval=False,
                             callbacks=[relay])
