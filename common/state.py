@@ -27,14 +27,15 @@ def connect(settings: Settings, *, ride_out: bool = False) -> redis.Redis:
     ``ride_out`` (the fleet's long-lived processes) retries a command through a Redis that does not
     answer for up to GANGWAY_REDIS_OUTAGE_SECONDS (a restart on its AOF takes a second or two), so a
     training rank does not fail on a broker restart; callers at the door fail fast instead."""
-    opts: dict = {}
+    # Every call has a deadline: a peer lost to a partition must not hold a supervisor for TCP's ~15 min.
+    opts: dict = {"socket_timeout": 30, "socket_keepalive": True}
     if ride_out:
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
         # 0.05, 0.1 … 1 s: about one second per retry once the backoff is capped
         retries = 5 + int(settings.redis_outage_seconds)
-        opts = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+        opts.update(retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+                    retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     return redis.Redis.from_url(settings.broker_url, decode_responses=True,
                                 socket_connect_timeout=5, health_check_interval=30, **opts)
 
@@ -129,10 +130,10 @@ class State:
                 out.append(WorkerView(WorkerInfo.from_json(info), bool(alive), job or "", draining == "1"))
         return out
 
-    def register_worker(self, info: WorkerInfo, ttl: float) -> None:
+    def register_worker(self, info: WorkerInfo, ttl: float, *, draining: bool = False) -> None:
         pipe = self.r.pipeline()
         pipe.sadd(keys.WORKERS, info.worker_id)
-        pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "0"})
+        pipe.hset(keys.worker(info.worker_id), mapping={"info": info.to_json(), "draining": "1" if draining else "0"})
         pipe.hdel(keys.worker(info.worker_id), "dead_since")
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
         pipe.persist(keys.worker(info.worker_id))   # a worker back under a deregistered id keeps its hash

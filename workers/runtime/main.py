@@ -96,6 +96,8 @@ def _drain(**_) -> None:
     global _drainer
     if _drainer is None:
         _drainer = Drain(settings, _get_state(), app, INFO.worker_id)
+    if _heartbeat is not None:
+        _heartbeat.draining = True
     _drainer.start()
 
 

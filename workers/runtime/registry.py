@@ -32,6 +32,7 @@ class Heartbeat:
 
     def __init__(self, settings: Settings, state: State, app: Celery, info: WorkerInfo) -> None:
         self.settings, self.state, self.app, self.info = settings, state, app, info
+        self.draining = False   # set by Drain: a re-registration (Redis lost its state) keeps saying so
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gangway-heartbeat", daemon=True)
 
@@ -51,7 +52,8 @@ class Heartbeat:
             try:
                 if not self.state.r.exists(keys.worker(self.info.worker_id)) or \
                         not self.state.r.sismember(keys.WORKERS, self.info.worker_id):
-                    self.state.register_worker(self.info, self.settings.heartbeat_ttl)   # Redis lost its state
+                    self.state.register_worker(self.info, self.settings.heartbeat_ttl,   # Redis lost its state
+                                               draining=self.draining)
                     self.app.send_task("gangway.schedule", queue=keys.COORDINATOR_QUEUE)
                 else:
                     self.state.heartbeat(self.info.worker_id, self.settings.heartbeat_ttl)
