@@ -36,6 +36,11 @@ def job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
 
+def job_submitted(job_id: str) -> str:
+    """String, set by the producer when it sends the submit: the job exists even before it is persisted."""
+    return f"{PREFIX}submitted:{job_id}"
+
+
 def job_ranks(job_id: str) -> str:
     """Hash rank -> JSON rank status of the current attempt (emptied when an attempt is reserved)."""
     return f"{PREFIX}job:{job_id}:ranks"

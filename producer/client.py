@@ -73,6 +73,9 @@ class Client:
 
     def submit(self, spec: JobSpec) -> str:
         spec.submitted_at = spec.submitted_at or time.time()   # signed specs set it before signing
+        # Until a coordinator persists it, the job is known by this marker (a coordinator may be down for long).
+        self.state.r.set(keys.job_submitted(spec.job_id), spec.submitted_at,
+                         ex=int(self.settings.job_ttl_days * 86400))
         self.app.send_task("gangway.submit_job", args=[_as_dict(spec)], queue=keys.COORDINATOR_QUEUE,
                            argsrepr=f"job_id={spec.job_id} framework={spec.framework}")   # for Flower
         return spec.job_id

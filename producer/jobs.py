@@ -19,6 +19,7 @@ from common.errors import (
     TrainingFailedError,
     ValidationError,
 )
+from common import keys
 from common.models import JobState, RankState
 from common.settings import Settings
 from producer.client import Client
@@ -64,7 +65,6 @@ class TrainingJob:
                  loader: Callable[[TrainingJob], Any] | None = None, submitted: bool = False) -> None:
         self.job_id = job_id
         self._client = Client.default(settings)
-        self._submitted_at = time.monotonic() if submitted else None
         self._loader = loader
         self._result: Any = None
         self._have_result = False
@@ -76,12 +76,13 @@ class TrainingJob:
     def status(self) -> JobStatus:
         job = self._client.state.job(self.job_id)
         if job is None:
-            grace = self._client.settings.visibility_timeout + 30
-            if self._submitted_at is not None and time.monotonic() - self._submitted_at < grace:
-                return JobStatus(self.job_id, JobState.SUBMITTED)   # the coordinator has not persisted it yet
-            why = ("the coordinator never persisted it: is one running?" if self._submitted_at is not None
-                   else "never submitted here, or expired after GANGWAY_JOB_TTL_DAYS")
-            raise JobNotFoundError(f"no job {self.job_id!r} at {self._client.settings.redacted_broker_url} ({why})")
+            sent = self._client.state.r.get(keys.job_submitted(self.job_id))
+            if sent is not None:   # sent; no coordinator has taken it yet (said only once it is overdue)
+                late = time.time() - float(sent) > 2.0
+                return JobStatus(self.job_id, JobState.SUBMITTED, waiting="no coordinator has taken it yet (is one "
+                                 "running? `gangway check`)" if late else "")
+            raise JobNotFoundError(f"no job {self.job_id!r} at {self._client.settings.redacted_broker_url} (never "
+                                   "submitted there, or expired after GANGWAY_JOB_TTL_DAYS)")
         state = JobState(job["state"])
         ranks = self._client.state.ranks(self.job_id)
         if state.is_terminal:   # a rank cut off by the end of its job could not write its last state
