@@ -120,6 +120,25 @@ def test_s3_killed_is_restarted_on_its_data_folder_and_stored_data_is_not_upload
     assert_nothing_left(fleet, state, settings, again.last_job, artifacts=XGB_ARTIFACTS)
 
 
+def test_a_worker_that_keeps_dying_is_left_stopped_the_rest_keeps_serving_and_check_names_it(up3):
+    fleet, state, settings = up3
+    name = next(n for n in fleet.status() if n.startswith("worker-"))
+    for _ in range(6):   # the sixth death within a minute is a crash loop (5 restarts allowed)
+        pid = fleet.pid(name)
+        os.killpg(pid, signal.SIGKILL)
+        wait_until(lambda: fleet.status()[name]["pid"] != pid or fleet.status()[name]["state"] == "gave_up", 40,
+                   f"{name} to be restarted or given up")
+        if fleet.status()[name]["state"] == "gave_up":
+            break
+    assert fleet.status()[name]["state"] == "gave_up" and fleet.status()[name]["restarts"] == 5
+    _says(fleet, f"{name} (pid {pid}) killed by signal 9 (SIGKILL); crash loop: 5 restarts within 60 s; not restarted")
+    check = gangway(settings, "check", ok=False)
+    assert check.returncode == 1 and f"FAIL supervisor: {name} killed by signal 9 (SIGKILL); crash loop" in check.stderr
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    est = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))   # the other two serve
+    assert est.fit(regression_frame(2000, seed=106), FEATURES, "risk", timeout=120).num_boosted_rounds() == 3
+
+
 def test_only_a_signal_stops_the_fleet_and_it_stops_everything_it_started(fleet):
     settings = private_fleet_settings()
     with gangway_up(settings, workers=1) as up:
