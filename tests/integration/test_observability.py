@@ -434,7 +434,8 @@ def _start_jobs(settings, state):
     wait_until(lambda: all_workers_idle(state), 20, "the failed job's gang to be freed")
 
     est = XGBEstimator(n_estimators=100_000, params={"max_depth": 3}, scaling_config=two)
-    job = est.submit(df, FEATURES, "risk", eval_set=holdout, max_failures=1)
+    # verbose_eval asks for the training set's metric too (only what is asked for is evaluated)
+    job = est.submit(df, FEATURES, "risk", eval_set=holdout, max_failures=1, verbose_eval=1000)
 
     def rank1_pid():
         st = job.status()
