@@ -1,0 +1,143 @@
+"""Categorical features trained natively on a 2-worker gang: a pandas ``category`` and a string column."""
+from __future__ import annotations
+
+import json
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+import xgboost as xgb
+
+from common.errors import ValidationError
+from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+from producer.xgboost import XGBEstimator, XGBScalingConfig
+from tests.integration.helpers import rmse
+
+pytestmark = pytest.mark.integration
+COLORS = ["teal", "amber", "plum", "sand"]          # pandas' category order, not alphabetical
+CITIES = ["oslo", "lima", "kyiv", "rome", "pune", "baku"]
+FEATURES = ["color", "city", "x"]
+
+
+def mixed_frame(rows: int, seed: int) -> pd.DataFrame:
+    """A target that is mostly the categories' effects (not ordinal in their codes) plus a little of x."""
+    rng = np.random.default_rng(seed)
+    color = rng.choice(COLORS, rows)
+    city = rng.choice(CITIES, rows)
+    x = rng.normal(size=rows)
+    effect = {"teal": 2.0, "amber": -1.5, "plum": 1.0, "sand": -2.5, "oslo": 1.2, "lima": -2.0, "kyiv": 2.2,
+              "rome": -0.7, "pune": 0.4, "baku": -1.1}
+    y = np.array([effect[c] for c in color]) + np.array([effect[c] for c in city]) + 0.3 * x \
+        + rng.normal(0, 0.1, rows)
+    return pd.DataFrame({"color": pd.Categorical(color, categories=COLORS), "city": city.astype(object), "x": x,
+                         "y": y})
+
+
+def training_codes(frame: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
+    """What the data plane promises: category codes in pandas' order, string codes in first-seen order."""
+    cities = list(pd.unique(train["city"]))
+    return np.column_stack([frame["color"].cat.codes.to_numpy(), frame["city"].map(cities.index).to_numpy(),
+                            frame["x"].to_numpy()]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = mixed_frame(8000, seed=31)
+    return df.iloc[:6000], df.iloc[6000:]
+
+
+def _same_model_on_every_rank(state, job_id: str) -> None:
+    ranks = state.ranks(job_id)
+    assert sorted(ranks) == [0, 1] and len({r["summary"]["model_sha256"] for r in ranks.values()}) == 1
+
+
+def test_xgboost_trains_a_category_and_a_string_column_natively_on_two_workers(fleet, state, data):
+    train, holdout = data
+    params = {"max_depth": 4, "learning_rate": 0.3, "enable_categorical": True}
+    est = XGBEstimator(n_estimators=30, params=params, scaling_config=XGBScalingConfig(num_workers=2))
+    booster = est.fit(train, FEATURES, "y", eval_set=holdout, categorical_cols=["city"], timeout=120)
+    assert booster.feature_types == ["c", "c", "q"]
+    _same_model_on_every_rank(state, est.last_job.job_id)
+    trees = json.loads(booster.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    assert any(t["categories_nodes"] for t in trees)   # categorical splits, not thresholds on codes
+
+    without = XGBEstimator(n_estimators=30, params={"max_depth": 4, "learning_rate": 0.3},
+                           scaling_config=XGBScalingConfig(num_workers=2))
+    without.fit(train, ["x"], "y", timeout=120)
+    ours, theirs = rmse(est.predict(holdout), holdout["y"]), rmse(without.predict(holdout), holdout["y"])
+    assert ours < 0.5 * theirs, (ours, theirs)
+
+    codes = xgb.DMatrix(training_codes(holdout, train), feature_names=FEATURES, feature_types=["c", "c", "q"],
+                        enable_categorical=True)
+    np.testing.assert_allclose(est.predict(holdout), booster.predict(codes), rtol=1e-6)
+
+
+def test_the_manifest_carries_the_mapping_and_the_eval_set_shares_it(fleet, state, data):
+    from common.datasets import read_manifest
+    from common.store import S3Store
+    from common.settings import Settings
+    train, holdout = data
+    est = XGBEstimator(n_estimators=2, params={"enable_categorical": True},
+                       scaling_config=XGBScalingConfig(num_workers=2))
+    est.fit(train, FEATURES, "y", eval_set=holdout, categorical_cols=["city"], timeout=120)
+    spec = json.loads(state.job(est.last_job.job_id)["spec"])
+    assert spec["train"]["categorical_cols"] == ["color", "city"]
+    assert "enable_categorical" not in spec["params"]
+    store = S3Store(Settings.from_env())
+    m_train, m_eval = (read_manifest(store, spec["datasets"][n]["uri"]) for n in ("train", "eval"))
+    assert m_train.categories == {"color": COLORS, "city": list(pd.unique(train["city"]))}
+    assert m_eval.categories == m_train.categories
+
+
+def test_lightgbm_trains_a_category_and_a_string_column_natively_on_two_workers(fleet, state, data):
+    train, holdout = data
+    params = {"objective": "regression", "num_leaves": 15, "learning_rate": 0.2, "min_data_per_group": 10,
+              "cat_smooth": 1, "categorical_feature": ["city"]}
+    est = LightGBMEstimator(n_estimators=40, params=params, scaling_config=LightGBMScalingConfig(num_workers=2))
+    booster = est.fit(train, FEATURES, "y", eval_set=holdout, timeout=120)
+    assert isinstance(booster, lgb.Booster) and booster.feature_name() == FEATURES
+    _same_model_on_every_rank(state, est.last_job.job_id)
+    splits = json.dumps(booster.dump_model()["tree_info"])
+    assert '"decision_type": "=="' in splits   # categorical splits, not thresholds on codes
+
+    without = LightGBMEstimator(n_estimators=40, params={"num_leaves": 15, "learning_rate": 0.2},
+                                scaling_config=LightGBMScalingConfig(num_workers=2))
+    without.fit(train, ["x"], "y", timeout=120)
+    ours, theirs = rmse(est.predict(holdout), holdout["y"]), rmse(without.predict(holdout), holdout["y"])
+    assert ours < 0.5 * theirs, (ours, theirs)
+    np.testing.assert_allclose(est.predict(holdout), booster.predict(training_codes(holdout, train)), rtol=1e-6)
+
+
+def test_an_unknown_category_at_predict_counts_as_missing(fleet, data):
+    train, holdout = data
+    est = LightGBMEstimator(n_estimators=5, params={"num_leaves": 7}, scaling_config=LightGBMScalingConfig(num_workers=2))
+    booster = est.fit(train, FEATURES, "y", categorical_cols=["city"], timeout=120)
+    row = holdout.iloc[:1].copy()
+    row["city"] = "atlantis"
+    missing = training_codes(holdout.iloc[:1], train)
+    missing[0, 1] = np.nan
+    np.testing.assert_allclose(est.predict(row), booster.predict(missing), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: XGBEstimator(n_estimators=2, params={"enable_categorical": True},
+                         scaling_config=XGBScalingConfig(num_workers=2)),
+    lambda: LightGBMEstimator(n_estimators=2, scaling_config=LightGBMScalingConfig(num_workers=2)),
+], ids=["xgboost", "lightgbm"])
+def test_an_undeclared_string_column_fails_at_the_caller_naming_it(fleet, data, state, make):
+    train, _ = data
+    before = len(state.list_jobs(limit=1000))
+    with pytest.raises(ValidationError, match=r"non-numeric columns in dataset 'train': \{'city': '(large_)?string'\} "
+                                              r"\(declare string columns categorical with fit\(\.\.\., "
+                                              r"categorical_cols=\['city'\]\)"):
+        make().fit(train, FEATURES, "y")
+    assert len(state.list_jobs(limit=1000)) == before   # nothing was queued
+
+
+def test_a_category_column_without_enable_categorical_fails_at_the_caller_for_xgboost(fleet, data):
+    train, _ = data
+    est = XGBEstimator(n_estimators=2, scaling_config=XGBScalingConfig(num_workers=2))
+    with pytest.raises(ValidationError, match=r"columns \['color'\] in dataset 'train' are not declared: declare "
+                                              r"them with params=\{'enable_categorical': True\}"):
+        est.fit(train, ["color", "x"], "y")
