@@ -12,33 +12,9 @@ import xgboost as xgb
 from common.errors import ValidationError
 from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import rmse
+from tests.integration.helpers import COLORS, MIXED_FEATURES as FEATURES, mixed_frame, rmse, training_codes
 
 pytestmark = pytest.mark.integration
-COLORS = ["teal", "amber", "plum", "sand"]          # pandas' category order, not alphabetical
-CITIES = ["oslo", "lima", "kyiv", "rome", "pune", "baku"]
-FEATURES = ["color", "city", "x"]
-
-
-def mixed_frame(rows: int, seed: int) -> pd.DataFrame:
-    """A target that is mostly the categories' effects (not ordinal in their codes) plus a little of x."""
-    rng = np.random.default_rng(seed)
-    color = rng.choice(COLORS, rows)
-    city = rng.choice(CITIES, rows)
-    x = rng.normal(size=rows)
-    effect = {"teal": 2.0, "amber": -1.5, "plum": 1.0, "sand": -2.5, "oslo": 1.2, "lima": -2.0, "kyiv": 2.2,
-              "rome": -0.7, "pune": 0.4, "baku": -1.1}
-    y = np.array([effect[c] for c in color]) + np.array([effect[c] for c in city]) + 0.3 * x \
-        + rng.normal(0, 0.1, rows)
-    return pd.DataFrame({"color": pd.Categorical(color, categories=COLORS), "city": city.astype(object), "x": x,
-                         "y": y})
-
-
-def training_codes(frame: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
-    """What the data plane promises: category codes in pandas' order, string codes in first-seen order."""
-    cities = list(pd.unique(train["city"]))
-    return np.column_stack([frame["color"].cat.codes.to_numpy(), frame["city"].map(cities.index).to_numpy(),
-                            frame["x"].to_numpy()]).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
