@@ -11,13 +11,17 @@ import warnings
 from typing import Any
 
 from common.errors import ValidationError
+from producer.categoricals import (
+    LIGHTGBM_CATEGORICAL_ALIASES,
+    Declaration,
+    lightgbm_names,
+)
 from producer.estimator import (
     BoostingEstimator,
     Prepared,
     ScalingConfig,
     feature_matrix,
 )
-from producer.categoricals import LIGHTGBM_CATEGORICAL_ALIASES, Declaration, lightgbm_names
 from producer.validation import check_feature_names
 
 __all__ = ["LightGBMEstimator", "LightGBMScalingConfig"]

@@ -1,8 +1,8 @@
 """Checks of user input at the caller, before anything is queued."""
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -5,13 +5,13 @@ from typing import Any
 
 from common.categories import xgboost_feature_types
 from common.errors import ValidationError
+from producer.categoricals import Declaration
 from producer.estimator import (
     BoostingEstimator,
     Prepared,
     ScalingConfig,
     feature_matrix,
 )
-from producer.categoricals import Declaration
 from producer.validation import check_feature_names
 
 __all__ = ["XGBEstimator", "XGBScalingConfig"]

@@ -12,7 +12,8 @@ import xgboost as xgb
 from common.errors import ValidationError
 from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
 from producer.xgboost import XGBEstimator, XGBScalingConfig
-from tests.integration.helpers import COLORS, MIXED_FEATURES as FEATURES, mixed_frame, rmse, training_codes
+from tests.integration.helpers import COLORS, mixed_frame, rmse, training_codes
+from tests.integration.helpers import MIXED_FEATURES as FEATURES
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +52,8 @@ def test_xgboost_trains_a_category_and_a_string_column_natively_on_two_workers(f
 
 def test_the_manifest_carries_the_mapping_and_the_eval_set_shares_it(fleet, state, data):
     from common.datasets import read_manifest
-    from common.store import S3Store
     from common.settings import Settings
+    from common.store import S3Store
     train, holdout = data
     est = XGBEstimator(n_estimators=2, params={"enable_categorical": True},
                        scaling_config=XGBScalingConfig(num_workers=2))
@@ -117,3 +118,19 @@ def test_a_category_column_without_enable_categorical_fails_at_the_caller_for_xg
     with pytest.raises(ValidationError, match=r"columns \['color'\] in dataset 'train' are not declared: declare "
                                               r"them with params=\{'enable_categorical': True\}"):
         est.fit(train, ["color", "x"], "y")
+
+
+def test_a_stored_categorical_dataset_trains_again_from_its_uri_and_reads_back_as_categories(fleet, state, data):
+    from producer import DataConnector
+    train, _ = data
+    first = XGBEstimator(n_estimators=3, params={"enable_categorical": True},
+                         scaling_config=XGBScalingConfig(num_workers=2))
+    first.fit(train, FEATURES, "y", categorical_cols=["city"], timeout=120)
+    uri = json.loads(state.job(first.last_job.job_id)["spec"])["datasets"]["train"]["uri"]
+    again = XGBEstimator(n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2))
+    booster = again.fit(DataConnector.from_uri(uri), FEATURES, "y", timeout=120)   # the manifest declares them
+    assert booster.feature_types == ["c", "c", "q"]
+    np.testing.assert_allclose(again.predict(train.iloc[:50]), first.predict(train.iloc[:50]), rtol=1e-6)
+    back = DataConnector.from_uri(uri).to_pandas(limit=5)
+    assert back["color"].tolist() == train["color"].iloc[:5].tolist()
+    assert back["city"].tolist() == train["city"].iloc[:5].tolist()

@@ -1,6 +1,4 @@
 """Categorical columns through the data plane: one mapping per dataset, the same codes everywhere."""
-import tempfile
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -12,7 +10,12 @@ from common.errors import DatasetError, ValidationError
 from common.ingest import write_batches
 from common.manifest import Manifest
 from common.store import MemoryStore
-from producer.categoricals import Declaration, categorical_columns, frame_matrix, lightgbm_names
+from producer.categoricals import (
+    Declaration,
+    categorical_columns,
+    frame_matrix,
+    lightgbm_names,
+)
 from producer.validation import check_types
 
 
@@ -32,12 +35,12 @@ def _write(table: pa.Table, store=None, chunk_rows=128, **kw):
                          schema=table.schema, **kw)
 
 
-def _read_shards(store, result, world):
-    reader = DatasetReader(store, ChunkCache(tempfile.mkdtemp(), 1 << 30))
+def _read_shards(store, result, world, cache_dir):
+    reader = DatasetReader(store, ChunkCache(cache_dir, 1 << 30))
     return [reader.read(result.uri, world_size=world, rank=r) for r in range(world)]
 
 
-def test_every_chunk_and_every_shard_uses_the_one_mapping_in_the_manifest():
+def test_every_chunk_and_every_shard_uses_the_one_mapping_in_the_manifest(tmp_path):
     df = _frame()
     store = MemoryStore()
     result = _write(pa.Table.from_pandas(df, preserve_index=False), store, categorical=["color", "city"])
@@ -46,7 +49,7 @@ def test_every_chunk_and_every_shard_uses_the_one_mapping_in_the_manifest():
     assert m.schema["color"] == "int32" and m.schema["city"] == "int32"
     assert m.categories["color"] == ["blue", "green", "red", "gold"]   # pandas' own category order
     assert m.categories["city"] == list(pd.unique(df["city"]))          # first-seen order
-    shards = _read_shards(store, result, 3)
+    shards = _read_shards(store, result, 3, tmp_path)
     codes = pa.concat_tables(shards)
     assert codes.column("color").to_pylist() == df["color"].cat.codes.tolist()
     assert codes.column("city").to_pylist() == pd.factorize(df["city"])[0].tolist()
@@ -81,23 +84,23 @@ def test_the_content_hash_changes_when_only_the_mapping_changes():
     assert first.uri != second.uri
 
 
-def test_nulls_stay_missing():
+def test_nulls_stay_missing(tmp_path):
     t = pa.table({"c": pa.array(["a", None, "b", None]), "y": np.ones(4)})
     store = MemoryStore()
     result = _write(t, store, categorical=["c"])
-    (table,) = _read_shards(store, result, 1)
+    (table,) = _read_shards(store, result, 1, tmp_path)
     assert table.column("c").to_pylist() == [0, None, 1, None]
     assert result.manifest.categories == {"c": ["a", "b"]}
 
 
-def test_a_frozen_mapping_makes_unseen_categories_missing_and_does_not_grow():
+def test_a_frozen_mapping_makes_unseen_categories_missing_and_does_not_grow(tmp_path):
     train = pa.table({"c": pa.array(["a", "b"]), "y": [1.0, 2.0]})
     store = MemoryStore()
     mapping = _write(train, store, categorical=["c"]).manifest.categories
     evals = pa.table({"c": pa.array(["b", "zz", "a"]), "y": [1.0, 2.0, 3.0]})
     result = _write(evals, store, categorical=["c"], categories=mapping)
     assert result.manifest.categories == mapping
-    (table,) = _read_shards(store, result, 1)
+    (table,) = _read_shards(store, result, 1, tmp_path)
     assert table.column("c").to_pylist() == [1, None, 0]
 
 
