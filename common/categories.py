@@ -61,17 +61,18 @@ class CategoryEncoder:
         self.schema = pa.schema([pa.field(f.name, CODE_TYPE) if f.name in self.mapping else f for f in schema],
                                 metadata=schema.metadata)
 
-    def _grow(self, column: str, values: pa.Array) -> None:
-        if self.frozen:
-            return
+    def _remap(self, column: str, dictionary: pa.Array) -> pa.Array:
+        """Global code of each dictionary entry (null where a frozen mapping lacks it), growing the mapping
+        in the dictionary's order. Python work is per distinct value of the batch, not per category."""
         index, mapping = self._index[column], self.mapping[column]
-        for v in pc.unique(values.drop_null()).to_pylist():   # first-seen (or dictionary) order
-            if v not in index:
-                index[v] = len(mapping)
+        out = []
+        for v in dictionary.to_pylist():
+            code = index.get(v)
+            if code is None and v is not None and not self.frozen:
+                code = index[v] = len(mapping)
                 mapping.append(v)
-
-    def _value_set(self, column: str, value_type: pa.DataType) -> pa.Array:
-        return pa.array(self.mapping[column], type=value_type)
+            out.append(code)
+        return pa.array(out, type=CODE_TYPE)
 
     def codes(self, column: str, values: pa.Array | pa.ChunkedArray) -> pa.Array:
         """``values`` (strings, a dictionary array, or codes already) as int32 codes of ``column``."""
@@ -79,13 +80,9 @@ class CategoryEncoder:
             values = values.combine_chunks()
         if pa.types.is_integer(values.type):   # a stored dataset's codes: already encoded
             return values.cast(CODE_TYPE)
-        if pa.types.is_dictionary(values.type):
-            dictionary = values.dictionary
-            self._grow(column, dictionary)
-            remap = pc.index_in(dictionary, value_set=self._value_set(column, dictionary.type)).cast(CODE_TYPE)
-            return remap.take(values.indices)
-        self._grow(column, values)
-        return pc.index_in(values, value_set=self._value_set(column, values.type)).cast(CODE_TYPE)
+        if not pa.types.is_dictionary(values.type):
+            values = pc.dictionary_encode(values)   # its dictionary is in first-seen order, nulls stay null
+        return self._remap(column, values.dictionary).take(values.indices)
 
     def encode(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if not self.columns:
