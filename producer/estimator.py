@@ -106,7 +106,7 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
     settings = client.settings
     features: list[str] | None = None
     samples, encode, stored = {}, {}, {}
-    cats: list[str] | None = None
+    cats: list[str] = []
     for name, conn in conns.items():
         schema = conn.schema(settings)
         cols = schema.names if schema is not None else conn.manifest(client.store, settings).columns
@@ -115,14 +115,9 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
         types = ({f.name: f.type for f in schema} if schema is not None
                  else manifest_types(conn.manifest(client.store, settings)))
         stored[name] = _stored_categories(conn, client, schema)
-        if declared is not None:
-            mine = categorical_columns(name, types, features,
-                                       declared if cats is None else Declaration(tuple(cats), declared.dictionaries), stored[name])
-            if cats is not None and mine != cats:
-                raise ValidationError(f"dataset {name!r} has categorical columns {mine}, but 'train' has {cats}")
-            cats = mine
-        check_types(name, types, features, label_col, weight_col, cats or (), declared.how if declared else None)
-        encode[name] = _encode_plan(name, conn, types, cats or [], stored[name], schema)
+        cats = _categoricals(name, types, features, declared, cats, stored[name])
+        check_types(name, types, features, label_col, weight_col, cats, declared.how if declared else None)
+        encode[name] = _encode_plan(name, conn, types, cats, stored[name], schema)
         if name == "train" or schema is not None:   # a stored eval set is not fetched here
             samples[name] = conn.to_arrow(settings, limit=SAMPLE_ROWS)
         if schema is not None:   # an in-memory table is checked whole; a stream's first rows now, the rest on the way up
@@ -132,10 +127,7 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
     mapping: dict[str, list] = {}
     for name, conn in conns.items():
         labels = LabelCounter(label_col)
-        seed = None if name == "train" else {c: mapping[c] for c in encode[name] if c in mapping}
-        if seed is not None and set(seed) != set(encode[name]):
-            raise ValidationError(f"categorical columns {sorted(set(encode[name]) - set(seed))} of dataset {name!r} "
-                                  "hold strings, but the training set stores them as numbers")
+        seed = None if name == "train" else _eval_seed(name, encode[name], mapping)
         written = conn.materialise(client.store, settings, inspect=labels, categorical=encode[name], categories=seed)
         if name == "train":
             mapping = dict(written.manifest.categories)
@@ -145,8 +137,30 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
         check_labels(name, label_col, labels.bad)
         datasets[name] = {"uri": written.uri, "sharded": True if name == "train" else shard_eval,
                           "rows": written.manifest.num_rows, "uploaded_bytes": written.uploaded_bytes}
-    sample = encode_sample(samples["train"], cats or [], mapping)
-    return Prepared(datasets, features, sample, cats or [], mapping)
+    sample = encode_sample(samples["train"], cats, mapping)
+    return Prepared(datasets, features, sample, cats, mapping)
+
+
+def _categoricals(name: str, types: dict, features: list[str], declared: Declaration | None,
+                  train_cats: list[str] | None, stored: dict[str, list]) -> list[str]:
+    """The categorical features of dataset ``name``; an eval set must have the training set's."""
+    if declared is None:
+        return []
+    if train_cats is not None and name != "train":
+        declared = Declaration(tuple(train_cats), declared.dictionaries)
+    mine = categorical_columns(name, types, features, declared, stored)
+    if train_cats is not None and name != "train" and mine != train_cats:
+        raise ValidationError(f"dataset {name!r} has categorical columns {mine}, but 'train' has {train_cats}")
+    return mine
+
+
+def _eval_seed(name: str, encode: list[str], mapping: dict[str, list]) -> dict[str, list]:
+    """The training set's mapping for the eval set's columns to encode (frozen: unseen is missing)."""
+    lacking = sorted(c for c in encode if c not in mapping)
+    if lacking:
+        raise ValidationError(f"categorical columns {lacking} of dataset {name!r} hold strings, but the training "
+                              "set stores them as numbers")
+    return {c: mapping[c] for c in encode}
 
 
 def _check_same_mapping(name: str, theirs: dict[str, list], ours: dict[str, list]) -> None:
