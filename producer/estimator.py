@@ -250,6 +250,17 @@ def say_uploads(job_id: str, datasets: dict[str, dict]) -> None:
         print(f"gangway: job {job_id} dataset {name!r}: {d.get('rows', 0):,} rows, {what}", file=sys.stderr)
 
 
+def job_features(job: TrainingJob) -> tuple[list[str] | None, dict[str, list]]:
+    """A finished job's input columns and its training set's category mapping (from its manifest)."""
+    spec = json.loads(job.record().get("spec") or "{}")
+    opts, train = spec.get("train", {}), spec.get("datasets", {}).get("train", {})
+    categories = {}
+    if opts.get("categorical_cols") and train.get("uri"):
+        from common.datasets import read_manifest
+        categories = read_manifest(job.client.store, train["uri"]).categories
+    return opts.get("input_cols"), categories
+
+
 def load_json(data: bytes) -> Any:
     return json.loads(data.decode())
 
@@ -362,6 +373,8 @@ class BoostingEstimator:
         files = download_artifacts(job, (self.model_file, "eval_results.json"))
         self._booster = self._load_model(files[self.model_file])
         self._eval_results = load_json(files["eval_results.json"])
+        if self._input_cols is None:   # reattached by id: what predict needs comes from the job's spec
+            self._input_cols, self._categories = job_features(job)
         return self._booster
 
     def get_booster(self):

@@ -134,3 +134,13 @@ def test_a_stored_categorical_dataset_trains_again_from_its_uri_and_reads_back_a
     back = DataConnector.from_uri(uri).to_pandas(limit=5)
     assert back["color"].tolist() == train["color"].iloc[:5].tolist()
     assert back["city"].tolist() == train["city"].iloc[:5].tolist()
+
+
+def test_an_estimator_loading_a_finished_job_by_id_predicts_frames_with_its_codes(fleet, data):
+    from producer import TrainingJob
+    train, holdout = data
+    est = LightGBMEstimator(n_estimators=5, params={"num_leaves": 7}, scaling_config=LightGBMScalingConfig(num_workers=2))
+    est.fit(train, FEATURES, "y", categorical_cols=["city"], timeout=120)
+    fresh = LightGBMEstimator()
+    TrainingJob(est.last_job.job_id, loader=fresh._load).wait(60)   # as a reattaching process would
+    np.testing.assert_allclose(fresh.predict(holdout), est.predict(holdout), rtol=1e-6)
