@@ -14,12 +14,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 
+from common.categories import CategoryEncoder, Mapping, check_mapping
 from common.errors import DatasetError
 from common.manifest import MANIFEST_NAME, ChunkInfo, Manifest, dataset_hash, pool_key
 from common.store import ObjectStore
@@ -187,20 +188,30 @@ def write_batches(batches: Iterable[pa.RecordBatch], store: ObjectStore, bucket:
                   chunk_bytes: int | None = None, schema: pa.Schema | None = None, threads: int = 8,
                   in_flight: int | None = None,
                   meta: dict | None = None, progress: Progress | None = None,
-                  inspect: Inspect | None = None) -> WriteResult:
+                  inspect: Inspect | None = None, categorical: Sequence[str] = (),
+                  categories: Mapping | None = None) -> WriteResult:
     """Stream ``batches`` into a content-addressed dataset; the manifest is written only once every
-    chunk is stored, and not at all when the same data is already there."""
+    chunk is stored, and not at all when the same data is already there.
+
+    ``categorical`` columns (string or dictionary) are stored as int32 codes, their mapping in the
+    manifest (``common.categories``); ``categories`` seeds and freezes that mapping (an eval set uses
+    its training set's: a category the training set lacks becomes missing)."""
     t0 = time.perf_counter()
     schema, batches = peek_schema(batches, schema)
+    encoder = CategoryEncoder(schema, categorical, known=categories, frozen=categories is not None)
+    if encoder.columns:
+        schema, batches = encoder.schema, encoder.encode_all(batches)
     store.ensure_bucket(bucket)
     uploader = ChunkUploader(store, bucket, threads=threads, in_flight=in_flight, progress=progress)
     chunks = uploader.upload(rechunk(batches, schema, rows_per_chunk(schema, chunk_rows, chunk_bytes)), inspect)
     if not chunks:   # an empty dataset still has a schema: one empty chunk carries it
         chunks = uploader.upload([pa.RecordBatch.from_pylist([], schema=schema)])
     columns = schema_dict(schema)
-    dhash = dataset_hash(columns, [c.sha256 for c in chunks])
+    check_mapping(encoder.mapping)
+    dhash = dataset_hash(columns, [c.sha256 for c in chunks], encoder.mapping)
     prefix = f"datasets/{dhash}/"
-    manifest = Manifest(dataset_hash=dhash, schema=columns, chunks=tuple(chunks), meta=dict(meta or {}))
+    manifest = Manifest(dataset_hash=dhash, schema=columns, chunks=tuple(chunks), meta=dict(meta or {}),
+                        categories=encoder.mapping)
     uri = f"s3://{bucket}/{prefix}"
     uploaded = uploader.uploaded_bytes
     if not store.exists(bucket, prefix + MANIFEST_NAME):

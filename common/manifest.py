@@ -39,6 +39,7 @@ class Manifest:
     chunks: tuple[ChunkInfo, ...]
     format_version: int = FORMAT_VERSION
     meta: dict = field(default_factory=dict)
+    categories: dict[str, list] = field(default_factory=dict)   # categorical column -> categories (code = index)
 
     @property
     def num_rows(self) -> int:
@@ -59,6 +60,8 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d["chunks"] = [asdict(c) for c in self.chunks]
+        if not d["categories"]:   # a dataset without categoricals reads as it always did
+            del d["categories"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -70,12 +73,15 @@ class Manifest:
         return cls(**d)
 
 
-def dataset_hash(schema: dict[str, str], chunk_hashes: list[str]) -> str:
-    """Content address of a dataset: its schema and its chunks' hashes, in order."""
+def dataset_hash(schema: dict[str, str], chunk_hashes: list[str], categories: dict[str, list] | None = None) -> str:
+    """Content address of a dataset: its schema, its chunks' hashes, in order, and its category mapping
+    (the same codes under another mapping are other data; no mapping hashes as it always did)."""
     h = hashlib.sha256()
     h.update(json.dumps(list(schema.items())).encode())
     for c in chunk_hashes:
         h.update(c.encode())
+    if categories:
+        h.update(json.dumps(sorted(categories.items())).encode())
     return h.hexdigest()[:32]
 
 

@@ -1,6 +1,7 @@
 """Data connectors: lazy handles on tabular data, materialised once into the store."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -8,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from common.categories import decode_table
 from common.datasets import (
     ChunkCache,
     DatasetReader,
@@ -150,9 +152,12 @@ class DataConnector:
                 if not self._source.reiterable:   # a generator is spent: keep what it gave
                     self._table, self._source = table, None
                 return table
-        reader = DatasetReader(S3Store(s), ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
+        store = S3Store(s)
+        reader = DatasetReader(store, ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
         uri = self._stored()
-        return reader.read(uri) if limit is None else reader.head(uri, limit)
+        manifest = read_manifest(store, uri)
+        table = reader.read(uri, manifest) if limit is None else reader.head(uri, limit, manifest)
+        return decode_table(table, manifest.categories)   # categorical codes read back as categories
 
     def to_pandas(self, limit: int | None = None, settings: Settings | None = None):
         return self.to_arrow(settings, limit=limit).to_pandas()
@@ -171,10 +176,14 @@ class DataConnector:
                                  drop_last_batch=drop_last_batch, seed=seed, rank=rank)
 
     # materialisation ------------------------------------------------------
-    def materialise(self, store: ObjectStore, settings: Settings, *, inspect=None) -> WriteResult:
+    def materialise(self, store: ObjectStore, settings: Settings, *, inspect=None, categorical: Sequence[str] = (),
+                    categories: dict[str, list] | None = None) -> WriteResult:
         """Upload once (content-addressed, streamed chunk by chunk); a connector already in the store
-        uploads nothing. ``inspect`` sees every chunk of an upload (e.g. to check labels on the way)."""
-        key = (id(store), settings.data_bucket, settings.chunk_rows, settings.chunk_bytes)
+        uploads nothing. ``inspect`` sees every chunk of an upload (e.g. to check labels on the way).
+        ``categorical`` columns are stored as codes of one mapping (seeded and frozen by ``categories``,
+        see ``common.categories``); the same data encoded otherwise is another dataset."""
+        seed = json.dumps(sorted(categories.items())) if categories is not None else None
+        key = (id(store), settings.data_bucket, settings.chunk_rows, settings.chunk_bytes, tuple(categorical), seed)
         with self._lock:
             if key in self._materialised:
                 cached = self._materialised[key]
@@ -183,11 +192,12 @@ class DataConnector:
                 manifest = read_manifest(store, self._uri)
                 result = WriteResult(self._uri, manifest, 0, 0.0)
             else:
-                result = self._upload(store, settings, inspect)
+                result = self._upload(store, settings, inspect, categorical, categories)
             self._materialised[key] = result
             return result
 
-    def _upload(self, store: ObjectStore, settings: Settings, inspect) -> WriteResult:
+    def _upload(self, store: ObjectStore, settings: Settings, inspect, categorical: Sequence[str] = (),
+                categories: dict[str, list] | None = None) -> WriteResult:
         if self._table is not None:
             batches, schema, rows = self._table.to_batches(), self._table.schema, self._table.num_rows
         else:
@@ -196,7 +206,7 @@ class DataConnector:
         with UploadProgress(rows, repr(self)) as progress:
             return write_batches(batches, store, settings.data_bucket, chunk_rows=settings.chunk_rows,
                                  chunk_bytes=settings.chunk_bytes, schema=schema, threads=settings.fetch_threads, progress=progress,
-                                 inspect=inspect)
+                                 inspect=inspect, categorical=categorical, categories=categories)
 
     def manifest(self, store: ObjectStore, settings: Settings) -> Manifest:
         return self.materialise(store, settings).manifest

@@ -11,6 +11,11 @@ import warnings
 from typing import Any
 
 from common.errors import ValidationError
+from producer.categoricals import (
+    LIGHTGBM_CATEGORICAL_ALIASES,
+    Declaration,
+    lightgbm_names,
+)
 from producer.estimator import (
     BoostingEstimator,
     Prepared,
@@ -72,6 +77,17 @@ class LightGBMEstimator(BoostingEstimator):
     def _predict_matrix(self, X):
         return self.get_booster().predict(X)
 
+    def _declaration(self, params: dict, categorical_cols: list) -> Declaration:
+        """pandas category / Arrow dictionary columns are categorical as in LightGBM's ``"auto"``; more are
+        named by ``categorical_cols`` or ``params["categorical_feature"]`` (taken out of params: the
+        fleet passes the names to its Datasets)."""
+        names = list(categorical_cols)
+        for alias in LIGHTGBM_CATEGORICAL_ALIASES:
+            if alias in params:
+                names += lightgbm_names(params.pop(alias))
+        return Declaration(tuple(names), True,
+                           how="fit(..., categorical_cols=[...]) or params={'categorical_feature': [...]}")
+
     def _check_params(self, params: dict, prepared: Prepared, label_col: str) -> None:
         check_feature_names("LightGBM", prepared.input_cols)
         try:
@@ -83,6 +99,7 @@ class LightGBMEstimator(BoostingEstimator):
         local = {k: v for k, v in params.items() if k not in ("device", "device_type", "num_threads", "machines")}
         try:
             lgb.train({**local, "num_threads": 1, "verbose": -1, "min_data_in_leaf": 1, "min_data_in_bin": 1},
-                      lgb.Dataset(X, label=y, feature_name=prepared.input_cols), num_boost_round=1)
+                      lgb.Dataset(X, label=y, feature_name=prepared.input_cols,
+                                  categorical_feature=prepared.categorical or "auto"), num_boost_round=1)
         except lgb.basic.LightGBMError as exc:
             raise ValidationError(f"invalid LightGBM params {params}: {exc}") from exc

@@ -1,14 +1,15 @@
 """Checks of user input at the caller, before anything is queued."""
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from common.errors import ValidationError
 from common.manifest import Manifest
+from producer.categoricals import string_hint
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -61,12 +62,19 @@ def check_rows(name: str, num_rows: int, world_size: int = 1) -> None:
 
 
 def check_types(name: str, types: dict[str, pa.DataType | None], input_cols: list[str], label_col: str,
-                weight_col: str | None) -> None:
+                weight_col: str | None, categorical: Sequence[str] = (), how: str | None = None) -> None:
+    """Every column is a number, but the ``categorical`` features; ``how`` says how to declare a string
+    column categorical (frameworks that train on categoricals)."""
     bad = {c: str(types[c]) for c in input_cols + [label_col] + ([weight_col] if weight_col else [])
-           if types.get(c) is not None and not _is_numeric(types[c])}
+           if types.get(c) is not None and not _is_numeric(types[c]) and c not in categorical}
     if bad:
-        raise ValidationError(f"non-numeric columns in dataset {name!r}: {bad} "
-                              "(encode them as numbers before training)")
+        text = [c for c in bad if c in input_cols and (pa.types.is_string(types[c]) or
+                                                       pa.types.is_large_string(types[c]))]
+        if how and text:
+            hint = string_hint(how, text)
+        else:
+            hint = "encode them as numbers before training"
+        raise ValidationError(f"non-numeric columns in dataset {name!r}: {bad} ({hint})")
 
 
 def count_bad_labels(label: pa.Array | pa.ChunkedArray) -> int:
@@ -94,7 +102,11 @@ class LabelCounter:
 
 
 def manifest_types(manifest: Manifest) -> dict[str, pa.DataType | None]:
-    return {n: pa.type_for_alias(t) if _alias_ok(t) else None for n, t in manifest.schema.items()}
+    return {n: pa.type_for_alias(t) if _alias_ok(t) else _DICTIONARY if t.startswith("dictionary<") else None
+            for n, t in manifest.schema.items()}
+
+
+_DICTIONARY = pa.dictionary(pa.int32(), pa.string())   # a stored dictionary column (its exact type does not matter)
 
 
 def _alias_ok(t: str) -> bool:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.categories import xgboost_feature_types
 from common.errors import ValidationError
+from producer.categoricals import Declaration
 from producer.estimator import (
     BoostingEstimator,
     Prepared,
@@ -44,7 +46,17 @@ class XGBEstimator(BoostingEstimator):
 
     def _predict_matrix(self, X):
         import xgboost as xgb
-        return self.get_booster().predict(xgb.DMatrix(X, feature_names=self._feature_names()))
+        types = self.get_booster().feature_types
+        return self.get_booster().predict(xgb.DMatrix(X, feature_names=self._feature_names(), feature_types=types,
+                                                      enable_categorical=bool(types and "c" in types)))
+
+    def _declaration(self, params: dict, categorical_cols: list) -> Declaration:
+        """``categorical_cols`` names categorical columns (strings included); ``enable_categorical`` (a
+        DMatrix argument, not a booster parameter) makes every pandas category / Arrow dictionary one."""
+        enable = bool(params.pop("enable_categorical", False))
+        return Declaration(tuple(categorical_cols), enable or bool(categorical_cols),
+                           how="fit(..., categorical_cols=[...])",
+                           how_dictionaries="params={'enable_categorical': True} (or fit(..., categorical_cols=[...]))")
 
     def _check_params(self, params: dict, prepared: Prepared, label_col: str) -> None:
         """Train one round on a small local sample, so the library's own message about bad
@@ -58,7 +70,10 @@ class XGBEstimator(BoostingEstimator):
         X = feature_matrix(prepared.sample, cols)
         y = prepared.sample.column(label_col).to_numpy(zero_copy_only=False)
         local = {k: v for k, v in params.items() if k not in ("device", "nthread")}
+        types = xgboost_feature_types(cols, prepared.categorical)
         try:
-            xgb.train({**local, "nthread": 1}, xgb.DMatrix(X, label=y, feature_names=cols), num_boost_round=1)
+            xgb.train({**local, "nthread": 1}, xgb.DMatrix(X, label=y, feature_names=cols, feature_types=types,
+                                                           enable_categorical=bool(prepared.categorical)),
+                      num_boost_round=1)
         except xgb.core.XGBoostError as exc:
             raise ValidationError(f"invalid XGBoost params {params}: {str(exc).splitlines()[0]}") from exc

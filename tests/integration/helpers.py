@@ -21,6 +21,32 @@ def regression_frame(rows: int, seed: int) -> pd.DataFrame:
     return df
 
 
+COLORS = ["teal", "amber", "plum", "sand"]          # pandas' category order, not alphabetical
+CITIES = ["oslo", "lima", "kyiv", "rome", "pune", "baku"]
+MIXED_FEATURES = ["color", "city", "x"]
+
+
+def mixed_frame(rows: int, seed: int) -> pd.DataFrame:
+    """A target that is mostly the categories' effects (not ordinal in their codes) plus a little of x."""
+    rng = np.random.default_rng(seed)
+    color = rng.choice(COLORS, rows)
+    city = rng.choice(CITIES, rows)
+    x = rng.normal(size=rows)
+    effect = {"teal": 2.0, "amber": -1.5, "plum": 1.0, "sand": -2.5, "oslo": 1.2, "lima": -2.0, "kyiv": 2.2,
+              "rome": -0.7, "pune": 0.4, "baku": -1.1}
+    y = np.array([effect[c] for c in color]) + np.array([effect[c] for c in city]) + 0.3 * x \
+        + rng.normal(0, 0.1, rows)
+    return pd.DataFrame({"color": pd.Categorical(color, categories=COLORS), "city": city.astype(object), "x": x,
+                         "y": y})
+
+
+def training_codes(frame: pd.DataFrame, train: pd.DataFrame) -> np.ndarray:
+    """What the data plane promises: category codes in pandas' order, string codes in first-seen order."""
+    cities = list(pd.unique(train["city"]))
+    return np.column_stack([frame["color"].cat.codes.to_numpy(), frame["city"].map(cities.index).to_numpy(),
+                            frame["x"].to_numpy()]).astype(np.float32)
+
+
 def gangway(settings, *args: str, ok: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the ``gangway`` CLI against ``settings``' fleet (None: this process's GANGWAY_* env)."""
     env = {**os.environ, **(settings.as_env() if settings is not None else {})}

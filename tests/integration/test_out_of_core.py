@@ -3,6 +3,7 @@ ExtMemQuantileDMatrix, LightGBM ranks bin a Dataset from chunk Sequences, both r
 a budget that cannot hold even that fails before training, with the numbers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import xgboost as xgb
 
@@ -10,7 +11,14 @@ from common.errors import TrainingFailedError
 from producer import DataConnector
 from producer.xgboost import XGBEstimator, XGBScalingConfig
 from tests.conftest import private_fleet_settings, running_fleet
-from tests.integration.helpers import FEATURES, regression_frame, rmse
+from tests.integration.helpers import (
+    FEATURES,
+    MIXED_FEATURES,
+    mixed_frame,
+    regression_frame,
+    rmse,
+    training_codes,
+)
 
 pytestmark = pytest.mark.integration
 PARAMS = {"objective": "reg:squarederror", "max_depth": 4, "learning_rate": 0.2}
@@ -65,6 +73,28 @@ def test_out_of_core_lightgbm_ranks_reach_the_rmse_of_in_core_lightgbm(external_
     ours, theirs = rmse(est.predict(holdout), holdout["risk"]), rmse(native.predict(holdout[FEATURES]),
                                                                         holdout["risk"])
     assert abs(ours - theirs) / theirs <= 0.05, (ours, theirs)
+
+
+@pytest.mark.parametrize("framework", ["xgboost", "lightgbm"])
+def test_out_of_core_ranks_train_categoricals_natively_with_the_codes_predict_uses(external_fleet, framework):
+    from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    df = mixed_frame(12000, seed=25)   # 3 chunks of 2048 rows per rank: codes must agree across chunks
+    train, holdout = df.iloc[:10000], df.iloc[10000:]
+    if framework == "xgboost":
+        est = XGBEstimator(n_estimators=20, params={"max_depth": 4, "learning_rate": 0.3},
+                           scaling_config=XGBScalingConfig(num_workers=2))
+    else:
+        est = LightGBMEstimator(n_estimators=30, params={"num_leaves": 15, "learning_rate": 0.2},
+                                scaling_config=LightGBMScalingConfig(num_workers=2))
+    job = est.submit(train, MIXED_FEATURES, "y", eval_set=holdout, categorical_cols=["color", "city"], timeout=120)
+    booster = job.wait(180)
+    assert _modes(job) == {0: "external", 1: "external"}, job.status().ranks
+    assert rmse(est.predict(holdout), holdout["y"]) < 0.5 * float(holdout["y"].std())
+    codes = training_codes(holdout, train)
+    if framework == "xgboost":
+        codes = xgb.DMatrix(codes, feature_names=MIXED_FEATURES, feature_types=["c", "c", "q"],
+                            enable_categorical=True)
+    np.testing.assert_allclose(est.predict(holdout), booster.predict(codes), rtol=1e-6)
 
 
 def test_a_budget_too_small_even_out_of_core_fails_before_training_with_the_numbers():

@@ -71,7 +71,13 @@ def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
     feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
     return lgb.Dataset(float32_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
                        weight=table.column(weight).to_numpy(zero_copy_only=False) if weight else None,
-                       feature_name=feats, reference=reference, free_raw_data=True)
+                       feature_name=feats, categorical_feature=_categorical(opts), reference=reference,
+                       free_raw_data=True)
+
+
+def _categorical(opts: dict):
+    """Categorical features by name: their codes mean the same on every rank (one mapping per dataset)."""
+    return list(opts.get("categorical_cols") or []) or "auto"
 
 
 class ChunkSequence(lgb.Sequence):
@@ -109,8 +115,8 @@ def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None) -> l
     def column(name: str) -> np.ndarray:
         return np.concatenate([float32_column(read_cached(p).column(name)) for p in pieces])
     return lgb.Dataset([ChunkSequence(p, feats) for p in pieces], label=column(label),
-                       weight=column(weight) if weight else None, feature_name=feats, reference=reference,
-                       free_raw_data=True)
+                       weight=column(weight) if weight else None, feature_name=feats,
+                       categorical_feature=_categorical(opts), reference=reference, free_raw_data=True)
 
 
 def _datasets(data: RankData, opts: dict) -> tuple[list[lgb.Dataset], list[str]]:

@@ -12,6 +12,7 @@ import xgboost as xgb
 from xgboost.tracker import RabitTracker
 
 from common.arrays import float32_column, float32_matrix
+from common.categories import xgboost_feature_types
 from common.datasets import CachedSlice, read_cached
 from common.errors import WorkerMemoryError
 from common.settings import Settings
@@ -75,9 +76,10 @@ class ArrowBatches(xgb.DataIter):
     """Feeds a QuantileDMatrix one Arrow batch at a time (no full float matrix copy)."""
 
     def __init__(self, table: pa.Table, features: list[str], label: str, weight: str | None,
-                 batch_rows: int = 32768) -> None:
+                 batch_rows: int = 32768, feature_types: list[str] | None = None) -> None:
         self._batches = table.select(features + [label] + ([weight] if weight else [])).to_batches(batch_rows)
         self._features, self._label, self._weight = features, label, weight
+        self._types = feature_types
         self._i = 0
         super().__init__(release_data=True)
 
@@ -89,7 +91,7 @@ class ArrowBatches(xgb.DataIter):
         kw = {"label": float32_column(b.column(b.schema.get_field_index(self._label)))}
         if self._weight:
             kw["weight"] = float32_column(b.column(b.schema.get_field_index(self._weight)))
-        input_data(data=X, feature_names=self._features, **kw)
+        input_data(data=X, feature_names=self._features, feature_types=self._types, **kw)
         self._i += 1
         return True
 
@@ -102,8 +104,9 @@ class CachedChunks(xgb.DataIter):
     writes its quantised pages under ``cache_prefix`` (the rank folder), not in memory."""
 
     def __init__(self, pieces: list[CachedSlice], features: list[str], label: str, weight: str | None,
-                 cache_prefix: str) -> None:
+                 cache_prefix: str, feature_types: list[str] | None = None) -> None:
         self._pieces, self._features, self._label, self._weight = pieces, features, label, weight
+        self._types = feature_types
         self._i = 0
         super().__init__(cache_prefix=cache_prefix, release_data=True)
 
@@ -114,7 +117,8 @@ class CachedChunks(xgb.DataIter):
         kw = {"label": float32_column(table.column(self._label))}
         if self._weight:
             kw["weight"] = float32_column(table.column(self._weight))
-        input_data(data=float32_matrix(table, self._features), feature_names=self._features, **kw)
+        input_data(data=float32_matrix(table, self._features), feature_names=self._features,
+                   feature_types=self._types, **kw)
         self._i += 1
         return True
 
@@ -123,10 +127,14 @@ class CachedChunks(xgb.DataIter):
 
 
 def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | None, max_bin: int,
-                   nthread: int) -> list[tuple[xgb.DMatrix, str]]:
+                   nthread: int, categorical: list[str] | None = None) -> list[tuple[xgb.DMatrix, str]]:
     """(train, eval) matrices: in-core QuantileDMatrix from the Arrow shard, or ExtMemQuantileDMatrix
-    over the cached chunks when the shard does not fit the worker's memory budget."""
+    over the cached chunks when the shard does not fit the worker's memory budget. Categorical
+    features arrive as codes that mean the same on every rank (one mapping per dataset, see
+    ``common.categories``) and are trained natively."""
     data = prep.data
+    types = xgboost_feature_types(feats, categorical or [])
+    cat = types is not None
     if data.cached:
         if not hasattr(xgb, "ExtMemQuantileDMatrix"):
             raise WorkerMemoryError(f"this shard needs out-of-core training ({data.extra.get('memory')}), which "
@@ -135,13 +143,13 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
         os.makedirs(pages, exist_ok=True)
 
         def matrix(name: str, ref=None):
-            it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name))
-            return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref)
+            it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name), types)
+            return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     else:
         def matrix(name: str, ref=None):
-            return xgb.QuantileDMatrix(ArrowBatches(data.tables[name], feats, label, weight), max_bin=max_bin,
-                                       nthread=nthread, ref=ref)
+            return xgb.QuantileDMatrix(ArrowBatches(data.tables[name], feats, label, weight, feature_types=types),
+                                       max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.tables)
     dtrain = matrix("train")
     evals = [(dtrain, "train")]
@@ -189,6 +197,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     opts = spec["train"]
     rank = p["rank"]
     params = dict(spec["params"])
+    params.pop("enable_categorical", None)   # a DMatrix argument (from categorical_cols), not a booster parameter
     params.setdefault("nthread", prep.settings.worker_cpus or os.cpu_count() or 1)   # the worker's CPU share
     if p.get("use_gpu"):
         params["device"] = "cuda"
@@ -205,7 +214,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
         max_bin = int(params.get("max_bin", 256))
         nthread = int(params["nthread"])
-        evals = build_matrices(prep, feats, label, weight, max_bin, nthread)
+        evals = build_matrices(prep, feats, label, weight, max_bin, nthread, opts.get("categorical_cols"))
         dtrain = evals[0][0]
         prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
