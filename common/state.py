@@ -6,6 +6,7 @@ stale attempt can never overwrite a newer one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ class State:
         for i, _ in enumerate(ids):
             (info, job, draining), alive = res[2 * i], res[2 * i + 1]
             if info:
-                out.append(WorkerView(WorkerInfo.from_json(info), bool(alive), job or "", draining == "1"))
+                out.append(WorkerView(_worker_info(info), bool(alive), job or "", draining == "1"))
         return out
 
     def register_worker(self, info: WorkerInfo, ttl: float, *, draining: bool = False) -> None:
@@ -177,3 +178,9 @@ class State:
 
     def coordinator_alive(self) -> bool:
         return bool(self.r.exists(keys.COORDINATOR_ALIVE))
+
+
+@functools.lru_cache(maxsize=16384)
+def _worker_info(raw: str) -> WorkerInfo:
+    """A registration's info, parsed once: it changes only when the worker registers again."""
+    return WorkerInfo.from_json(raw)

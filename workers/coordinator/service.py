@@ -95,6 +95,8 @@ class Coordinator:
         pipe.zadd(keys.JOBS, {spec.job_id: spec.submitted_at or now})
         pipe.zadd(keys.PENDING, {spec.job_id: pending_score(spec.priority, seq)})
         pipe.hset(key, "score", pending_score(spec.priority, seq))
+        if spec.timeout > 0:   # indexed: the timer reads only what is due, not every job
+            pipe.zadd(keys.DEADLINES, {spec.job_id: now + spec.timeout})
         pipe.execute()
         try:
             verify(self.settings.secret, json.loads(spec.to_json()))
@@ -128,7 +130,10 @@ class Coordinator:
 
     def _pass(self) -> int:
         ids = self.r.zrange(keys.PENDING, 0, 99)
-        specs = [s for s in (self.state.spec(j) for j in ids) if s is not None]
+        pipe = self.r.pipeline()
+        for job_id in ids:   # one round trip for the head of the queue
+            pipe.hget(keys.job(job_id), "spec")
+        specs = [JobSpec.from_json(raw) for raw in pipe.execute() if raw]
         if not specs:
             return 0
         workers = self.state.workers()
@@ -420,17 +425,21 @@ class Coordinator:
     def expire_deadlines(self) -> None:
         """Fail pending or running jobs past their whole-job ``timeout``."""
         now = self.now()
-        ids = list(set(self.r.zrange(keys.PENDING, 0, -1)) | self.r.smembers(keys.RUNNING))
+        # The deadline index holds only jobs with a timeout, scored by Redis' clock at persist: a tick reads
+        # what is due (O(log n)), not every pending and running job.
+        due = self.r.zrangebyscore(keys.DEADLINES, "-inf", now)
+        if not due:
+            return
         pipe = self.r.pipeline()
-        for job_id in ids:   # a few small fields per job each tick, not the whole spec
-            pipe.hmget(keys.job(job_id), "timeout", "accepted_at", "submitted_at", "state")
-        for job_id, (timeout, accepted, submitted, state) in zip(ids, pipe.execute()):
-            timeout = float(timeout or 0)
-            # accepted_at is Redis' clock at persist; submitted_at (older records) is the producer's
-            if timeout > 0 and now - float(accepted or submitted or now) > timeout:
-                where = "waiting for its gang" if state == JobState.PENDING.value else "running"
-                self.fail(job_id, f"job timeout of {timeout:g}s passed while {where} (raise the `timeout` "
-                                  "argument of fit()/run())", kind="JobTimeoutError")
+        for job_id in due:
+            pipe.hmget(keys.job(job_id), "timeout", "state")
+        for job_id, (timeout, state) in zip(due, pipe.execute()):
+            self.r.zrem(keys.DEADLINES, job_id)
+            if state not in (JobState.PENDING.value, JobState.RUNNING.value):
+                continue   # it ended in time (or is gone)
+            where = "waiting for its gang" if state == JobState.PENDING.value else "running"
+            self.fail(job_id, f"job timeout of {float(timeout or 0):g}s passed while {where} (raise the `timeout` "
+                              "argument of fit()/run())", kind="JobTimeoutError")
 
     def tick(self) -> None:
         now = self.now()
