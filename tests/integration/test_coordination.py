@@ -96,18 +96,18 @@ def test_reap_never_drops_from_the_running_set_a_job_that_a_pass_placed_between_
     fleet(state, 4)
     coord.submit(spec("J", 2, max_failures=3))
     t1 = state.job("J")["token"]
-    real_job = state.job
+    real_read = coord._running_records
     interleaved = []
 
-    def read_then_preempted(job_id):
-        snapshot = real_job(job_id)
-        if job_id == "J" and not interleaved:   # the timer has read J; a task thread retries and re-places it
+    def read_then_preempted():
+        snapshot = real_read()
+        if "J" in snapshot and not interleaved:   # the timer has read J; a task thread retries and re-places it
             interleaved.append(1)
             coord.attempt_failed("J", t1, "rank 0 failed: WorkerLostError: lost", "WorkerLostError", {})
-            snapshot = {**snapshot, "state": JobState.PENDING.value}
+            snapshot["J"] = {**snapshot["J"], "state": JobState.PENDING.value}
         return snapshot
 
-    monkeypatch.setattr(state, "job", read_then_preempted)
+    monkeypatch.setattr(coord, "_running_records", read_then_preempted)
     coord.reap()
     monkeypatch.undo()
     job = state.job("J")

@@ -373,21 +373,29 @@ class Coordinator:
             log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
                      self.settings.dead_worker_ttl)
         self.repair_workers(views)
-        for job_id in self.r.smembers(keys.RUNNING):
-            job = self.state.job(job_id) or {}
-            if job.get("state") != JobState.RUNNING.value:
+        for job_id, job in self._running_records().items():
+            if job["state"] != JobState.RUNNING.value:
                 self.reservations.unwatch(job_id)   # only if still not RUNNING: a pass may have placed it since
                 continue
-            token = job.get("token", "")
+            token = job["token"]
             self._reap_ranks(job_id, job, alive, leases_judged)
-            since = job.get(f"failing:{token}")
+            since = self.r.hget(keys.job(job_id), f"failing:{token}")
             if since and now - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
+    def _running_records(self) -> dict[str, dict]:
+        """job id -> the fields a verdict needs (not each record's whole spec), for the running set, in one
+        round trip. What a task thread changes after this read is caught by the scripts, not by it."""
+        running = list(self.r.smembers(keys.RUNNING))
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in running:
+            pipe.hmget(keys.job(job_id), "state", "token", "gang", "lease_ms")
+        return {job_id: {"state": state, "token": token or "", "gang": gang, "lease_ms": lease_ms}
+                for job_id, (state, token, gang, lease_ms) in zip(running, pipe.execute())}
+
     def repair_workers(self, views: list[WorkerView]) -> list[str]:
         """Free every worker whose reservation names an attempt that does not run on it; returns their ids."""
-        freed = [w.info.worker_id for w in views
-                 if w.job_id and self.reservations.repair(w.info.worker_id, w.job_id)]
+        freed = self.reservations.repair_many([(w.info.worker_id, w.job_id) for w in views if w.job_id])
         for wid in freed:
             log.warning("worker %s was held by an attempt that no longer runs on it; freed", wid)
         return freed
@@ -398,9 +406,15 @@ class Coordinator:
         writes, set at reservation to the rendezvous deadline plus one lease) lapsed, is lost."""
         token = job.get("token", "")
         gang = json.loads(job.get("gang") or "{}").get("workers", [])
-        statuses = self.state.ranks(job_id)   # this attempt's only: reserve.lua empties it
-        done = self.r.smembers(keys.job_done(job_id, token))
-        errored = set(self.r.hkeys(self._errors_key(job_id, token)))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(keys.job_ranks(job_id))   # this attempt's only: reserve.lua empties it
+        pipe.smembers(keys.job_done(job_id, token))
+        pipe.hkeys(self._errors_key(job_id, token))
+        for rank in range(len(gang)):
+            pipe.exists(keys.rank_lease(job_id, token, rank))
+        raw_ranks, done, errored_keys, *leases = pipe.execute()
+        statuses = {int(k): json.loads(v) for k, v in raw_ranks.items()}
+        errored = set(errored_keys)
         for rank, wid in enumerate(gang):
             if str(rank) in done or str(rank) in errored:
                 continue
@@ -415,7 +429,7 @@ class Coordinator:
             if wid not in alive:
                 why = (f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
                        f"{self.settings.heartbeat_ttl:g}s)")
-            elif leases_judged and job.get("lease_ms") and not self.state.rank_lease_alive(job_id, token, rank):
+            elif leases_judged and job.get("lease_ms") and not leases[rank]:
                 what = f"on worker {wid} went silent" if st else f"never started on worker {wid}"
                 why = f"rank {rank} {what} (GANGWAY_LEASE_SECONDS={self.settings.lease_seconds:g}s)"
             else:
