@@ -130,8 +130,8 @@ class DatasetReader:
                 return read_reference(self.store, manifest, chunk)
             except ObjectChangedError as exc:
                 raise ObjectChangedError(
-                    f"source file {chunk.source.uri} of dataset s3://{bucket}/{prefix} (chunk {index}) was "
-                    f"rewritten after the dataset was made ({exc}); submit the job again to train on the new "
+                    f"source file {chunk.source.uri} of dataset s3://{bucket}/{prefix} (chunk {index}) "
+                    f"changed after the dataset was made ({exc}); submit the job again to train on the new "
                     "version") from exc
             except (StoreError, DatasetError) as exc:
                 raise type(exc)(f"{exc} (chunk {index} of dataset s3://{bucket}/{prefix})") from exc

@@ -23,7 +23,7 @@ class DatasetError(GangwayError):
 
 
 class ObjectChangedError(DatasetError):
-    """A source file that a dataset references in place was rewritten after the dataset was made."""
+    """A source file that a dataset references in place was rewritten or deleted after the dataset was made."""
 
 
 class WorkerMemoryError(GangwayError):

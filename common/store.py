@@ -83,6 +83,9 @@ class MemoryStore:
             raise StoreError(f"no object s3://{bucket}/{key}") from None
 
     def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        if etag is not None and (bucket, key) not in self._objects:
+            raise ObjectChangedError(f"s3://{bucket}/{key} is gone: it had ETag {_etag(etag)!r} when the dataset "
+                                     "was made")
         data = self.get(bucket, key)
         now = _memory_etag(data)
         if etag is not None and now != _etag(etag):
@@ -196,8 +199,15 @@ class S3Store:
 
     def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
         """Bytes [offset, offset+length) of an object; with ``etag``, only of that version of it (a
-        rewritten object is a ``StoreError`` saying so, never other bytes)."""
-        data, now = self._call("get", bucket, key, lambda: self._read(bucket, key, offset=offset, length=length))
+        rewritten or deleted object is an ``ObjectChangedError`` saying so, never other bytes)."""
+        try:
+            data, now = self._call("get", bucket, key,
+                                   lambda: self._read(bucket, key, offset=offset, length=length))
+        except StoreError as exc:
+            if etag is not None and getattr(exc.__cause__, "code", None) == "NoSuchKey":
+                raise ObjectChangedError(f"s3://{bucket}/{key} at {self._settings.s3_url} is gone: it had ETag "
+                                         f"{_etag(etag)!r} when the dataset was made") from exc
+            raise
         if etag is not None and now != _etag(etag):
             raise ObjectChangedError(f"s3://{bucket}/{key} at {self._settings.s3_url} changed: it had ETag "
                                      f"{_etag(etag)!r} when the dataset was made, now {now!r}")

@@ -42,12 +42,13 @@ class DataConnector:
 
     def __init__(self, *, table: pa.Table | None = None, parquet: Sequence[str] | None = None,
                  uri: str | None = None, source: BatchSource | None = None, name: str = "",
-                 copy: bool | None = None) -> None:
+                 copy: bool | None = None, filesystem=None) -> None:
         self._table = table
         self._parquet = list(parquet) if parquet else None
-        self._in_place = bool(self._parquet) and copy is not True and all(p.startswith("s3://") for p in self._parquet)
+        self._in_place = (bool(self._parquet) and copy is not True and filesystem is None
+                          and all(p.startswith("s3://") for p in self._parquet))
         if source is None and self._parquet is not None:
-            source = parquet_source(self._parquet)
+            source = parquet_source(self._parquet, filesystem)
         self._source = source
         self._uri = uri
         self._name = name
@@ -100,14 +101,16 @@ class DataConnector:
         return cls(source=stream_source(batches, schema), **kw)
 
     @classmethod
-    def from_parquet(cls, path: str | Sequence[str], *, copy: bool | None = None, **kw) -> DataConnector:
+    def from_parquet(cls, path: str | Sequence[str], *, copy: bool | None = None, filesystem=None,
+                     **kw) -> DataConnector:
         """Files, globs, directories or ``s3://bucket/prefix/`` (or object) paths.
 
         Parquet in the fleet's store (every path ``s3://``) is used in place: submitting reads the files'
         footers and writes a manifest of their row groups, each file pinned to its size and ETag;
         ranks read their row groups straight from the objects. ``copy=True`` streams the rows into
         chunks of the data bucket instead (as local files always are), for data the fleet should
-        not read where it lies."""
+        not read where it lies. ``filesystem`` (a ``pyarrow.fs`` filesystem: another S3 endpoint or
+        other credentials) is read by this process only, so its files are always copied."""
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("from_parquet needs at least one path")
@@ -115,7 +118,10 @@ class DataConnector:
             local = [p for p in paths if not p.startswith("s3://")]
             raise ValueError(f"from_parquet(copy=False) reads parquet in place, which needs s3:// paths in the "
                              f"fleet's store; {local} are local files (leave copy unset to upload them)")
-        return cls(parquet=paths, copy=copy, **kw)
+        if copy is False and filesystem is not None:
+            raise ValueError("from_parquet(copy=False, filesystem=...): the fleet cannot read a filesystem that "
+                             "only this process was given; leave copy unset to upload a copy")
+        return cls(parquet=paths, copy=copy, filesystem=filesystem, **kw)
 
     @classmethod
     def from_sql(cls, query: str, con=None, **kw) -> DataConnector:

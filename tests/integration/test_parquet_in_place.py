@@ -85,7 +85,7 @@ def test_a_source_file_rewritten_after_submit_fails_the_fetch_naming_the_file(fl
     assert errors and all(e["type"] == "ObjectChangedError" for e in errors), info.value.rank_errors
     message = errors[0]["message"]
     assert f"source file s3://{RAW}/late/b.parquet of dataset {written.uri}" in message, message
-    assert "was rewritten after the dataset was made" in message and "submit the job again" in message
+    assert "changed after the dataset was made" in message and "submit the job again" in message
 
 
 def test_pytorch_ranks_read_their_shard_of_a_referenced_prefix(fleet, store):

@@ -191,3 +191,24 @@ def test_parquet_under_an_s3_prefix_is_referenced_in_place_uploading_only_a_mani
     halves = [reader.read(written.uri, world_size=2, rank=r) for r in (0, 1)]
     assert [h.num_rows for h in halves] == [15_000, 15_000] and pa.concat_tables(halves).equals(table)
     assert reader.stats.bytes_fetched < 1.2 * table.nbytes + 200_000   # each range read once, plus footers
+
+
+def test_a_referenced_file_deleted_or_rewritten_fails_the_read_naming_it(s3_settings, tmp_path):
+    from common.datasets import ChunkCache, DatasetReader
+    from common.errors import ObjectChangedError
+    from common.store import S3Store
+    from producer import DataConnector
+    store = S3Store(s3_settings)
+    store.ensure_bucket("raw-changing")
+    for i in range(2):
+        pq.write_table(pa.table({"x": np.arange(i * 1000, (i + 1) * 1000)}), tmp_path / f"{i}.parquet")
+        store.put_file("raw-changing", f"p/{i}.parquet", str(tmp_path / f"{i}.parquet"))
+    written = DataConnector.from_parquet("s3://raw-changing/p/").materialise(store, s3_settings)
+    store.put_file("raw-changing", "p/1.parquet", str(tmp_path / "0.parquet"))   # same size, other bytes
+    reader = DatasetReader(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    with pytest.raises(ObjectChangedError, match=r"source file s3://raw-changing/p/1.parquet .* changed after the "
+                                                 r"dataset was made .* had ETag '[0-9a-f]+' .* now '[0-9a-f]+'"):
+        reader.read(written.uri)
+    store.client.remove_object("raw-changing", "p/0.parquet")
+    with pytest.raises(ObjectChangedError, match=r"s3://raw-changing/p/0.parquet at .* is gone"):
+        DatasetReader(store, ChunkCache(tmp_path / "cache2", 1 << 30)).read(written.uri)

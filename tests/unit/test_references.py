@@ -83,7 +83,7 @@ def test_a_rewritten_source_is_another_dataset_and_fails_a_fetch_of_the_old_one(
     assert new.uri != old.uri
     reader = DatasetReader(store, ChunkCache(tmp_path, 1 << 30))
     with pytest.raises(ObjectChangedError, match=r"source file s3://raw/exports/part-0.parquet of dataset .* "
-                                                 r"was rewritten after the dataset was made"):
+                                                 r"changed after the dataset was made"):
         reader.read(old.uri)
     assert reader.read(new.uri).equals(_table(3000, 9))
 
@@ -104,3 +104,37 @@ def test_shards_follow_rows_not_row_groups_when_row_groups_are_uneven(store, tmp
     assert [sum(s.length for s in assign_shard(rows, 3, r)) for r in range(3)] == [3334, 3333, 3333]
     reader = DatasetReader(store, ChunkCache(tmp_path, 1 << 30))
     assert pa.concat_tables([reader.read(written.uri, world_size=3, rank=r) for r in range(3)]).equals(t)
+
+
+def test_a_deleted_source_fails_a_fetch_naming_it(store, tmp_path):
+    _put_files(store, [_table(3000, 1)])
+    written = reference_parquet(store, "data", ["s3://raw/exports/"], chunk_rows=1000)
+    del store._objects[("raw", "exports/part-0.parquet")]
+    with pytest.raises(ObjectChangedError, match=r"s3://raw/exports/part-0.parquet is gone"):
+        DatasetReader(store, ChunkCache(tmp_path, 1 << 30)).read(written.uri)
+
+
+def test_parquet_in_the_store_is_referenced_unless_copied_local_files_never_are(tmp_path):
+    from producer import DataConnector
+    assert DataConnector.from_parquet("s3://raw/x/")._in_place
+    assert not DataConnector.from_parquet("s3://raw/x/", copy=True)._in_place
+    assert not DataConnector.from_parquet(["s3://raw/x/", str(tmp_path)])._in_place
+    with pytest.raises(ValueError, match="are local files"):
+        DataConnector.from_parquet(str(tmp_path), copy=False)
+    from pyarrow import fs
+    assert not DataConnector.from_parquet("s3://raw/x/", filesystem=fs.LocalFileSystem())._in_place
+    with pytest.raises(ValueError, match="the fleet cannot read a filesystem"):
+        DataConnector.from_parquet("s3://raw/x/", filesystem=fs.LocalFileSystem(), copy=False)
+
+
+def test_a_filesystem_of_its_own_is_read_by_the_producer_and_uploaded(tmp_path):
+    from pyarrow import fs
+
+    from common.settings import Settings
+    from producer import DataConnector
+    t = _table(500, 4)
+    pq.write_table(t, tmp_path / "a.parquet")
+    store = MemoryStore()
+    settings = Settings.from_env({}, home=str(tmp_path / "home"))
+    written = DataConnector.from_parquet(str(tmp_path), filesystem=fs.LocalFileSystem()).materialise(store, settings)
+    assert not written.manifest.referenced and written.manifest.num_rows == 500
