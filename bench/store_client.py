@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     runs = ap.parse_args().runs
-    print(f"| SDK | import + client, median (best) | RSS added, median |\n|---|---|---|")
+    print("| SDK | import + client, median (best) | RSS added, median |\n|---|---|---|")
     for sdk in ("boto3", "minio"):
         m = measure(sdk, runs)
         print(f"| {sdk} | {m['median_s']:.3f} s ({m['best_s']:.3f} s) | {m['rss_mib']:.1f} MiB |")

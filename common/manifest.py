@@ -38,7 +38,7 @@ class SourceRef:
     etag: str
     row_groups: tuple[int, int]
     span: tuple[int, int]     # bytes [start, stop) of the file that hold those row groups
-    tail: int                 # bytes at the end of the file read for its footer
+    tail: int                 # bytes of its footer: metadata, its length, PAR1
 
     @property
     def uri(self) -> str:

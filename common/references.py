@@ -35,7 +35,7 @@ from common.store import ObjectInfo, ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
-FOOTER_READ = 64 * 1024   # pyarrow reads this much of a file's end at once: fetch it in one GET
+FOOTER_READ = 64 * 1024   # the producer reads this much of a file's end: most footers in one GET
 
 
 class RangedFile(io.RawIOBase):
@@ -105,14 +105,19 @@ def read_footer(store: ObjectStore, bucket: str, info: ObjectInfo) -> tuple[pq.F
     if data[-4:] != b"PAR1":
         raise DatasetError(f"{uri} is not a parquet file (no PAR1 magic at its end)")
     need = struct.unpack("<I", data[-8:-4])[0] + 8
+    if need > info.size - 4:
+        raise DatasetError(f"{uri} is not a parquet file (its footer claims {need} of its {info.size} bytes)")
     if need > tail:
-        tail = min(info.size, need)
-        data = store.get_range(bucket, info.key, info.size - tail, tail, etag=info.etag)
-    try:
-        meta = pq.ParquetFile(RangedFile(store, info, bucket, {info.size - tail: data})).metadata
+        data = store.get_range(bucket, info.key, info.size - need, need, etag=info.etag)
+    return parse_footer(uri, data[-need:]), need
+
+
+def parse_footer(uri: str, footer: bytes) -> pq.FileMetaData:
+    """A file's metadata from its footer alone (metadata, its length, ``PAR1``)."""
+    try:   # the leading magic makes the buffer a file pyarrow accepts; nothing else of it is read
+        return pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise DatasetError(f"cannot read the parquet footer of {uri}: {exc}") from exc
-    return meta, tail
 
 
 def _span(meta: pq.FileMetaData, first: int, stop: int) -> tuple[int, int]:
@@ -205,16 +210,28 @@ def reference_parquet(store: ObjectStore, data_bucket: str, uris: list[str], *, 
 
 # the rank: row groups to an Arrow chunk ---------------------------------------------------------
 
+def _fetch_ranges(store: ObjectStore, src: SourceRef) -> tuple[bytes, bytes]:
+    """(footer, row groups' span): one ranged GET when they are adjacent (a file's last range), else two;
+    every GET pinned to the ETag the manifest names."""
+    footer_at = src.size - src.tail
+    if src.span[1] == footer_at:
+        both = store.get_range(src.bucket, src.key, src.span[0], src.size - src.span[0], etag=src.etag)
+        cut = footer_at - src.span[0]
+        return both[cut:], both[:cut]
+    footer = store.get_range(src.bucket, src.key, footer_at, src.tail, etag=src.etag)
+    return footer, store.get_range(src.bucket, src.key, src.span[0], src.span[1] - src.span[0], etag=src.etag)
+
+
 def read_reference(store: ObjectStore, manifest: Manifest, chunk: ChunkInfo) -> tuple[bytearray, int]:
-    """The chunk's rows as one Arrow IPC chunk in the dataset's schema, and the bytes fetched for it.
-    Two ranged GETs (footer, row groups), both pinned to the ETag the manifest names."""
+    """The chunk's rows as one Arrow IPC chunk in the dataset's schema, and the bytes fetched for it."""
     src = chunk.source
-    info = ObjectInfo(src.key, src.size, src.etag)
-    footer = store.get_range(src.bucket, src.key, src.size - src.tail, src.tail, etag=src.etag)
-    body = store.get_range(src.bucket, src.key, src.span[0], src.span[1] - src.span[0], etag=src.etag)
-    f = RangedFile(store, info, src.bucket, {src.size - src.tail: footer, src.span[0]: body})
+    footer, body = _fetch_ranges(store, src)
+    meta = parse_footer(src.uri, footer)
+    f = RangedFile(store, ObjectInfo(src.key, src.size, src.etag), src.bucket, {src.span[0]: body})
+    f.fetched += len(footer)
     try:
-        table = pq.ParquetFile(f, pre_buffer=False).read_row_groups(list(range(*src.row_groups)), use_threads=True)
+        pf = pq.ParquetFile(f, metadata=meta, pre_buffer=False)
+        table = pf.read_row_groups(list(range(*src.row_groups)), use_threads=True)
     except (StoreError, DatasetError):
         raise
     except (OSError, ValueError, pa.ArrowException) as exc:

@@ -294,7 +294,7 @@ def _describe(exc: Exception) -> str:
     """One line: the error's type and message (the connection failure itself for a retry that gave up)."""
     import urllib3.exceptions as u3
     root = _root(exc)
-    if isinstance(exc, u3.HTTPError) or isinstance(exc, ConnectionError):
+    if isinstance(exc, (u3.HTTPError, ConnectionError)):
         text = f"cannot reach the store: {type(root).__name__}: {root}"
     else:
         text = f"{type(exc).__name__}: {exc}"

@@ -176,7 +176,7 @@ def parquet_files(paths: list[str], settings: Settings, filesystem=None) -> list
     for p in _expand(paths):
         try:
             if filesystem is not None:
-                fs, path = filesystem, (p[len("s3://"):] if p.startswith("s3://") else p).rstrip("/")
+                fs, path = filesystem, p.removeprefix("s3://").rstrip("/")
             elif p.startswith("s3://"):
                 fs, path = s3_filesystem(settings), "/".join(parse_s3_uri(p)).rstrip("/")
             else:
