@@ -210,7 +210,7 @@ class DataConnector:
             if self._uri is not None:
                 manifest = read_manifest(store, self._uri)
                 result = WriteResult(self._uri, manifest, 0, 0.0)
-            elif self._in_place:
+            elif self._in_place and not categorical:   # codes are assigned at ingest: categoricals are copied
                 result = reference_parquet(store, settings.data_bucket, self._parquet, chunk_rows=settings.chunk_rows,
                                            chunk_bytes=settings.chunk_bytes, threads=settings.fetch_threads)
             else:

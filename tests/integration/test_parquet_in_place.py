@@ -102,3 +102,18 @@ def test_pytorch_ranks_read_their_shard_of_a_referenced_prefix(fleet, store):
     ranks = dist.last_job.status().ranks
     infos = [ranks[r]["metrics"][f"rank{r}"] for r in (0, 1)]
     assert [(i["full_rows"], i["shard_rows"], i["shard_first"]) for i in infos] == [(1001, 500, 0), (1001, 500, 500)]
+
+
+def test_parquet_with_categorical_columns_is_copied_so_ingest_can_encode_them(fleet, fleet_settings, store):
+    from tests.integration.helpers import MIXED_FEATURES, mixed_frame
+    df = mixed_frame(6000, seed=307)   # color and city are strings
+    _put_parquet(store, "mixed/a.parquet", df)
+    bucket = fleet_settings.data_bucket
+    before = set(store.list(bucket, ""))
+    est = _est(10)
+    job = est.submit(DataConnector.from_parquet(f"s3://{RAW}/mixed/"), MIXED_FEATURES, "y",
+                     categorical_cols=["color", "city"], timeout=120)
+    job.wait(180)
+    added = set(store.list(bucket, "")) - before
+    assert any(k.startswith("chunks/") for k in added), added   # encoded codes were uploaded
+    assert est.predict(df.iloc[:100]).shape == (100,)

@@ -138,3 +138,4 @@ def test_a_filesystem_of_its_own_is_read_by_the_producer_and_uploaded(tmp_path):
     settings = Settings.from_env({}, home=str(tmp_path / "home"))
     written = DataConnector.from_parquet(str(tmp_path), filesystem=fs.LocalFileSystem()).materialise(store, settings)
     assert not written.manifest.referenced and written.manifest.num_rows == 500
+
