@@ -188,13 +188,14 @@ def fetch_ratio(settings: Settings, uri: str, tmp: str) -> tuple[float, float, i
     store = S3Store(settings)
     manifest = read_manifest(store, uri)
     bucket, prefix = parse_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/"
     chunks = [manifest.chunks[s.chunk] for s in assign_shard([c.rows for c in manifest.chunks], 2, 0)]
     nbytes = sum(c.nbytes for c in chunks)
 
     def raw() -> float:
         t0 = time.perf_counter()
         for c in chunks:
-            store.client.get_object(Bucket=bucket, Key=prefix + c.key)["Body"].read()
+            store.get(bucket, manifest.object_key(prefix, c))
         return time.perf_counter() - t0
 
     def reader(i: int) -> float:

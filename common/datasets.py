@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.errors import DatasetError, StoreError
+from common.errors import DatasetError, ObjectChangedError, StoreError
 from common.ingest import WriteResult, schema_dict, write_batches  # noqa: F401  (re-exported)
 from common.manifest import MANIFEST_NAME, Manifest, assign_shard
+from common.references import decode_schema, read_reference
 from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -120,23 +121,39 @@ class DatasetReader:
         except StoreError as exc:   # pooled chunk keys do not say which dataset needed them: add it
             raise StoreError(f"{exc} (chunk {index} of dataset s3://{bucket}/{prefix})") from exc
 
+    def _chunk_data(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> tuple[bytes, int]:
+        """A missed chunk's IPC bytes (checked against the manifest) and the bytes fetched for it: a
+        stored chunk by its SHA-256, a referenced parquet range by its source's ETag."""
+        chunk = manifest.chunks[index]
+        if chunk.source is not None:
+            try:
+                return read_reference(self.store, manifest, chunk)
+            except ObjectChangedError as exc:
+                raise ObjectChangedError(
+                    f"source file {chunk.source.uri} of dataset s3://{bucket}/{prefix} (chunk {index}) "
+                    f"changed after the dataset was made ({exc}); submit the job again to train on the new "
+                    "version") from exc
+            except (StoreError, DatasetError) as exc:
+                raise type(exc)(f"{exc} (chunk {index} of dataset s3://{bucket}/{prefix})") from exc
+        key = manifest.object_key(prefix, chunk)
+        data = self._get_chunk(bucket, prefix, key, index)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != chunk.sha256:
+            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
+                               f"sha256 {digest[:16]}… but the manifest says {chunk.sha256[:16]}…")
+        return data, len(data)
+
     def _fetch(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> pa.Buffer:
         chunk = manifest.chunks[index]
-        key = manifest.object_key(prefix, chunk)
         hit = self.cache.get(chunk.sha256)
         if hit is not None:
             with self._lock:
                 self.stats.bytes_cached += chunk.nbytes
                 self.stats.cache_hits += 1
             return pa.memory_map(str(hit)).read_buffer()
-        data = self._get_chunk(bucket, prefix, key, index)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != chunk.sha256:
-            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
-                               f"sha256 {digest[:16]}… "
-                               f"but the manifest says {chunk.sha256[:16]}…")
+        data, fetched = self._chunk_data(bucket, prefix, manifest, index)
         with self._lock:
-            self.stats.bytes_fetched += len(data)
+            self.stats.bytes_fetched += fetched
             self.stats.cache_misses += 1
             self._to_cache.append((chunk.sha256, data))
         return pa.py_buffer(data)
@@ -186,12 +203,7 @@ class DatasetReader:
                 self.stats.bytes_cached += chunk.nbytes
                 self.stats.cache_hits += 1
             return hit
-        key = manifest.object_key(prefix, chunk)
-        data = self._get_chunk(bucket, prefix, key, index)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != chunk.sha256:
-            raise DatasetError(f"chunk {index} (s3://{bucket}/{key}) of dataset s3://{bucket}/{prefix} is corrupt: "
-                               f"sha256 {digest[:16]}… but the manifest says {chunk.sha256[:16]}…")
+        data, fetched = self._chunk_data(bucket, prefix, manifest, index)
         final = self.cache.path(chunk.sha256)
         tmp = final.with_suffix(f".part{os.getpid()}.{threading.get_ident()}")
         try:
@@ -202,7 +214,7 @@ class DatasetReader:
             raise DatasetError(f"cannot write chunk {index} of s3://{bucket}/{prefix} to the cache at "
                                f"{self.cache.root} ({len(data):,} bytes): {exc}") from exc
         with self._lock:
-            self.stats.bytes_fetched += len(data)
+            self.stats.bytes_fetched += fetched
             self.stats.cache_misses += 1
         return final
 
@@ -288,6 +300,8 @@ def read_cached(piece: CachedSlice) -> pa.Table:
 
 
 def empty_table(manifest: Manifest) -> pa.Table:
+    if manifest.arrow_schema:
+        return decode_schema(manifest.arrow_schema).empty_table()
     return pa.table({name: pa.array([], type=_type_from_str(t)) for name, t in manifest.schema.items()})
 
 

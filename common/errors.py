@@ -22,6 +22,10 @@ class DatasetError(GangwayError):
     """A dataset could not be materialised, found or read."""
 
 
+class ObjectChangedError(DatasetError):
+    """A source file that a dataset references in place was rewritten or deleted after the dataset was made."""
+
+
 class WorkerMemoryError(GangwayError):
     """A rank's data cannot fit its worker's memory budget, even out of core (the numbers are named)."""
 

@@ -5,6 +5,9 @@ IPC stream, uncompressed so readers map them without copies). Format 2 keeps chu
 in a bucket-wide pool, ``chunks/<sha256>.arrow``: a streaming writer stores each chunk
 before it knows the dataset's hash, and a chunk any dataset already stored is not sent
 again. Format 1 (still read) kept ``chunk-NNNNN.arrow`` under the dataset's prefix.
+Format 3 references parquet that already sits in the store instead of copying it: each
+chunk is a range of row groups of one object, named by bucket, key, size and ETag, and
+its ``sha256`` is the hash of that reference (a rewritten file is another dataset).
 The manifest is written last, so its presence means the dataset is whole.
 """
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+REFERENCE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CHUNK_POOL = "chunks/"
 
 
@@ -25,11 +29,35 @@ def pool_key(sha256: str) -> str:
 
 
 @dataclass(frozen=True)
+class SourceRef:
+    """Row groups [first, stop) of a parquet object, as it was when the dataset was made."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    row_groups: tuple[int, int]
+    span: tuple[int, int]     # bytes [start, stop) of the file that hold those row groups
+    tail: int                 # bytes of its footer: metadata, its length, PAR1
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def identity(self, arrow_schema: str) -> str:
+        """The chunk's id: this reference and the schema its rows are read into."""
+        body = json.dumps([asdict(self), arrow_schema], sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class ChunkInfo:
-    key: str          # format 2: key in the bucket; format 1: key relative to the dataset prefix
+    key: str          # format 2: key in the bucket; format 1: key relative to the dataset prefix;
+                      # format 3: the source object's key
     rows: int
-    nbytes: int
-    sha256: str
+    nbytes: int       # format 3: estimated Arrow bytes of the rows (what a rank holds)
+    sha256: str       # format 3: the reference's identity (the cache file's name)
+    source: SourceRef | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +68,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     meta: dict = field(default_factory=dict)
     categories: dict[str, list] = field(default_factory=dict)   # categorical column -> categories (code = index)
+    arrow_schema: str = ""            # format 3: base64 IPC schema the referenced rows are read into
+
+    @property
+    def referenced(self) -> bool:
+        """True when the chunks are row groups of parquet objects read in place (format 3)."""
+        return self.format_version == REFERENCE_VERSION
 
     @property
     def num_rows(self) -> int:
@@ -59,9 +93,11 @@ class Manifest:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["chunks"] = [asdict(c) for c in self.chunks]
+        d["chunks"] = [{k: v for k, v in asdict(c).items() if v is not None} for c in self.chunks]
         if not d["categories"]:   # a dataset without categoricals reads as it always did
             del d["categories"]
+        if not self.arrow_schema:   # format 2 manifests stay exactly as older readers expect them
+            del d["arrow_schema"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -69,8 +105,15 @@ class Manifest:
         d = json.loads(text)
         if d.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported manifest format_version {d.get('format_version')!r}")
-        d["chunks"] = tuple(ChunkInfo(**c) for c in d["chunks"])
+        d["chunks"] = tuple(_chunk_from_dict(c) for c in d["chunks"])
         return cls(**d)
+
+
+def _chunk_from_dict(c: dict) -> ChunkInfo:
+    src = c.get("source")
+    if src is not None:
+        src = SourceRef(**{**src, "row_groups": tuple(src["row_groups"]), "span": tuple(src["span"])})
+    return ChunkInfo(**{**c, "source": src})
 
 
 def dataset_hash(schema: dict[str, str], chunk_hashes: list[str], categories: dict[str, list] | None = None) -> str:

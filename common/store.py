@@ -1,14 +1,17 @@
-"""Object store behind a small interface: S3 (boto3; MinIO/SeaweedFS) and in-memory."""
+"""Object store behind a small interface: S3 (the ``minio`` SDK; MinIO/SeaweedFS) and in-memory."""
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from common.errors import StoreError
+from common.errors import ObjectChangedError, StoreError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,13 +27,25 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's key, size and ETag (unquoted): which version of it a reference means."""
+
+    key: str
+    size: int
+    etag: str
+
+
 class ObjectStore(Protocol):
     def put(self, bucket: str, key: str, data: bytes) -> None: ...
     def put_file(self, bucket: str, key: str, path: str) -> None: ...
     def get(self, bucket: str, key: str) -> bytes: ...
+    def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes: ...
     def get_to_file(self, bucket: str, key: str, path: str) -> int: ...
+    def stat(self, bucket: str, key: str) -> ObjectInfo: ...
     def exists(self, bucket: str, key: str) -> bool: ...
     def list(self, bucket: str, prefix: str) -> list[str]: ...
+    def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]: ...
     def ensure_bucket(self, bucket: str) -> None: ...
     def ping(self) -> None: ...
 
@@ -67,11 +82,26 @@ class MemoryStore:
         except KeyError:
             raise StoreError(f"no object s3://{bucket}/{key}") from None
 
+    def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        if etag is not None and (bucket, key) not in self._objects:
+            raise ObjectChangedError(f"s3://{bucket}/{key} is gone: it had ETag {_etag(etag)!r} when the dataset "
+                                     "was made")
+        data = self.get(bucket, key)
+        now = _memory_etag(data)
+        if etag is not None and now != _etag(etag):
+            raise ObjectChangedError(f"s3://{bucket}/{key} changed: it had ETag {_etag(etag)!r} when the "
+                                     f"dataset was made, now {now!r}")
+        return data[offset:offset + length]
+
     def get_to_file(self, bucket: str, key: str, path: str) -> int:
         data = self.get(bucket, key)
         with open(path, "wb") as f:
             f.write(data)
         return len(data)
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        data = self.get(bucket, key)
+        return ObjectInfo(key, len(data), _memory_etag(data))
 
     def exists(self, bucket: str, key: str) -> bool:
         return (bucket, key) in self._objects
@@ -79,25 +109,29 @@ class MemoryStore:
     def list(self, bucket: str, prefix: str) -> list[str]:
         return sorted(k for b, k in self._objects if b == bucket and k.startswith(prefix))
 
+    def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        return [self.stat(bucket, k) for k in self.list(bucket, prefix)]
+
     def ping(self) -> None:
         return None
 
 
 class S3Store:
-    """boto3 client configured from settings; errors name bucket and key, never credentials."""
+    """A ``minio`` client configured from settings; errors name bucket and key, never credentials."""
 
     def __init__(self, settings: Settings, *, max_pool: int = 32) -> None:
-        import boto3
-        from botocore.config import Config
+        import urllib3
+        from minio import Minio
 
         self._settings = settings
-        endpoint = settings.s3_url
-        self._client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=max_pool,
-                          retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60))
+        url = urlsplit(settings.s3_url)
+        # urllib3 retries a refused connection or a 5xx a few times within ~3 s; _call rides out longer outages
+        http = urllib3.PoolManager(
+            maxsize=max_pool, timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504],
+                                  raise_on_status=False))
+        self._client = Minio(url.netloc, access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
+                             secure=url.scheme == "https", region=settings.s3_region, http_client=http)
         self.bytes_put = 0
 
     @property
@@ -105,94 +139,163 @@ class S3Store:
         return self._client
 
     def _fail(self, op: str, bucket: str, key: str, exc: Exception) -> StoreError:
-        return StoreError(f"S3 {op} s3://{bucket}/{key} at {self._settings.s3_url} failed: "
-                          f"{type(exc).__name__}: {exc}")
+        return StoreError(f"S3 {op} s3://{bucket}/{key} at {self._settings.s3_url} failed: {_describe(exc)}")
 
     def _call(self, op: str, bucket: str, key: str, fn):
         """``fn()``, riding out a store that does not answer for up to GANGWAY_STORE_OUTAGE_SECONDS (a
-        restart of the S3 server takes seconds; boto's own retries give up within a few). Any other error,
-        or an outage past the bound, is a StoreError naming the operation, bucket, key and endpoint."""
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
+        restart of the S3 server takes seconds; urllib3's own retries give up within a few). Any other
+        error, or an outage past the bound, is a StoreError naming the operation, bucket, key and endpoint."""
         deadline = time.monotonic() + self._settings.store_outage_seconds
         delay = 0.25
         while True:
             try:
                 return fn()
-            except (BotoConnectionError, HTTPClientError) as exc:
-                if time.monotonic() + delay > deadline:
+            except StoreError:
+                raise
+            except Exception as exc:
+                if not _unanswered(exc) or time.monotonic() + delay > deadline:
                     raise self._fail(op, bucket, key, exc) from exc
                 log.warning("S3 %s s3://%s/%s at %s: %s; retrying in %.2g s", op, bucket, key,
                             self._settings.s3_url, type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)
-            except StoreError:
-                raise
-            except Exception as exc:
-                raise self._fail(op, bucket, key, exc) from exc
 
     def ensure_bucket(self, bucket: str) -> None:
-        from botocore.exceptions import ClientError
+        from minio.error import S3Error
 
         def ensure() -> None:
+            if self._client.bucket_exists(bucket):
+                return
             try:
-                self._client.head_bucket(Bucket=bucket)
-            except ClientError:
-                try:
-                    self._client.create_bucket(Bucket=bucket)
-                except ClientError as exc:
-                    code = exc.response.get("Error", {}).get("Code", "")
-                    if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise self._fail("create_bucket", bucket, "", exc) from exc
-        self._call("head_bucket", bucket, "", ensure)
+                self._client.make_bucket(bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        self._call("create_bucket", bucket, "", ensure)
 
     def put(self, bucket: str, key: str, data: bytes) -> None:
-        self._call("put", bucket, key, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data))
-        self.bytes_put += len(data)
+        body = data if isinstance(data, bytes) else bytes(data)   # minio's reader wants bytes
+        # one PUT, not 5 MiB multipart pieces: chunks are at most GANGWAY_CHUNK_BYTES
+        part = min(max(len(body), _MIN_PART), _MAX_PART)
+        self._call("put", bucket, key,
+                   lambda: self._client.put_object(bucket, key, io.BytesIO(body), len(body), part_size=part))
+        self.bytes_put += len(body)
 
     def put_file(self, bucket: str, key: str, path: str) -> None:
-        self._call("put", bucket, key, lambda: self._client.upload_file(path, bucket, key))
+        # streamed from disk (multipart past 16 MiB): the file is never held whole
+        self._call("put", bucket, key, lambda: self._client.fput_object(bucket, key, path, part_size=16 << 20))
         self.bytes_put += os.path.getsize(path)
 
+    def _read(self, bucket: str, key: str, **kw) -> tuple[bytes, str]:
+        resp = self._client.get_object(bucket, key, **kw)
+        try:
+            return resp.read(), _etag(resp.headers.get("ETag", ""))
+        finally:
+            resp.close()
+            resp.release_conn()
+
     def get(self, bucket: str, key: str) -> bytes:
-        return self._call("get", bucket, key,
-                          lambda: self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return self._call("get", bucket, key, lambda: self._read(bucket, key)[0])
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """Bytes [offset, offset+length) of an object; with ``etag``, only of that version of it (a
+        rewritten or deleted object is an ``ObjectChangedError`` saying so, never other bytes)."""
+        try:
+            data, now = self._call("get", bucket, key,
+                                   lambda: self._read(bucket, key, offset=offset, length=length))
+        except StoreError as exc:
+            if etag is not None and getattr(exc.__cause__, "code", None) == "NoSuchKey":
+                raise ObjectChangedError(f"s3://{bucket}/{key} at {self._settings.s3_url} is gone: it had ETag "
+                                         f"{_etag(etag)!r} when the dataset was made") from exc
+            raise
+        if etag is not None and now != _etag(etag):
+            raise ObjectChangedError(f"s3://{bucket}/{key} at {self._settings.s3_url} changed: it had ETag "
+                                     f"{_etag(etag)!r} when the dataset was made, now {now!r}")
+        return data
 
     def get_to_file(self, bucket: str, key: str, path: str) -> int:
         def download() -> int:
-            body = self._client.get_object(Bucket=bucket, Key=key)["Body"]
+            resp = self._client.get_object(bucket, key)
             n = 0
-            with open(path, "wb") as f:   # a retry starts the file over
-                for block in body.iter_chunks(chunk_size=1 << 20):
-                    f.write(block)
-                    n += len(block)
+            try:
+                with open(path, "wb") as f:   # a retry starts the file over
+                    for block in resp.stream(1 << 20):
+                        f.write(block)
+                        n += len(block)
+            finally:
+                resp.close()
+                resp.release_conn()
             return n
         return self._call("get", bucket, key, download)
 
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        o = self._call("head", bucket, key, lambda: self._client.stat_object(bucket, key))
+        return ObjectInfo(key, int(o.size), _etag(o.etag or ""))
+
     def exists(self, bucket: str, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from minio.error import S3Error
 
         def head() -> bool:
             try:
-                self._client.head_object(Bucket=bucket, Key=key)
+                self._client.stat_object(bucket, key)
                 return True
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            except S3Error as exc:
+                if exc.response is not None and exc.response.status == 404:
                     return False
                 raise
         return self._call("head", bucket, key, head)
 
-    def list(self, bucket: str, prefix: str) -> list[str]:
-        def listing() -> list[str]:
-            keys: list[str] = []
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                keys.extend(o["Key"] for o in page.get("Contents", []))
-            return sorted(keys)
+    def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]:
+        def listing() -> list[ObjectInfo]:
+            found = self._client.list_objects(bucket, prefix=prefix, recursive=True)
+            return sorted((ObjectInfo(o.object_name, int(o.size or 0), _etag(o.etag or "")) for o in found
+                           if not o.is_dir), key=lambda o: o.key)
         return self._call("list", bucket, prefix, listing)
+
+    def list(self, bucket: str, prefix: str) -> list[str]:
+        return [o.key for o in self.list_info(bucket, prefix)]
 
     def ping(self) -> None:
         try:
             self._client.list_buckets()
         except Exception as exc:
-            raise StoreError(f"S3 store at {self._settings.s3_url} does not answer: "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise StoreError(f"S3 store at {self._settings.s3_url} does not answer: {_describe(exc)}") from exc
+
+
+_MIN_PART, _MAX_PART = 5 << 20, 5 << 30
+
+
+def _memory_etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()   # what S3 gives a single-part object
+
+
+def _etag(value: str) -> str:
+    """An ETag without the quotes S3 puts around it (HEAD, GET and LIST differ in that)."""
+    return value.strip().strip('"')
+
+
+def _root(exc: Exception) -> Exception:
+    """The connection failure inside urllib3's ``MaxRetryError``."""
+    return getattr(exc, "reason", None) or exc
+
+
+def _unanswered(exc: Exception) -> bool:
+    """True when the store did not answer (refused, reset, timed out, 502-504): worth waiting for."""
+    import urllib3.exceptions as u3
+    from minio.error import ServerError
+    if isinstance(exc, ServerError):
+        return exc.status_code in (502, 503, 504)
+    if isinstance(_root(exc), u3.SSLError):   # a certificate problem does not go away by waiting
+        return False
+    return isinstance(exc, (u3.HTTPError, ConnectionError))
+
+
+def _describe(exc: Exception) -> str:
+    """One line: the error's type and message (the connection failure itself for a retry that gave up)."""
+    import urllib3.exceptions as u3
+    root = _root(exc)
+    if isinstance(exc, (u3.HTTPError, ConnectionError)):
+        text = f"cannot reach the store: {type(root).__name__}: {root}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())

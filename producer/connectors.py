@@ -18,6 +18,7 @@ from common.datasets import (
     write_batches,
 )
 from common.manifest import Manifest
+from common.references import reference_parquet
 from common.settings import Settings
 from common.store import ObjectStore, S3Store, parse_s3_uri
 from producer.progress import UploadProgress
@@ -40,11 +41,14 @@ class DataConnector:
     sharded = False
 
     def __init__(self, *, table: pa.Table | None = None, parquet: Sequence[str] | None = None,
-                 uri: str | None = None, source: BatchSource | None = None, name: str = "") -> None:
+                 uri: str | None = None, source: BatchSource | None = None, name: str = "",
+                 copy: bool | None = None, filesystem=None) -> None:
         self._table = table
         self._parquet = list(parquet) if parquet else None
+        self._in_place = (bool(self._parquet) and copy is not True and filesystem is None
+                          and all(p.startswith("s3://") for p in self._parquet))
         if source is None and self._parquet is not None:
-            source = parquet_source(self._parquet)
+            source = parquet_source(self._parquet, filesystem)
         self._source = source
         self._uri = uri
         self._name = name
@@ -97,12 +101,27 @@ class DataConnector:
         return cls(source=stream_source(batches, schema), **kw)
 
     @classmethod
-    def from_parquet(cls, path: str | Sequence[str], **kw) -> DataConnector:
-        """Files, globs, directories or an ``s3://bucket/prefix/``, streamed row group by row group."""
+    def from_parquet(cls, path: str | Sequence[str], *, copy: bool | None = None, filesystem=None,
+                     **kw) -> DataConnector:
+        """Files, globs, directories or ``s3://bucket/prefix/`` (or object) paths.
+
+        Parquet in the fleet's store (every path ``s3://``) is used in place: submitting reads the files'
+        footers and writes a manifest of their row groups, each file pinned to its size and ETag;
+        ranks read their row groups straight from the objects. ``copy=True`` streams the rows into
+        chunks of the data bucket instead (as local files always are), for data the fleet should
+        not read where it lies. ``filesystem`` (a ``pyarrow.fs`` filesystem: another S3 endpoint or
+        other credentials) is read by this process only, so its files are always copied."""
         paths = [path] if isinstance(path, str) else list(path)
         if not paths:
             raise ValueError("from_parquet needs at least one path")
-        return cls(parquet=paths, **kw)
+        if copy is False and not all(p.startswith("s3://") for p in paths):
+            local = [p for p in paths if not p.startswith("s3://")]
+            raise ValueError(f"from_parquet(copy=False) reads parquet in place, which needs s3:// paths in the "
+                             f"fleet's store; {local} are local files (leave copy unset to upload them)")
+        if copy is False and filesystem is not None:
+            raise ValueError("from_parquet(copy=False, filesystem=...): the fleet cannot read a filesystem that "
+                             "only this process was given; leave copy unset to upload a copy")
+        return cls(parquet=paths, copy=copy, filesystem=filesystem, **kw)
 
     @classmethod
     def from_sql(cls, query: str, con=None, **kw) -> DataConnector:
@@ -191,6 +210,9 @@ class DataConnector:
             if self._uri is not None:
                 manifest = read_manifest(store, self._uri)
                 result = WriteResult(self._uri, manifest, 0, 0.0)
+            elif self._in_place and not categorical:   # codes are assigned at ingest: categoricals are copied
+                result = reference_parquet(store, settings.data_bucket, self._parquet, chunk_rows=settings.chunk_rows,
+                                           chunk_bytes=settings.chunk_bytes, threads=settings.fetch_threads)
             else:
                 result = self._upload(store, settings, inspect, categorical, categories)
             self._materialised[key] = result
@@ -214,6 +236,8 @@ class DataConnector:
     def __repr__(self) -> str:
         src = ("table" if self._table is not None else self._source.describe if self._source is not None
                else f"uri={self._uri}")
+        if self._in_place:
+            src += ", in place"
         return f"{type(self).__name__}({src})"
 
 

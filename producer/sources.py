@@ -76,10 +76,12 @@ class BatchSource:
 
 # openers ----------------------------------------------------------------------
 
-def parquet_source(paths: list[str]) -> BatchSource:
+def parquet_source(paths: list[str], filesystem=None) -> BatchSource:
     """Files, globs, directories or ``s3://bucket/prefix/``, read file by file and row group by row
-    group (``ParquetFile.iter_batches``): memory is one row group, whatever the dataset's size."""
-    return BatchSource(lambda settings, rows: _parquet_batches(paths, settings, rows), f"parquet {paths}")
+    group (``ParquetFile.iter_batches``): memory is one row group, whatever the dataset's size.
+    ``filesystem`` (a ``pyarrow.fs`` filesystem, e.g. another S3 endpoint) reads every path instead."""
+    return BatchSource(lambda settings, rows: _parquet_batches(paths, settings, rows, filesystem),
+                       f"parquet {paths}")
 
 
 def sql_source(query: str, con) -> BatchSource:
@@ -166,14 +168,16 @@ def s3_filesystem(settings: Settings):
                              endpoint_override=host, scheme=scheme, region=settings.s3_region)
 
 
-def parquet_files(paths: list[str], settings: Settings) -> list[tuple[Any, str]]:
+def parquet_files(paths: list[str], settings: Settings, filesystem=None) -> list[tuple[Any, str]]:
     """(filesystem, path) of every parquet file, in a stable order (it decides the dataset's hash).
     Listed with the filesystem itself: importing ``pyarrow.dataset`` alone costs ~50 MB of RSS."""
     from pyarrow import fs as pafs
     out = []
     for p in _expand(paths):
         try:
-            if p.startswith("s3://"):
+            if filesystem is not None:
+                fs, path = filesystem, p.removeprefix("s3://").rstrip("/")
+            elif p.startswith("s3://"):
                 fs, path = s3_filesystem(settings), "/".join(parse_s3_uri(p)).rstrip("/")
             else:
                 fs, path = pafs.LocalFileSystem(), os.path.abspath(p)
@@ -199,9 +203,9 @@ def _list_files(fs, path: str) -> list[str]:
                   and not os.path.basename(i.path).startswith(("_", ".")))
 
 
-def _parquet_batches(paths: list[str], settings: Settings, rows: int) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(paths: list[str], settings: Settings, rows: int, filesystem=None) -> Iterator[pa.RecordBatch]:
     import pyarrow.parquet as pq
-    files = parquet_files(paths, settings)
+    files = parquet_files(paths, settings, filesystem)
     opened = []
     for fs, f in files:
         try:

@@ -97,6 +97,46 @@ def test_out_of_core_ranks_train_categoricals_natively_with_the_codes_predict_us
     np.testing.assert_allclose(est.predict(holdout), booster.predict(codes), rtol=1e-6)
 
 
+def test_out_of_core_ranks_train_on_parquet_referenced_in_place(external_fleet):
+    """XGBoost and LightGBM ranks stream the row groups of parquet objects (never copied into the data
+    bucket) from the disk cache, and reach the models they reach on the same rows uploaded as chunks."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from common.settings import Settings
+    from common.store import S3Store
+    from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    settings = Settings.from_env()
+    store = S3Store(settings)
+    store.ensure_bucket("raw-ooc")
+    df = regression_frame(20000, seed=24)
+    for i in range(2):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df.iloc[i * 10000:(i + 1) * 10000], preserve_index=False), buf,
+                       row_group_size=1500)
+        store.put("raw-ooc", f"train/part-{i}.parquet", buf.getvalue())
+    in_place = DataConnector.from_parquet("s3://raw-ooc/train/")
+    xgb_est = _est(20)
+    job = xgb_est.submit(in_place, FEATURES, "risk", timeout=120)
+    job.wait(180)
+    assert _modes(job) == {0: "external", 1: "external"}, job.status().ranks
+    copied = _est(20)
+    copied.fit(DataConnector.from_dataframe(df), FEATURES, "risk", timeout=120)
+    np.testing.assert_allclose(xgb_est.predict(df.iloc[:300]), copied.predict(df.iloc[:300]), rtol=1e-5)
+    params = {"objective": "regression", "num_leaves": 15, "learning_rate": 0.1, "num_threads": 1}
+    lgb_est = LightGBMEstimator(n_estimators=20, params=params, scaling_config=LightGBMScalingConfig(num_workers=2))
+    job = lgb_est.submit(in_place, FEATURES, "risk", timeout=120)
+    job.wait(180)
+    assert _modes(job) == {0: "external", 1: "external"}, job.status().ranks
+    lgb_copied = LightGBMEstimator(n_estimators=20, params=params,
+                                   scaling_config=LightGBMScalingConfig(num_workers=2))
+    lgb_copied.fit(DataConnector.from_dataframe(df), FEATURES, "risk", timeout=120)
+    np.testing.assert_allclose(lgb_est.predict(df.iloc[:300]), lgb_copied.predict(df.iloc[:300]), rtol=1e-5)
+
+
 def test_a_budget_too_small_even_out_of_core_fails_before_training_with_the_numbers():
     settings = private_fleet_settings(worker_memory="64MiB")
     with running_fleet(settings, workers=2), pytest.raises(TrainingFailedError) as info:

@@ -148,7 +148,7 @@ def test_an_interrupted_upload_leaves_no_manifest_and_the_retry_completes(s3_set
     assert again.uri == written.uri and again.uploaded_bytes == 0
 
 
-def test_parquet_under_an_s3_prefix_streams_like_local_files(s3_settings, tmp_path):
+def test_parquet_under_an_s3_prefix_with_copy_streams_like_local_files(s3_settings, tmp_path):
     from common.store import S3Store
     from producer import DataConnector
     store = S3Store(s3_settings)
@@ -161,8 +161,55 @@ def test_parquet_under_an_s3_prefix_streams_like_local_files(s3_settings, tmp_pa
         store.put_file("raw-parquet", f"exports/day=1/part-{i}.parquet", str(local))
     store.put("raw-parquet", "exports/day=1/_SUCCESS", b"")
     settings = s3_settings.replace(chunk_rows=8_000)
-    from_s3 = DataConnector.from_parquet("s3://raw-parquet/exports/day=1/").materialise(store, settings)
+    from_s3 = DataConnector.from_parquet("s3://raw-parquet/exports/day=1/", copy=True).materialise(store, settings)
     from_disk = DataConnector.from_parquet(str(tmp_path / "part-*.parquet")).materialise(store, settings)
     assert from_s3.manifest.num_rows == 30_000 and [c.rows for c in from_s3.manifest.chunks] == [8_000] * 3 + [6_000]
     assert from_s3.manifest.chunks == from_disk.manifest.chunks   # same rows, same chunks
     assert from_disk.uploaded_bytes < 2_000   # only its manifest: every chunk was pooled already
+
+
+def test_parquet_under_an_s3_prefix_is_referenced_in_place_uploading_only_a_manifest(s3_settings, tmp_path):
+    from common.datasets import ChunkCache, DatasetReader
+    from common.store import S3Store
+    from producer import DataConnector
+    store = S3Store(s3_settings)
+    store.ensure_bucket("raw-in-place")
+    rng = np.random.default_rng(6)
+    table = pa.table({"x": rng.standard_normal(30_000), "y": rng.standard_normal(30_000)})
+    for i in range(3):
+        local = tmp_path / f"part-{i}.parquet"
+        pq.write_table(table.slice(i * 10_000, 10_000), local, row_group_size=4_000)
+        store.put_file("raw-in-place", f"exports/part-{i}.parquet", str(local))
+    bucket = s3_settings.data_bucket
+    before = set(store.list(bucket, ""))
+    written = DataConnector.from_parquet("s3://raw-in-place/exports/").materialise(store, s3_settings.replace(
+        chunk_rows=8_000))
+    assert set(store.list(bucket, "")) - before == {written.uri.split(f"{bucket}/", 1)[1] + MANIFEST_NAME}
+    assert written.manifest.referenced and written.uploaded_bytes < 10_000
+    assert [c.rows for c in written.manifest.chunks] == [8_000, 2_000] * 3   # row groups are never split
+    reader = DatasetReader(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    halves = [reader.read(written.uri, world_size=2, rank=r) for r in (0, 1)]
+    assert [h.num_rows for h in halves] == [15_000, 15_000] and pa.concat_tables(halves).equals(table)
+    sizes = sum(o.size for o in store.list_info("raw-in-place", "exports/"))
+    assert reader.stats.bytes_fetched < 1.02 * sizes   # each range once (the shared one from the cache), footers
+
+
+def test_a_referenced_file_deleted_or_rewritten_fails_the_read_naming_it(s3_settings, tmp_path):
+    from common.datasets import ChunkCache, DatasetReader
+    from common.errors import ObjectChangedError
+    from common.store import S3Store
+    from producer import DataConnector
+    store = S3Store(s3_settings)
+    store.ensure_bucket("raw-changing")
+    for i in range(2):
+        pq.write_table(pa.table({"x": np.arange(i * 1000, (i + 1) * 1000)}), tmp_path / f"{i}.parquet")
+        store.put_file("raw-changing", f"p/{i}.parquet", str(tmp_path / f"{i}.parquet"))
+    written = DataConnector.from_parquet("s3://raw-changing/p/").materialise(store, s3_settings)
+    store.put_file("raw-changing", "p/1.parquet", str(tmp_path / "0.parquet"))   # same size, other bytes
+    reader = DatasetReader(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    with pytest.raises(ObjectChangedError, match=r"source file s3://raw-changing/p/1.parquet .* changed after the "
+                                                 r"dataset was made .* had ETag '[0-9a-f]+' .* now '[0-9a-f]+'"):
+        reader.read(written.uri)
+    store.client.remove_object("raw-changing", "p/0.parquet")
+    with pytest.raises(ObjectChangedError, match=r"s3://raw-changing/p/0.parquet at .* is gone"):
+        DatasetReader(store, ChunkCache(tmp_path / "cache2", 1 << 30)).read(written.uri)

@@ -141,7 +141,7 @@ def test_an_unreachable_s3_fails_at_the_caller_naming_the_endpoint(fleet, fleet_
     endpoint = f"127.0.0.1:{free_port()}"   # MinIO's host:port form
     monkeypatch.setenv("GANGWAY_S3_ENDPOINT", endpoint)
     monkeypatch.setenv("GANGWAY_STORE_OUTAGE_SECONDS", "1")
-    with pytest.raises(StoreError, match=rf"at http://{endpoint} failed: EndpointConnectionError") as info:
+    with pytest.raises(StoreError, match=rf"at http://{endpoint} failed: cannot reach the store: NewConnectionError") as info:
         _est().fit(regression_frame(300, seed=902), FEATURES, "risk")
     assert f"s3://{fleet_settings.data_bucket}/" in str(info.value)
     assert all_workers_idle(state)

@@ -16,7 +16,7 @@ def artifact_prefix(job_id: str) -> str:
 
 
 def artifact_store(settings: Settings) -> S3Store:
-    """The process's S3 client (shared with shard fetching; boto3 takes ~0.2 s to build one)."""
+    """The process's S3 client (shared with shard fetching; one costs ~0.1 s to build)."""
     return warm_store(settings)
 
 
