@@ -183,7 +183,7 @@ def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoin
         if rank == 0 and every and not state["printed"] and state["line"]:
             emitter.emit("eval", line=state["line"])
 
-    callback.order = 30   # after record_evaluation (20), before early stopping (30 is fine: it only reads)
+    callback.order = 25   # after record_evaluation (20), before early stopping (30), which ends the last round
     callback.finish = finish
     return callback
 
