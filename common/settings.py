@@ -61,6 +61,8 @@ class Settings:
     echo_ranks: str = "0"          # whose printed output fit()/run() echo at the caller: "0", "all", "0,3"
     redis_outage_seconds: float = 30.0  # the fleet's processes ride out a Redis that does not answer this long
     store_outage_seconds: float = 30.0  # S3 calls ride out a store that does not answer this long
+    zygote: bool = True            # each worker forks training children from one warm zygote; 0 = spawn each
+    zygote_timeout: float = 60.0   # a fork request unanswered this long (the zygote hung): spawn, restart it
     redis_appendfsync: str = "everysec"  # the embedded Redis' AOF fsync policy (always|everysec|no); off = no AOF
     # Memory of one worker's whole process tree, e.g. "1GiB"; "" = its cgroup's limit, else the host's
     # memory / the workers on it. A shard that does not fit in core trains out of core.

@@ -21,12 +21,13 @@ RUNNERS = {"xgboost": "workers.runtime.xgboost_runner", "lightgbm": "workers.run
 PREIMPORT = ("workers.runtime.xgboost_runner",)
 
 
-def _preimport(settings) -> None:
-    """Pay for imports and the S3 client while waiting as a standby, not when a job arrives."""
+def _preimport(settings, modules: tuple[str, ...] = PREIMPORT) -> None:
+    """Pay for imports and the S3 client while waiting as a standby (or in the zygote), not when a job
+    arrives."""
     import pyarrow  # noqa: F401  (warm the import)
 
     from workers.runtime.shards import warm_store
-    for mod in PREIMPORT:
+    for mod in modules:
         try:
             importlib.import_module(mod)
         except ImportError:
@@ -45,11 +46,18 @@ def _enter_scratch(scratch: str | None, tmp: str | None) -> None:
 
 
 def main() -> int:
-    from common.datasets import join_cache_writers
     from common.settings import Settings
     out = protocol_stream()
+    _preimport(Settings.from_env())
+    return serve(out)
+
+
+def serve(out) -> int:
+    """Read the payload from stdin, fetch, wait for ``go``, train; events go to ``out``. A spawned child
+    calls this after its imports; a child forked by the zygote (``workers.runtime.zygote``) right away."""
+    from common.datasets import join_cache_writers
+    from common.settings import Settings
     settings = Settings.from_env()
-    _preimport(settings)
     line = sys.stdin.readline()
     if not line.strip():
         return 0   # a standby child that was never used

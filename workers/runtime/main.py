@@ -18,7 +18,7 @@ from workers.celery_app import make_app
 from workers.runtime.gpus import gpu_gauges, worker_gpus
 from workers.runtime.rank import run_rank, sweep_rank_dirs
 from workers.runtime.registry import Drain, Heartbeat, worker_info
-from workers.runtime.supervisor import Standby
+from workers.runtime.supervisor import Standby, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ INFO = worker_info(settings, GPUS)
 _child_env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
 if GPUS:
     _child_env["CUDA_VISIBLE_DEVICES"] = ",".join(GPUS)
-_standby = Standby(_child_env)
+_standby = Zygote(_child_env, settings.zygote_timeout) if settings.zygote else Standby(_child_env)
 _heartbeat: Heartbeat | None = None
 _state: State | None = None
 

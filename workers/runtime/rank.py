@@ -21,7 +21,7 @@ from common.signing import SecurityError, verify
 from common.state import State
 from workers.runtime.artifacts import upload_artifacts
 from workers.runtime.instruments import RankInstruments
-from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, TrainingChild
+from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, TrainingChild, Zygote
 
 log = logging.getLogger(__name__)
 _WRITE_EVERY = 0.25   # seconds between coalesced progress writes
@@ -234,7 +234,7 @@ def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
         time.sleep(0.05)
 
 
-def run_rank(settings: Settings, state: State, app: Celery, standby: Standby, payload: dict) -> dict:
+def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Zygote, payload: dict) -> dict:
     """Run one rank to its end and report to the coordinator. Stale deliveries are no-ops."""
     job_id, token, rank = payload["job_id"], payload["token"], payload["rank"]
     pipe = state.r.pipeline()
