@@ -110,22 +110,30 @@ class Server:
                 return True
             sys.stdout.flush()
             sys.stderr.flush()
+            ready_r, ready_w = os.pipe()
             pid = os.fork()
             if pid == 0:
-                self._become_child(req, fds)   # never returns
+                os.close(ready_r)
+                self._become_child(req, fds, ready_w)   # never returns
+            os.close(ready_w)
+            try:
+                os.read(ready_r, 1)   # its session exists before the supervisor may signal the group
+            finally:
+                os.close(ready_r)
             self._send({"id": req["id"], "pid": pid})
         finally:
             for fd in fds:
                 os.close(fd)   # the child holds its copies; ours would keep the supervisor from seeing EOF
         return True
 
-    def _become_child(self, req: dict, fds: list[int]) -> None:
+    def _become_child(self, req: dict, fds: list[int], ready: int) -> None:
         code = 1
         try:
             os.setsid()   # its own session and process group, as a spawned child's start_new_session
             _die_with_parent()
             if os.getppid() != self.pid:   # the zygote died before the death signal was armed
                 os._exit(1)
+            os.close(ready)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)

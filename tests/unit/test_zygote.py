@@ -1,0 +1,118 @@
+"""The zygote forks training children that behave, for their supervisor, like spawned ones."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from workers.runtime.supervisor import ForkedProcess, TrainingChild, Zygote
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
+    z = Zygote(env, fork_timeout=120)
+    z.refill()
+    first = z.take()   # waits for the zygote's imports once for the whole module
+    first.send("")
+    first.proc.wait(60)
+    yield z
+    z.close()
+
+
+def _events(child: TrainingChild, timeout: float = 30) -> list[dict]:
+    out = []
+    while (ev := child.events.get(timeout=timeout)) is not None:
+        out.append(ev)
+    return out
+
+
+def test_a_forked_child_speaks_the_event_protocol_and_reports_its_exit_code(zygote):
+    child = zygote.take()
+    assert isinstance(child.proc, ForkedProcess)
+    child.send(json.dumps({"spec": {"framework": "no-such-framework"}}))
+    errors = [ev for ev in _events(child) if ev["ev"] == "error"]
+    assert errors and errors[0]["type"] == "KeyError" and "no-such-framework" in errors[0]["traceback"]
+    assert child.proc.wait(10) == 1 and not child.alive
+
+
+def test_an_unused_forked_child_exits_0_when_its_stdin_closes(zygote):
+    child = zygote.take()
+    child.send("")
+    assert child.proc.wait(10) == 0
+
+
+def test_forking_takes_milliseconds_not_an_import(zygote):
+    t0 = time.perf_counter()
+    child = zygote.take()
+    took = time.perf_counter() - t0
+    child.kill(1.0)
+    assert took < 0.5, f"fork took {took:.3f}s"
+
+
+def test_a_forked_child_leads_its_own_session_in_the_supervisors_cwd_and_kill_ends_it(zygote):
+    child = zygote.take()
+    pid = child.proc.pid
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/cwd") == os.getcwd()
+    child.kill(2.0)
+    assert child.proc.returncode == -signal.SIGTERM and not child.alive
+
+
+def test_a_dead_zygote_takes_its_children_with_it_and_the_next_rank_spawns_then_refill_restarts_it():
+    z = Zygote({**os.environ, "PYTHONPATH": ROOT}, fork_timeout=120)
+    z.refill()
+    child = z.take()
+    assert isinstance(child.proc, ForkedProcess)
+    os.kill(z.pid, signal.SIGKILL)
+    assert child.proc.wait(10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child.proc.pid}/status") and "State:\tZ" not in open(
+            f"/proc/{child.proc.pid}/status").read():
+        assert time.monotonic() < deadline, "the forked child outlived its zygote"
+        time.sleep(0.05)
+    spawned = z.take()
+    assert isinstance(spawned.proc, subprocess.Popen)
+    spawned.kill(1.0)
+    z.refill()
+    again = z.take()
+    assert isinstance(again.proc, ForkedProcess)
+    again.kill(1.0)
+    z.close()
+
+
+def test_a_forked_child_dies_with_its_supervisor(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {ROOT!r})
+        from workers.runtime.supervisor import Zygote
+        z = Zygote({{**os.environ, "PYTHONPATH": {ROOT!r}}}, fork_timeout=120)
+        z.refill()
+        child = z.take()
+        print(z.pid, child.proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    zygote_pid, child_pid = (int(x) for x in sup.stdout.readline().split())
+    sup.kill()
+    sup.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in (zygote_pid, child_pid)):
+        assert time.monotonic() < deadline, "the zygote or its child outlived the supervisor"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
