@@ -149,6 +149,7 @@ class Server:
             os.environ.clear()
             os.environ.update(req["env"])
             os.chdir(req.get("cwd") or "/")
+            sys.argv = [child.__file__]   # what a spawned ``python -m workers.runtime.child`` sees
             _reseed()
             code = child.serve(child.protocol_stream())
         except BaseException:  # noqa: BLE001  whatever happens, this process must never return into the loop
