@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     XGB_ARTIFACTS,
     assert_nothing_left,
     regression_frame,
+    training_processes,
     wait_until,
 )
 
@@ -57,6 +58,34 @@ def test_a_killed_worker_is_detected_the_attempt_is_retried_on_the_survivors_and
     assert_nothing_left(fleet, state, fleet.settings, job, artifacts=XGB_ARTIFACTS,
                         pids=[child_pid])
 
+
+def test_a_killed_zygote_takes_its_running_rank_with_it_the_attempt_is_retried_and_the_worker_forks_again(
+        three_workers):
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    fleet, state = three_workers
+    df = regression_frame(20000, seed=53)
+    est = XGBEstimator(n_estimators=400, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=1))
+    job = est.submit(df, FEATURES, "risk", max_failures=1)
+    wait_until(lambda: (job.status().ranks.get(0, {}).get("iteration") or 0) >= 2, 60, "rank 0 to be training")
+    child_pid = job.status().ranks[0]["pid"]
+    zygote = psutil.Process(child_pid).parent()
+    assert "workers.runtime.zygote" in " ".join(zygote.cmdline())
+    zygote.kill()
+    booster = job.wait(180)
+    st = job.status()
+    assert st.state is JobState.SUCCEEDED and st.attempt == 2 and booster.num_boosted_rounds() == 400
+    assert "ChildProcessError" in job.record()["history"]
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    assert_nothing_left(fleet, state, fleet.settings, job, artifacts=XGB_ARTIFACTS, pids=[child_pid])
+    # every worker holds a live zygote again, and the next job's process is forked by one
+    wait_until(lambda: all(len(v) == 1 for v in training_processes(fleet).values()), 30, "zygotes to be back")
+    again = XGBEstimator(n_estimators=5000, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=1))
+    job2 = again.submit(df, FEATURES, "risk", max_failures=0)
+    wait_until(lambda: (job2.status().ranks.get(0, {}).get("iteration") or 0) >= 1, 60, "the next job to train")
+    parent = psutil.Process(job2.status().ranks[0]["pid"]).parent()
+    assert "workers.runtime.zygote" in " ".join(parent.cmdline())
+    job2.cancel()
+    wait_until(lambda: job2.status().state.is_terminal, 30, "the next job to be cancelled")
 
 
 def _sigterm_worker_of_rank0(fleet, job, after: int):
