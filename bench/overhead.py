@@ -213,7 +213,8 @@ def fetch_ratio(settings: Settings, uri: str, tmp: str) -> tuple[float, float, i
 
 
 class RssSampler:
-    """Peak RSS of the fleet's training children (``python -m workers.runtime.child``), every 50 ms."""
+    """Peak RSS of the fleet's training processes, every 50 ms: the zygote and the children it forked
+    (``python -m workers.runtime.zygote``), or with GANGWAY_ZYGOTE=0 ``python -m workers.runtime.child``."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.roots = [psutil.Process(s.proc.pid) for s in fleet.started if s.name.startswith("worker-")]
@@ -225,7 +226,8 @@ class RssSampler:
         rss = 0
         for p in (c for root in self.roots for c in root.children(recursive=True)):
             try:
-                if "workers.runtime.child" in " ".join(p.cmdline()):
+                cmd = " ".join(p.cmdline())
+                if "workers.runtime.child" in cmd or "workers.runtime.zygote" in cmd:
                     rss = max(rss, p.memory_info().rss)
             except psutil.Error:   # exited between listing and reading
                 pass
@@ -313,7 +315,7 @@ def report(m: dict, rows: int) -> list[str]:
         row("shard fetch, DatasetReader, empty cache (MB/s)", f"{m['shard_bytes'] / mb / m['read']:.0f}"),
         row("shard fetch, raw sequential get_object (MB/s)", f"{m['shard_bytes'] / mb / m['raw']:.0f}"),
         row("shard fetch, reader / raw", f"{fetch:.2f}", ">= 0.8", fetch >= 0.8),
-        row("training child RSS, idle standby (MiB)", f"{m['idle_rss'] / mb:.0f}"),
+        row("training process RSS, idle zygote or standby (MiB)", f"{m['idle_rss'] / mb:.0f}"),
         row("training child peak RSS (MiB)", f"{m['peak_rss'] / mb:.0f}"),
         row("shard in memory, rows/2 x 29 x 4 B (MiB)", f"{shard_mem / mb:.1f}"),
         row("peak RSS / shard", f"{rss:.2f}"),
