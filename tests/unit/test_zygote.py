@@ -75,8 +75,7 @@ def test_a_dead_zygote_takes_its_children_with_it_and_the_next_rank_spawns_then_
     os.kill(z.pid, signal.SIGKILL)
     assert child.proc.wait(10) == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{child.proc.pid}/status") and "State:\tZ" not in open(
-            f"/proc/{child.proc.pid}/status").read():
+    while _running(child.proc.pid):
         assert time.monotonic() < deadline, "the forked child outlived its zygote"
         time.sleep(0.05)
     spawned = z.take()
@@ -116,3 +115,24 @@ def _running(pid: int) -> bool:
             return "State:\tZ" not in f.read()
     except FileNotFoundError:
         return False
+
+
+def test_a_hung_zygote_is_replaced_and_the_rank_meanwhile_gets_a_spawned_child():
+    z = Zygote({**os.environ, "PYTHONPATH": ROOT}, fork_timeout=120)
+    z.refill()
+    warm = z.take()
+    warm.send("")
+    warm.proc.wait(60)
+    hung = z.pid
+    os.kill(hung, signal.SIGSTOP)
+    z.fork_timeout = 0.5
+    spawned = z.take()
+    assert isinstance(spawned.proc, subprocess.Popen) and z.pid is None
+    spawned.kill(1.0)
+    assert not _running(hung)
+    z.fork_timeout = 120
+    z.refill()
+    again = z.take()
+    assert isinstance(again.proc, ForkedProcess) and z.pid != hung
+    again.kill(1.0)
+    z.close()

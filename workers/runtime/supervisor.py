@@ -151,6 +151,10 @@ class Standby:
 class ZygoteUnavailable(Exception):
     """The zygote did not fork the child (gone, hung, or refusing); the caller spawns one instead."""
 
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused   # alive and answering, but it would not fork (a thread in it): keep it
+
 
 class ForkedProcess:
     """What ``TrainingChild`` uses of a ``Popen``, for a child the zygote forked: its pid, our ends of its
@@ -245,8 +249,10 @@ class _ZygoteLink:
         if reply is None or "pid" not in reply:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)   # a child forked after all reads EOF on stdin and exits as an unused standby
-            why = (reply or {}).get("refused") or ("it exited" if self._closed else f"no answer in {timeout:g}s")
-            raise ZygoteUnavailable(why)
+            if reply is not None and "refused" in reply:
+                raise ZygoteUnavailable(f"it refused: {reply['refused']}", refused=True)
+            raise ZygoteUnavailable("it exited" if self._closed else f"no answer in {timeout:g}s "
+                                    "(GANGWAY_ZYGOTE_TIMEOUT)")
         return ForkedProcess(self, int(reply["pid"]), open(in_w, "w", buffering=1, errors="replace"),
                              open(out_r, errors="replace"), open(err_r, errors="replace"))
 
@@ -299,8 +305,8 @@ class Zygote:
             return TrainingChild(self.env, link.fork(self.env, self.fork_timeout))
         except ZygoteUnavailable as exc:
             log.warning("zygote (pid %s) did not fork the training child (%s); spawning it", link.proc.pid, exc)
-            if not link.alive or "no answer" in str(exc):
-                self._replace(link)
+            if not exc.refused:
+                self._replace(link)   # gone or hung: the next refill() starts a new one
             return TrainingChild(self.env)
 
     def _replace(self, link: _ZygoteLink) -> None:

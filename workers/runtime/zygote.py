@@ -40,13 +40,6 @@ PREIMPORT = (*child.PREIMPORT, "workers.runtime.lightgbm_runner")
 _MAX_MESSAGE = 1 << 20
 
 
-def native_threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
-
-
 class Server:
     """The zygote's loop: fork on request, reap and report exits; ends when the supervisor goes."""
 
@@ -155,7 +148,7 @@ class Server:
         except BaseException:  # noqa: BLE001  whatever happens, this process must never return into the loop
             try:
                 traceback.print_exc()
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001, S110  (no stderr left to say it on)
                 pass
         finally:
             try:
