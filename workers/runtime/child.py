@@ -1,6 +1,7 @@
 """The training child: ``python -m workers.runtime.child``.
 
-Started warm (imports done) and waiting for its payload on stdin. It fetches its
+Forked by the worker's zygote (``workers.runtime.zygote``, which calls ``serve``), or started warm
+(imports done) as a standby; either way it waits for its payload on stdin. It fetches its
 shards, reports ``fetched``, waits for ``go`` (the supervisor's Redis barrier),
 runs the framework runner and reports ``done`` or ``error``.
 """

@@ -3,7 +3,9 @@
 ``train_rank`` runs in a Celery prefork child, which is daemonic and cannot use
 ``multiprocessing``; the framework runs in a plain subprocess instead, so a
 segfault or a CUDA fault cannot take the worker down and a hung collective can
-be killed. ``PR_SET_PDEATHSIG`` ties the child's life to its supervisor.
+be killed. ``PR_SET_PDEATHSIG`` ties the child's life to its supervisor. The child is forked by the
+worker's zygote (``Zygote``, ``workers/runtime/zygote.py``), or spawned (``Standby``) with
+``GANGWAY_ZYGOTE=0`` and whenever the zygote is unavailable; ``TrainingChild`` supervises either alike.
 """
 from __future__ import annotations
 
