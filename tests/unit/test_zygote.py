@@ -117,6 +117,18 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_the_memory_plan_of_a_forked_child_counts_its_supervisors_tree_not_only_the_zygotes(zygote):
+    from workers.runtime.memory import _rss, worker_tree_rss
+    child = zygote.take()
+    try:
+        time.sleep(0.2)   # the child has settled (its RSS only grows while it waits for its payload)
+        # the pool process (here: this test) is found above the zygote, and its parent (Celery main) counted
+        at_least = _rss(os.getpid()) + _rss(zygote.pid) + _rss(child.proc.pid) + _rss(os.getppid())
+        assert worker_tree_rss(child.proc.pid) >= at_least
+    finally:
+        child.kill(1.0)
+
+
 def test_a_hung_zygote_is_replaced_and_the_rank_meanwhile_gets_a_spawned_child():
     z = Zygote({**os.environ, "PYTHONPATH": ROOT}, fork_timeout=120)
     z.refill()

@@ -163,16 +163,33 @@ def _subtree_rss(pid: int) -> int:
     return _rss(pid) + sum(_subtree_rss(c) for c in _children(pid))
 
 
-def worker_tree_rss() -> int:
-    """RSS of the worker's processes as seen from its training child: the parent's whole subtree (the
-    Celery pool process, the warm standby and this child) plus the grandparent (Celery's main process)."""
-    parent = os.getppid()
-    if parent <= 1:
-        return _rss(os.getpid())
-    total = _subtree_rss(parent)
+def _ppid(pid: int) -> int:
     try:
-        with open(f"/proc/{parent}/stat") as f:
-            grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
-        return total
+        return 0
+
+
+def _is_zygote(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"workers.runtime.zygote" in f.read()
+    except OSError:
+        return False
+
+
+def worker_tree_rss(child: int | None = None) -> int:
+    """RSS of the worker's processes as seen from its training ``child`` (default: this process): the
+    Celery pool process's whole subtree (the zygote that forked the child, or the warm standby, and the
+    child) plus Celery's main process. Pages a forked child shares with its zygote count twice: the
+    estimate errs on the safe side."""
+    child = os.getpid() if child is None else child
+    parent = _ppid(child)
+    if parent > 1 and _is_zygote(parent):
+        parent = _ppid(parent)   # the zygote's parent is the pool process that supervises the child
+    if parent <= 1:
+        return _rss(child)
+    total = _subtree_rss(parent)
+    grandparent = _ppid(parent)
     return total + (_rss(grandparent) if grandparent > 1 else 0)
