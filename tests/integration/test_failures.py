@@ -33,6 +33,12 @@ def _kill_rank_child_when_training(job, rank: int, after: int = 2) -> int:
     return pid
 
 
+def _checkpoint_stored(settings, job, rounds: int) -> bool:
+    from common.store import S3Store
+    keys = S3Store(settings).list(settings.artifact_bucket, f"checkpoints/{job.job_id}/")
+    return any(k.endswith(f"/round-{rounds:06d}.ubj") for k in keys)
+
+
 def _long_job(seed: int) -> tuple[XGBEstimator, object]:
     df = regression_frame(20000, seed=seed)
     est = XGBEstimator(n_estimators=150, params={"max_depth": 6}, scaling_config=XGBScalingConfig(num_workers=2))
@@ -44,6 +50,9 @@ def test_a_killed_training_process_fails_the_attempt_and_the_retry_resumes_from_
     est, df = _long_job(41)
     est.n_estimators = 600
     job = est.submit(df, FEATURES, "risk", max_failures=1, verbose_eval=100)
+    # Checkpoints upload on a background thread (the first PUT of a process takes ~0.2 s, ~40 rounds
+    # here): kill only once the round-20 one is stored, or the retry may rightly resume from round 10.
+    wait_until(lambda: _checkpoint_stored(fleet_settings, job, 20), 60, "the round-20 checkpoint to be stored")
     pid = _kill_rank_child_when_training(job, 1, after=25)
     booster = job.wait(180)
     assert booster.num_boosted_rounds() == 600
