@@ -143,13 +143,19 @@ class DatasetReader:
                                f"sha256 {digest[:16]}… but the manifest says {chunk.sha256[:16]}…")
         return data, len(data)
 
-    def _fetch(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> pa.Buffer:
-        chunk = manifest.chunks[index]
+    def _cached(self, chunk) -> Path | None:
+        """The chunk's cache file when this host has it (counted as a hit), else None."""
         hit = self.cache.get(chunk.sha256)
         if hit is not None:
             with self._lock:
                 self.stats.bytes_cached += chunk.nbytes
                 self.stats.cache_hits += 1
+        return hit
+
+    def _fetch(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> pa.Buffer:
+        chunk = manifest.chunks[index]
+        hit = self._cached(chunk)
+        if hit is not None:
             return pa.memory_map(str(hit)).read_buffer()
         data, fetched = self._chunk_data(bucket, prefix, manifest, index)
         with self._lock:
@@ -197,11 +203,8 @@ class DatasetReader:
     def _to_disk(self, bucket: str, prefix: str, manifest: Manifest, index: int) -> Path:
         """The chunk's cache file, fetched and written now if missing (never held beyond this call)."""
         chunk = manifest.chunks[index]
-        hit = self.cache.get(chunk.sha256)
+        hit = self._cached(chunk)
         if hit is not None:
-            with self._lock:
-                self.stats.bytes_cached += chunk.nbytes
-                self.stats.cache_hits += 1
             return hit
         data, fetched = self._chunk_data(bucket, prefix, manifest, index)
         final = self.cache.path(chunk.sha256)
