@@ -1,6 +1,8 @@
 """The S3 server stopped under a running fleet: mid-fetch and restarted, or gone for good."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -34,7 +36,11 @@ def _stop_s3(fleet) -> None:
     fleet.started.remove(s3)
 
 
-def _when_a_rank_fetches(job) -> None:
+def _when_a_rank_fetches(fleet, job) -> None:
+    """Freeze the S3 server (SIGSTOP) as soon as the job is submitted, so a rank's fetch hangs in it, and wait
+    for a rank to be fetching: a warm rank fetches a small shard in milliseconds, faster than a poll sees."""
+    s3 = next(s for s in fleet.started if s.name == "s3")
+    os.kill(s3.proc.pid, signal.SIGSTOP)
     wait_until(lambda: any(r.get("state") == RankState.FETCHING.value for r in job.status().ranks.values()),
                30, "a rank to start fetching")
 
@@ -44,7 +50,7 @@ def test_s3_stopped_mid_fetch_and_restarted_the_job_still_succeeds_exactly_once(
     fleet, state, settings = store_fleet
     est = XGBEstimator(n_estimators=20, scaling_config=XGBScalingConfig(num_workers=2))
     job = est.submit(regression_frame(120_000, seed=91), FEATURES, "risk", max_failures=2)   # fresh data: no cache
-    _when_a_rank_fetches(job)
+    _when_a_rank_fetches(fleet, job)
     _stop_s3(fleet)
     time.sleep(3)
     fleet._start_s3(time.monotonic() + 60)   # same data directory and port
@@ -61,7 +67,7 @@ def test_s3_gone_for_good_fails_the_job_naming_the_bucket_and_key_and_frees_the_
     fleet, state, settings = store_fleet
     est = XGBEstimator(n_estimators=20, scaling_config=XGBScalingConfig(num_workers=2))
     job = est.submit(regression_frame(120_000, seed=92), FEATURES, "risk", max_failures=0)
-    _when_a_rank_fetches(job)
+    _when_a_rank_fetches(fleet, job)
     _stop_s3(fleet)
     try:
         with pytest.raises(TrainingFailedError) as info:
