@@ -101,9 +101,19 @@ def server_process(cmd: list[str], port: int, folder: str):
             time.sleep(0.05)
         yield proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_process(proc, grace: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``grace`` s (a weed mini busy flushing can be slow)."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 
 from common.manifest import MANIFEST_NAME
 from common.settings import Settings
-from tests.conftest import IN_CI, _missing_binaries
+from tests.conftest import IN_CI, _missing_binaries, stop_process
 from workers.local import services
 
 pytestmark = pytest.mark.integration
@@ -54,8 +54,7 @@ def s3_settings():
                 time.sleep(0.2)
         yield settings
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_process(proc)
         shutil.rmtree(home, ignore_errors=True)
 
 
