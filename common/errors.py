@@ -71,7 +71,7 @@ class TrainingFailedError(GangwayError):
         self.rank_errors = dict(rank_errors or {})
         self.attempts = list(attempts or [])   # one entry per failed attempt: message, decision, rank errors
         details = "".join(
-            f"\n  rank {rank}: {err.get('type', 'Error')}: {_first_line(err.get('message', ''))}"
+            f"\n  rank {rank}: {err.get('type', 'Error')}: {headline(err.get('message', ''))}"
             for rank, err in sorted(self.rank_errors.items()))
         super().__init__(message + details)
 
@@ -82,7 +82,7 @@ class TrainingFailedError(GangwayError):
                          for r, e in sorted(self.rank_errors.items()))
 
 
-def _first_line(message: str, limit: int = 300) -> str:
+def headline(message: str, limit: int = 300) -> str:
     """A message's headline: its first line (XGBoost appends kilobytes of C++ stack), cut to ``limit``."""
     lines = [line for line in str(message).strip().splitlines() if line.strip()]
     first = lines[0].strip() if lines else ""

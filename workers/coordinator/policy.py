@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from common.errors import headline  # noqa: F401  (the coordinator's headlines are the errors' own)
+
 RETRYABLE = frozenset({"ChildProcessError", "WorkerLostError", "RendezvousError", "StoreError",
                        "ProgressTimeoutError", "WorkerDrainedError"})
 
@@ -64,10 +66,3 @@ def root_cause(errors: dict[int, dict]) -> tuple[int, dict]:
         return 0, {"type": "Error", "message": "unknown"}
     return min(real.items(), key=lambda kv: (not is_retryable(kv[1].get("type", "")),
                                              is_collective_echo(kv[1]), kv[0]))
-
-
-def headline(message: str, limit: int = 300) -> str:
-    """The first line of an error message (XGBoost appends kilobytes of ``[bt]`` C++ stack), cut to ``limit``."""
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    first = lines[0].strip() if lines else ""
-    return first if len(first) <= limit else first[:limit - 1] + "…"
