@@ -13,6 +13,7 @@ ABORT_CHANNEL = PREFIX + "abort"             # pub/sub: "<job_id>:<token>"
 COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
 COORDINATOR_INFO = PREFIX + "coordinator:info"   # hash: metrics_url, host, pid (of the newest coordinator)
 RUNNING = PREFIX + "running"                 # set of job ids holding a gang
+STAGED = PREFIX + "staged"                   # hash "<job_id>:<token>" -> JSON staged artifact upload (see common/artifacts.py)
 DEADLINES = PREFIX + "deadlines"             # zset job_id -> whole-job deadline (Redis clock), jobs with a timeout
 
 COORDINATOR_QUEUE = "gangway.coordinator"

@@ -52,6 +52,7 @@ class Settings:
     lease_seconds: float = 30.0
     job_ttl_days: float = 7.0
     kill_grace: float = 3.0
+    publish_timeout: float = 60.0  # wait()/result() wait this long for a succeeded job's artifacts to be published
     max_failures: int = 1          # default retries of a job after infrastructure failures
     visibility_timeout: float = 300.0  # Redis redelivers an unacknowledged (coordinator) task after this
     checkpoint_rounds: int = 10    # GBDT jobs checkpoint the booster every this many rounds; 0 = never

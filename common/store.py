@@ -46,6 +46,8 @@ class ObjectStore(Protocol):
     def exists(self, bucket: str, key: str) -> bool: ...
     def list(self, bucket: str, prefix: str) -> list[str]: ...
     def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]: ...
+    def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None: ...
+    def delete(self, bucket: str, key: str) -> None: ...
     def ensure_bucket(self, bucket: str) -> None: ...
     def ping(self) -> None: ...
 
@@ -111,6 +113,14 @@ class MemoryStore:
 
     def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]:
         return [self.stat(bucket, k) for k in self.list(bucket, prefix)]
+
+    def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None:
+        data = self.get(bucket, key)
+        self.put(dst_bucket, dst_key, data)
+
+    def delete(self, bucket: str, key: str) -> None:
+        with self._lock:   # deleting what is not there is no error, as in S3
+            self._objects.pop((bucket, key), None)
 
     def ping(self) -> None:
         return None
@@ -254,6 +264,20 @@ class S3Store:
 
     def list(self, bucket: str, prefix: str) -> list[str]:
         return [o.key for o in self.list_info(bucket, prefix)]
+
+    def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None:
+        """A server-side copy: the bytes never leave the store."""
+        from minio.commonconfig import ComposeSource, CopySource
+
+        def copy() -> None:
+            try:
+                self._client.copy_object(dst_bucket, dst_key, CopySource(bucket, key))
+            except ValueError:   # over 5 GiB: one CopyObject cannot, a multipart compose can
+                self._client.compose_object(dst_bucket, dst_key, [ComposeSource(bucket, key)])
+        self._call("copy", bucket, key, copy)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._call("delete", bucket, key, lambda: self._client.remove_object(bucket, key))
 
     def ping(self) -> None:
         try:

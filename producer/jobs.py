@@ -205,9 +205,26 @@ class TrainingJob:
         if st.state is JobState.FAILED:
             raise _error_for(self.job_id, st.error or {}, json.loads(self.record().get("history") or "[]"))
         if not self._have_result:
+            self._await_published()
             self._result = (self._loader or _load_by_framework)(self)
             self._have_result = True
         return self._result
+
+    def _await_published(self) -> None:
+        """A succeeded job's artifacts are readable once the coordinator has copied the winning attempt's
+        staged objects to the model folder (right after the success); waits up to GANGWAY_PUBLISH_TIMEOUT."""
+        timeout = self._client.settings.publish_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.record()
+            published = job.get("published")
+            if published is None or published == job.get("token"):   # None: a record from before publishing
+                return
+            if time.monotonic() > deadline:
+                raise GangwayError(f"job {self.job_id} succeeded but its artifacts were not published within "
+                                   f"{timeout:g}s (is a coordinator running and the store reachable? `gangway "
+                                   "check`; raise GANGWAY_PUBLISH_TIMEOUT to wait longer)")
+            time.sleep(_POLL)
 
     def __repr__(self) -> str:
         return f"TrainingJob({self.job_id!r})"

@@ -1,5 +1,6 @@
 """A rank's long, quiet phases against the real coordinator on a real Redis: rank 0's artifact upload keeps
-its lease and stops once its attempt ends; a rank at the barrier notices a refused renewal."""
+its lease and stops once its attempt ends; only the attempt that won is published to the model folder, and
+nothing is for a job that did not succeed; a rank at the barrier notices a refused renewal."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,10 @@ import time
 
 import pytest
 
+from common import keys
 from common.models import JobState, RankState
 from common.store import MemoryStore
-from tests.integration.coordination import coord, fleet, spec  # noqa: F401 (coord is a fixture)
+from tests.integration.coordination import Killed, coord, fleet, make_coordinator, spec  # noqa: F401 (fixture)
 from workers.runtime import rank as rankmod
 
 pytestmark = pytest.mark.integration
@@ -29,20 +31,32 @@ class SlowStore(MemoryStore):
         super().put(bucket, key, data)
 
 
-def rank0_done_training(coord, tmp_path, files: int):
+def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
     """Job J on two workers; rank 1 has succeeded and rank 0's child left ``files`` model files."""
     state = coord.state
-    fleet(state, 2)
-    coord.submit(spec("J", 2, max_failures=1))
+    if first:
+        fleet(state, 2)
+        coord.submit(spec("J", 2, max_failures=1))
     job = state.job("J")
+    assert job["state"] == JobState.RUNNING.value, job
     payload = {"job_id": "J", "token": job["token"], "rank": 0, "worker_id": "w0", "attempt": 1,
                "rendezvous": {"world_size": 2}, "spec": json.loads(job["spec"])}
     run = rankmod.RankRun(coord.settings, state, payload)
     run.write(RankState.TRAINING)
     coord.rank_finished("J", job["token"], 1, True)
+    for old in tmp_path.iterdir():
+        old.unlink()
     for i in range(files):
         (tmp_path / f"part{i}.bin").write_bytes(os.urandom(64))
     return run, rankmod.AbortWatcher(state, "J", job["token"])
+
+
+def model_folder(coord, store) -> list[str]:
+    return store.list(coord.settings.artifact_bucket, "model/J/")
+
+
+def staged(coord, store) -> list[str]:
+    return store.list(coord.settings.artifact_bucket, "staging/J/")
 
 
 def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_once(coord, tmp_path, monkeypatch):
@@ -66,8 +80,13 @@ def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_o
     job = coord.state.job("J")
     assert len(ticks) >= 10 and job["state"] == JobState.RUNNING.value and job["attempt"] == "1"
     assert not coord.state.r.hgetall(f"gw:job:J:errors:{job['token']}")
+    assert model_folder(coord, store) == []   # staged: nothing is published before the attempt has won
+    coord._store = store
+    coord.rank_finished("J", job["token"], 0, True)
+    assert coord.state.job("J")["published"] == job["token"]
     meta = json.loads(store.get(coord.settings.artifact_bucket, "model/J/metadata.json"))
     assert uri.endswith("/model/J/") and meta["token"] == job["token"] and len(meta["files"]) == 6
+    assert len(model_folder(coord, store)) == 7 and staged(coord, store) == []
 
 
 def test_an_upload_stops_at_the_next_object_once_its_attempt_has_ended(coord, tmp_path, monkeypatch):
@@ -80,9 +99,76 @@ def test_an_upload_stops_at_the_next_object_once_its_attempt_has_ended(coord, tm
             rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
     finally:
         abort.close()
-    written = store.list(coord.settings.artifact_bucket, "model/J/")
+    written = staged(coord, store)
     assert coord.state.job_state("J") is JobState.CANCELLED
-    assert len(written) < 20 and "model/J/metadata.json" not in written
+    assert 0 < len(written) < 20 and not any(k.endswith("metadata.json") for k in written)
+    coord._store = store
+    coord.tick()   # the sweep deletes what the cancelled attempt staged
+    assert staged(coord, store) == [] and model_folder(coord, store) == []
+
+
+def test_only_the_attempt_that_won_is_published_when_a_slow_upload_loses_its_attempt(coord, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
+    coord._store = store = SlowStore(0.2)
+    run, abort = rank0_done_training(coord, tmp_path, files=20)
+    first = run.token
+    # rank 0's worker is lost mid-upload (as the reaper judges it): the attempt is retried on the same gang
+    threading.Timer(0.7, coord.rank_failed, args=["J", first, 0, {"type": "WorkerLostError", "message": "lost"}]
+                    ).start()
+    try:
+        with pytest.raises(rankmod.Aborted):
+            rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    assert store.list(coord.settings.artifact_bucket, f"staging/J/{first}/"), "the first attempt staged files"
+    job = coord.state.job("J")
+    assert job["attempt"] == "2" and job["state"] == JobState.RUNNING.value
+    store.seconds = 0.0
+    run, abort = rank0_done_training(coord, tmp_path, files=3, first=False)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    coord.rank_finished("J", run.token, 0, True)
+    published = model_folder(coord, store)
+    meta = json.loads(store.get(coord.settings.artifact_bucket, "model/J/metadata.json"))
+    assert meta["token"] == run.token != first and meta["attempt"] == 2
+    assert published == sorted(f"model/J/{n}" for n in ("metadata.json", "part0.bin", "part1.bin", "part2.bin"))
+    # the losing attempt's rank 0, not yet dead, writes one more object after the sweep deleted the rest
+    coord.tick()
+    store.put(coord.settings.artifact_bucket, f"staging/J/{first}/part19.bin", b"late")
+    time.sleep(coord.settings.lease_seconds + coord.settings.kill_grace + 0.3)
+    coord.tick()
+    assert staged(coord, store) == [] and not coord.state.r.hgetall(keys.STAGED)
+    assert model_folder(coord, store) == published
+
+
+def test_a_coordinator_dying_between_the_success_and_the_copy_leaves_it_to_the_next_tick(coord, tmp_path,
+                                                                                       monkeypatch, redis_url):
+    coord._store = store = MemoryStore()
+    run, abort = rank0_done_training(coord, tmp_path, files=2)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+
+    def killed(*_a, **_kw):
+        raise Killed("between the success and the copy")
+    monkeypatch.setattr(coord.publisher, "publish", killed)
+    with pytest.raises(Killed):
+        coord.rank_finished("J", run.token, 0, True)
+    job = coord.state.job("J")
+    assert job["state"] == JobState.SUCCEEDED.value and job["published"] == ""   # readers wait for it
+    assert model_folder(coord, store) == []
+    restarted = make_coordinator(redis_url)
+    restarted._store = store
+    try:
+        restarted.tick()
+    finally:
+        restarted.app.close()
+    assert coord.state.job("J")["published"] == run.token
+    assert len(model_folder(coord, store)) == 3 and staged(coord, store) == []
 
 
 def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_without_the_abort_message(

@@ -14,10 +14,12 @@ import redis
 from celery import Celery
 
 from common import keys, metrics
+from common.artifacts import Publisher
 from common.models import JobSpec, JobState, RankState, WorkerView
 from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
+from common.store import ObjectStore, S3Store
 from workers.coordinator.policy import FailureAction, decide, headline, is_retryable, root_cause
 from workers.coordinator.reservation import Reservations
 from workers.coordinator.scheduler import (
@@ -52,13 +54,23 @@ def spec_problems(spec: JobSpec) -> list[str]:
 
 
 class Coordinator:
-    def __init__(self, settings: Settings, state: State, app: Celery) -> None:
+    def __init__(self, settings: Settings, state: State, app: Celery, store: ObjectStore | None = None) -> None:
         self.settings = settings
         self.state = state
         self.r = state.r
         self.reservations = Reservations(state.r)
         self.app = app
+        self._store = store
+        # a stale rank 0 writes at most one more object once a renewal is refused (one renewal period)
+        self.publisher = Publisher(state.r, lambda: self.store, settings.lease_seconds + settings.kill_grace)
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
+
+    @property
+    def store(self) -> ObjectStore:
+        """The artifact store (built on first use: a coordinator that never publishes needs no S3)."""
+        if self._store is None:
+            self._store = S3Store(self.settings)
+        return self._store
 
     # clocks ---------------------------------------------------------------
     def now(self) -> float:
@@ -225,12 +237,23 @@ class Coordinator:
         self.r.expire(done_key, 86400)
         world = len(json.loads(job.get("gang") or "{}").get("workers", []))
         if self.r.scard(done_key) >= world:
+            # The compare-and-set decides which attempt won; 'published' (empty until the winner's staged
+            # artifacts are copied to the model folder) tells readers to wait for them.
             prev = self.state.transition(job_id, (JobState.RUNNING,), JobState.SUCCEEDED, token=token,
-                                         expire_after=self._job_ttl, finished_at=str(self.now()))
+                                         expire_after=self._job_ttl, finished_at=str(self.now()), published="")
             if prev:
                 log.info("job %s succeeded", job_id)
                 metrics.JOBS_FINISHED.labels(job.get("framework", "unknown"), "succeeded").inc()
+                self.publish(job_id, token)
                 self._end_attempt(job_id, token, abort=False)
+
+    def publish(self, job_id: str, token: str) -> None:
+        """Publish the winning attempt's artifacts; a store that fails now leaves it to the timer's sweep."""
+        try:
+            self.publisher.publish(job_id, token)
+        except Exception as exc:
+            log.warning("job %s: publishing the artifacts of attempt %s failed (the timer retries): %s",
+                        job_id, token, exc)
 
     # failures ------------------------------------------------------------
     def _errors_key(self, job_id: str, token: str) -> str:
@@ -463,4 +486,5 @@ class Coordinator:
         self.expire_deadlines()
         self.r.zremrangebyscore(keys.JOBS, 0, now - self.settings.job_ttl_days * 86400)
         self.reap()
+        self.publisher.sweep(now)
         self.schedule_pass()

@@ -1,4 +1,6 @@
-"""Rank 0's artifacts: the model, eval results and metadata under s3://<artifact-bucket>/model/<job_id>/."""
+"""Rank 0's artifacts: the model, eval results and metadata, staged under its attempt's own prefix; the
+coordinator publishes them to s3://<artifact-bucket>/model/<job_id>/ once the attempt has won
+(``common/artifacts.py``)."""
 from __future__ import annotations
 
 import json
@@ -7,13 +9,10 @@ import platform
 import sys
 import time
 
+from common import artifacts as staging
 from common.settings import Settings
-from common.store import ObjectStore, S3Store, parse_s3_uri
+from common.store import ObjectStore, S3Store
 from workers.runtime.shards import warm_store
-
-def artifact_prefix(job_id: str) -> str:
-    return f"model/{job_id}/"
-
 
 def artifact_store(settings: Settings) -> S3Store:
     """The process's S3 client (shared with shard fetching; one costs ~0.1 s to build)."""
@@ -21,26 +20,26 @@ def artifact_store(settings: Settings) -> S3Store:
 
 
 def destination(settings: Settings, spec: dict, job_id: str) -> tuple[str, str]:
-    """(bucket, prefix) of a job's artifacts: ``{artifact_stage_location}/model/{job_id}/`` for PyTorch
-    jobs that name one, else the artifact bucket."""
-    stage = (spec.get("train") or {}).get("artifact_stage_location")
-    if stage:
-        bucket, base = parse_s3_uri(stage.rstrip("/") + "/")
-        return bucket, f"{base}{artifact_prefix(job_id)}"
-    return settings.artifact_bucket, artifact_prefix(job_id)
+    """(bucket, prefix) of a job's published artifacts: ``{artifact_stage_location}/model/{job_id}/`` for
+    PyTorch jobs that name one, else the artifact bucket."""
+    return staging.final_location(spec, job_id, settings.artifact_bucket)
 
 
 def upload_artifacts(settings: Settings, state, run, workdir: str, *, check=lambda: None,
                      store: ObjectStore | None = None) -> str:
-    """Upload what rank 0's child left (the model folder for PyTorch), plus metadata.json; returns the URI.
+    """Stage what rank 0's child left (the model folder for PyTorch), plus metadata.json, under this
+    attempt's own prefix; returns the URI the coordinator publishes them to once the attempt has won.
 
-    ``check()`` runs before every object is written and raises once the attempt has ended, so an
-    attempt that lost its lease stops at the next file; metadata.json, written last, names the attempt
-    (``attempt`` and ``token``) whose files these are."""
+    The upload is registered (``gw:staged``) before its first write, so the coordinator deletes it if the
+    attempt does not win. ``check()`` runs before every object is written and raises once the attempt has
+    ended, so an attempt that lost its lease stops at the next file; metadata.json, written last, names the
+    attempt (``attempt`` and ``token``) whose files these are."""
     store = store or artifact_store(settings)
     spec = run.payload["spec"]
-    bucket, prefix = destination(settings, spec, run.job_id)
+    final_bucket, final_prefix = destination(settings, spec, run.job_id)
+    bucket, prefix = staging.staging_location(spec, run.job_id, run.token, settings.artifact_bucket)
     store.ensure_bucket(bucket)
+    staging.register(state.r, run.job_id, run.token, staging.Staged(bucket, prefix, final_bucket, final_prefix))
     source = os.path.join(workdir, "model") if spec["framework"] == "pytorch" else workdir
     uploaded = []
     for root, dirs, files in os.walk(source):
@@ -67,8 +66,8 @@ def upload_artifacts(settings: Settings, state, run, workdir: str, *, check=lamb
         "files": uploaded,
     }
     check()
-    store.put(bucket, prefix + "metadata.json", json.dumps(meta, indent=2, default=str).encode())
-    return f"s3://{bucket}/{prefix}"
+    store.put(bucket, prefix + staging.MARKER, json.dumps(meta, indent=2, default=str).encode())
+    return f"s3://{final_bucket}/{final_prefix}"
 
 
 def _f(x) -> float | None:

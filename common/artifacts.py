@@ -1,0 +1,147 @@
+"""A job's artifacts: staged per attempt by rank 0, published by the coordinator once that attempt has won.
+
+Rank 0 writes under a prefix of its own attempt, ``staging/<job_id>/<token>/`` (in the bucket, and under the
+stage location, that the job's artifacts go to), metadata.json last, and registers the upload in
+``gw:staged`` before its first write. The SUCCEEDED transition (a compare-and-set on the attempt's token)
+decides which attempt won; only then does the coordinator copy that attempt's objects into
+``model/<job_id>/`` (server-side, metadata.json last), set the job's ``published`` field to the token and
+delete the staged objects. Staged uploads of attempts that did not win are deleted by the sweep of every
+timer tick, which also publishes for a coordinator that died between the transition and the copy. So what
+is under ``model/<job_id>/`` comes from exactly the attempt the job record names, and nothing is there for
+a job that did not succeed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from common import keys
+from common.models import JobState
+from common.store import ObjectStore, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+MARKER = "metadata.json"   # written last, staged and published: its presence says the set is whole
+
+
+def _base(spec: dict, artifact_bucket: str) -> tuple[str, str]:
+    """(bucket, key prefix) under which a job's artifacts live: a PyTorch job's ``artifact_stage_location``,
+    else the root of the artifact bucket."""
+    stage = (spec.get("train") or {}).get("artifact_stage_location")
+    if stage:
+        return parse_s3_uri(stage.rstrip("/") + "/")
+    return artifact_bucket, ""
+
+
+def final_location(spec: dict, job_id: str, artifact_bucket: str) -> tuple[str, str]:
+    """(bucket, prefix) of a job's published artifacts: ``{base}model/{job_id}/``."""
+    bucket, base = _base(spec, artifact_bucket)
+    return bucket, f"{base}model/{job_id}/"
+
+
+def staging_location(spec: dict, job_id: str, token: str, artifact_bucket: str) -> tuple[str, str]:
+    """(bucket, prefix) where rank 0 of attempt ``token`` writes: ``{base}staging/{job_id}/{token}/``."""
+    bucket, base = _base(spec, artifact_bucket)
+    return bucket, f"{base}staging/{job_id}/{token}/"
+
+
+@dataclass
+class Staged:
+    """One attempt's upload, as registered in ``gw:staged``."""
+
+    bucket: str
+    prefix: str
+    final_bucket: str
+    final_prefix: str
+    ended_at: float | None = None   # when a sweep first saw its attempt lose (coordinator clock)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Staged:
+        return cls(**json.loads(raw))
+
+
+def staged_field(job_id: str, token: str) -> str:
+    return f"{job_id}:{token}"
+
+
+def register(r, job_id: str, token: str, staged: Staged) -> None:
+    """Rank 0, before its first write: the sweep now knows where this attempt's objects are."""
+    r.hset(keys.STAGED, staged_field(job_id, token), staged.to_json())
+
+
+def _ordered(keys_: list[str], prefix: str) -> list[str]:
+    """Relative names, the marker last."""
+    names = [k[len(prefix):] for k in keys_]
+    return sorted(names, key=lambda n: (n == MARKER, n))
+
+
+class Publisher:
+    """The coordinator's side: publish the winning attempt's staged upload, delete the losers'."""
+
+    def __init__(self, r, store: Callable[[], ObjectStore], grace: float) -> None:
+        self.r = r
+        self._store = store
+        self.grace = grace   # how long after its attempt lost a stale rank 0 may still write one object
+
+    @property
+    def store(self) -> ObjectStore:
+        return self._store()
+
+    def publish(self, job_id: str, token: str) -> bool:
+        """Copy attempt ``token``'s staged objects to the job's model folder, if that attempt won; returns
+        whether the job's artifacts are now published. Idempotent: a repeat after a crash copies again."""
+        state, current, published = self.r.hmget(keys.job(job_id), "state", "token", "published")
+        if state != JobState.SUCCEEDED.value or current != token:
+            return False
+        if published == token:
+            return True
+        field = staged_field(job_id, token)
+        raw = self.r.hget(keys.STAGED, field)
+        if raw is None:   # nothing staged by this attempt (or staged, published and cleaned by another pass)
+            self.r.hset(keys.job(job_id), "published", token)
+            return True
+        st = Staged.from_json(raw)
+        store = self.store
+        staged = store.list(st.bucket, st.prefix)
+        for name in _ordered(staged, st.prefix):
+            store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+        self.r.hset(keys.job(job_id), "published", token)
+        log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
+                 st.final_bucket, st.final_prefix, len(staged))
+        for key in staged:
+            store.delete(st.bucket, key)
+        self.r.hdel(keys.STAGED, field)
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Publish what a dead coordinator left unpublished; delete staged uploads of attempts that lost.
+        A lost attempt's entry stays ``grace`` seconds after its first deletion, so an object its stale rank 0
+        still wrote is deleted too."""
+        for field, raw in self.r.hgetall(keys.STAGED).items():
+            job_id, _, token = field.rpartition(":")
+            state, current = self.r.hmget(keys.job(job_id), "state", "token")
+            if current == token and state == JobState.RUNNING.value:
+                continue   # still uploading
+            try:
+                if current == token and state == JobState.SUCCEEDED.value:
+                    self.publish(job_id, token)
+                else:
+                    self._discard(field, Staged.from_json(raw), now)
+            except Exception as exc:   # the store away for a moment: the next tick tries again
+                log.warning("job %s: staged artifacts of attempt %s not resolved yet: %s", job_id, token, exc)
+
+    def _discard(self, field: str, st: Staged, now: float) -> None:
+        store = self.store
+        for key in store.list(st.bucket, st.prefix):
+            store.delete(st.bucket, key)
+        if st.ended_at is None:
+            st.ended_at = now
+            self.r.hset(keys.STAGED, field, st.to_json())
+            log.info("staged artifacts %s of an attempt that did not succeed deleted", field)
+        elif now - st.ended_at > self.grace:
+            self.r.hdel(keys.STAGED, field)
