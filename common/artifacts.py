@@ -83,10 +83,11 @@ def _ordered(keys_: list[str], prefix: str) -> list[str]:
 class Publisher:
     """The coordinator's side: publish the winning attempt's staged upload, delete the losers'."""
 
-    def __init__(self, r, store: Callable[[], ObjectStore], grace: float) -> None:
+    def __init__(self, r, store: Callable[[], ObjectStore], grace: float, artifact_bucket: str) -> None:
         self.r = r
         self._store = store
         self.grace = grace   # how long after its attempt lost a stale rank 0 may still write one object
+        self.bucket = artifact_bucket
 
     @property
     def store(self) -> ObjectStore:
@@ -94,12 +95,17 @@ class Publisher:
 
     def publish(self, job_id: str, token: str) -> bool:
         """Copy attempt ``token``'s staged objects to the job's model folder, if that attempt won; returns
-        whether the job's artifacts are now published. Idempotent: a repeat after a crash copies again."""
+        whether the job's artifacts are now published. Idempotent: a repeat after a crash copies again, and
+        two at once copy the same bytes (the staging is listed before the model folder's marker is read, so
+        a publisher that saw a staging already being cleaned sees the marker too and deletes nothing)."""
         state, current, published = self.r.hmget(keys.job(job_id), "state", "token", "published")
         if state != JobState.SUCCEEDED.value or current != token:
             return False
-        if published == token:
+        if published:
             return True
+        return self._publish(job_id, token)
+
+    def _publish(self, job_id: str, token: str) -> bool:
         field = staged_field(job_id, token)
         raw = self.r.hget(keys.STAGED, field)
         if raw is None:   # nothing staged by this attempt (or staged, published and cleaned by another pass)
@@ -108,20 +114,47 @@ class Publisher:
         st = Staged.from_json(raw)
         store = self.store
         staged = store.list(st.bucket, st.prefix)
-        for name in _ordered(staged, st.prefix):
-            store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
-        self.r.hset(keys.job(job_id), "published", token)
-        log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
-                 st.final_bucket, st.final_prefix, len(staged))
+        names = _ordered(staged, st.prefix)
+        winner = self._published_before(store, st)
+        if winner == token:
+            token_published = token   # copied whole by an earlier pass that died before it said so
+        elif winner:
+            # Only a Redis that lost its last writes (a crash under appendfsync everysec) runs a job again
+            # after it was published: the first publication stands, a user may already have read it.
+            log.warning("job %s: artifacts of attempt %s were published before; attempt %s's are discarded",
+                        job_id, winner, token)
+            token_published = winner
+        else:
+            for key in store.list(st.final_bucket, st.final_prefix):   # a partial copy of another attempt
+                if key[len(st.final_prefix):] not in names:
+                    store.delete(st.final_bucket, key)
+            for name in names:
+                store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+            token_published = token
+            log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
+                     st.final_bucket, st.final_prefix, len(staged))
+        self.r.hset(keys.job(job_id), "published", token_published)
         for key in staged:
             store.delete(st.bucket, key)
         self.r.hdel(keys.STAGED, field)
         return True
 
+    @staticmethod
+    def _published_before(store: ObjectStore, st: Staged) -> str:
+        """The token named by a complete publication already in the model folder, or ''."""
+        if not store.exists(st.final_bucket, st.final_prefix + MARKER):
+            return ""
+        try:
+            return str(json.loads(store.get(st.final_bucket, st.final_prefix + MARKER)).get("token") or "")
+        except ValueError:
+            return ""
+
     def sweep(self, now: float) -> None:
         """Publish what a dead coordinator left unpublished; delete staged uploads of attempts that lost.
         A lost attempt's entry stays ``grace`` seconds after its first deletion, so an object its stale rank 0
-        still wrote is deleted too."""
+        still wrote is deleted too; objects in the artifact bucket's ``staging/`` that no entry names (a Redis
+        that lost its last writes lost the entry) go as well."""
+        self._orphans()
         for field, raw in self.r.hgetall(keys.STAGED).items():
             job_id, _, token = field.rpartition(":")
             state, current = self.r.hmget(keys.job(job_id), "state", "token")
@@ -134,6 +167,31 @@ class Publisher:
                     self._discard(field, Staged.from_json(raw), now)
             except Exception as exc:   # the store away for a moment: the next tick tries again
                 log.warning("job %s: staged artifacts of attempt %s not resolved yet: %s", job_id, token, exc)
+
+    def _orphans(self) -> None:
+        """Delete staged objects of the artifact bucket whose registration is gone, unless their attempt runs
+        (it registered before its first write; a lost registration is made again). Objects are listed before
+        the registrations are read: a listed object's registration, if it has one, is already there."""
+        try:
+            found = self.store.list(self.bucket, "staging/")
+        except Exception as exc:
+            log.warning("staged artifacts not swept: %s", exc)
+            return
+        if not found:
+            return
+        entries = self.r.hkeys(keys.STAGED)
+        for key in found:
+            job_id, token = key.split("/")[1:3]
+            if staged_field(job_id, token) in entries:
+                continue
+            state, current = self.r.hmget(keys.job(job_id), "state", "token")
+            if current == token and state in (JobState.RUNNING.value, JobState.SUCCEEDED.value):
+                spec = {"train": {}}
+                register(self.r, job_id, token, Staged(self.bucket, f"staging/{job_id}/{token}/",
+                                                       *final_location(spec, job_id, self.bucket)))
+                entries.append(staged_field(job_id, token))
+            else:
+                self.store.delete(self.bucket, key)
 
     def _discard(self, field: str, st: Staged, now: float) -> None:
         store = self.store

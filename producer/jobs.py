@@ -218,7 +218,7 @@ class TrainingJob:
         while True:
             job = self.record()
             published = job.get("published")
-            if published is None or published == job.get("token"):   # None: a record from before publishing
+            if published is None or published:   # None: a record from before publishing existed
                 return
             if time.monotonic() > deadline:
                 raise GangwayError(f"job {self.job_id} succeeded but its artifacts were not published within "

@@ -122,8 +122,14 @@ def assert_nothing_left(fleet, state, settings, job, *, artifacts: tuple[str, ..
         gone = all(not psutil.pid_exists(p) or not _live(psutil.Process(p)) for p in pids)
         return gone and all(len(v) <= 1 for v in training_processes(fleet).values())
     wait_until(no_survivors, 10, f"training processes to be gone (left: {training_processes(fleet)})")
-    keys = S3Store(settings).list(settings.artifact_bucket, f"model/{job.job_id}/")
+    store = S3Store(settings)
+    if artifacts:   # a reader waits for the coordinator's copy of the winning attempt's staged upload
+        wait_until(lambda: job.record().get("published") != "", 15, "the job's artifacts to be published")
+    keys = store.list(settings.artifact_bucket, f"model/{job.job_id}/")
     assert keys == sorted(f"model/{job.job_id}/{a}" for a in artifacts), keys
+    # every attempt's staged upload is deleted: the winner's once published, the others' by the timer's sweep
+    wait_until(lambda: not store.list(settings.artifact_bucket, f"staging/{job.job_id}/"), 15,
+               "the job's staged artifacts to be deleted")
     from common import keys as redis_keys
     assert not state.r.sismember(redis_keys.RUNNING, job.job_id)
 

@@ -1,8 +1,11 @@
 """A seeded, randomized simulation of the coordination layer: the real Coordinator and its real Lua scripts
 on a real redis-server, driven through random interleavings of submits, cancels, rank reports (ok, failed,
-duplicated, late, lost), task redelivery, coordinator deaths between any two Redis commands, lost and
-returning heartbeats, lapsed leases, Redis restarts on its append-only file and timer ticks. After every step the invariants of
-docs/architecture.md ("Invariants") are checked; at the end, under a fair schedule, every job must end.
+duplicated, late, lost), rank 0's staged artifacts (whole, partial, late writes of a lost attempt), task
+redelivery, coordinator deaths between any two Redis commands, lost and returning heartbeats, lapsed leases,
+Redis restarts on its append-only file (clean ones, and lossy ones: SIGKILL and the file's tail cut off, as a
+host crash under appendfsync everysec loses the last second) and timer ticks. After every step the
+invariants of docs/architecture.md ("Invariants") are checked; at the end, under a fair schedule, every job
+must end and every succeeded job's artifacts be published.
 
 CI runs a fixed seed; ``GANGWAY_SIM_STEPS`` (and ``GANGWAY_SIM_SEED``) run a soak."""
 from __future__ import annotations
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from common import keys
+from common import artifacts, keys
 from common.models import JobState, RankState
 from common.settings import Settings
 from common.state import State
+from common.store import MemoryStore
 from tests.integration.coordination import Killed, spec
 from workers.celery_app import make_app
 from workers.coordinator.service import Coordinator
@@ -56,7 +60,7 @@ class AofRedis:
 
     def __init__(self) -> None:
         self.port, self.folder = services.free_port(), tempfile.mkdtemp(prefix="gangway-sim-")
-        self.cmd = services.redis_command(self.port, self.folder, appendfsync="always")
+        self.cmd = services.redis_command(self.port, self.folder, appendfsync="everysec")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -76,6 +80,24 @@ class AofRedis:
         self.stop()
         self.start()
         self.restarts += 1
+
+    def lossy_restart(self, rng: random.Random) -> int:
+        """SIGKILL, then cut up to 4 KiB off the append-only file's tail (the writes a host crash loses
+        under appendfsync everysec; redis loads the file up to its last whole command). Returns the bytes cut."""
+        self.proc.kill()
+        self.proc.wait(timeout=20)
+        self.proc = None
+        folder = os.path.join(self.folder, "appendonlydir")
+        incr = sorted((f for f in os.listdir(folder) if f.endswith(".incr.aof")),
+                      key=lambda f: int(f.split(".")[-3]))[-1]
+        path = os.path.join(folder, incr)
+        size = os.path.getsize(path)
+        cut = min(size, rng.randint(1, 4096))
+        with open(path, "r+b") as f:
+            f.truncate(size - cut)
+        self.start()
+        self.restarts += 1
+        return cut
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -109,11 +131,20 @@ class Clock:
 
 
 class SimCoordinator(Coordinator):
-    """The real Coordinator with the simulation's clock; Redis has been up for long (TTL verdicts apply)."""
+    """The real Coordinator with the simulation's clock; Redis has been up for long (TTL verdicts apply).
+    Every fencing token its reservations issue is recorded in ``issued``."""
 
-    def __init__(self, settings, state, app, clock: Clock) -> None:
-        super().__init__(settings, state, app)
+    def __init__(self, settings, state, app, clock: Clock, store: MemoryStore, issued: list) -> None:
+        super().__init__(settings, state, app, store=store)
         self.clock = clock
+        reserve = self.reservations.reserve
+
+        def recorded(*args, **kwargs):
+            token, reason = reserve(*args, **kwargs)
+            if token:
+                issued.append(token)
+            return token, reason
+        self.reservations.reserve = recorded
 
     def now(self) -> float:
         return self.clock.t
@@ -136,8 +167,17 @@ class World:
     harmed: set = field(default_factory=set)        # jobs a fault or failure was injected into
     cancelled: set = field(default_factory=set)
     dead: set = field(default_factory=set)
+    store: MemoryStore = field(default_factory=MemoryStore)
+    staged: dict = field(default_factory=dict)      # (job_id, token) -> the names rank 0 staged, whole
+    uploads: dict = field(default_factory=dict)     # (job_id, token) -> whether rank 0's upload was whole
+    published: dict = field(default_factory=dict)   # job_id -> the first token seen published
+    issued: list = field(default_factory=list)      # every token a reservation issued
+    rolled_back: set = field(default_factory=set)   # jobs whose record a lossy restart may have set back
+    lost: set = field(default_factory=set)          # jobs whose every write a lossy restart took
+    orphans: set = field(default_factory=set)       # staged objects whose registration a lossy restart took
     submitted: int = 0
     crashes: int = 0
+    cut_bytes: int = 0
 
     @property
     def url(self) -> str:
@@ -145,12 +185,13 @@ class World:
 
     def __post_init__(self) -> None:
         self.plain = State(redis.Redis.from_url(self.url, decode_responses=True))
+        self.store.ensure_bucket(self.settings.artifact_bucket)
         self.restart()
 
     # the coordinator process ---------------------------------------------------------------------
     def restart(self) -> None:
         client = FaultyRedis.from_url(self.url, decode_responses=True)
-        self.coord = SimCoordinator(self.settings, State(client), self.app, self.clock)
+        self.coord = SimCoordinator(self.settings, State(client), self.app, self.clock, self.store, self.issued)
 
     def run(self, fn, *args, crash: bool = False) -> bool:
         """Run one coordinator step; with ``crash`` it may die at a random command. Returns whether it ended."""
@@ -229,7 +270,10 @@ class World:
         if roll < 0.722:
             self.server.restart()   # every client of the coordinator and the simulation reconnects
             return "redis restart"
-        self.run(Coordinator.tick, crash=crash)
+        if roll < 0.724:
+            return self.lossy_restart()
+        if self.run(Coordinator.tick, crash=crash):
+            self.orphans.clear()
         return "tick"
 
     def rank_reports(self, crash: bool) -> str:
@@ -249,6 +293,10 @@ class World:
             error = self.rng.choice([{"type": "WorkerLostError", "message": "child killed"},
                                      {"type": "ValueError", "message": "bad label"}])
             self.harmed.add(job_id)
+        if rank == 0 and ok and not self.stage(job_id, token, whole=self.rng.random() < 0.9):
+            ok = False   # rank 0 died mid-upload: its supervisor reports the failure
+            error = {"type": "WorkerLostError", "message": "killed while uploading"}
+            self.harmed.add(job_id)
         if self.rng.random() < 0.8:   # the rank's final, fenced status (a rank killed first writes none)
             status = RankState.SUCCEEDED if ok else (RankState.ABORTED if failing else RankState.FAILED)
             self.plain.fenced_write(job_id, token, rank, {"state": status.value, "error": error, "token": token,
@@ -257,6 +305,26 @@ class World:
             self.send("rank_finished", job_id, token, rank, ok, error, {}, crash=crash)
         return "report"
 
+    def stage(self, job_id: str, token: str, whole: bool) -> bool:
+        """Rank 0's upload, as ``upload_artifacts`` makes it: registered, then its files, metadata.json last;
+        each object's bytes name its attempt; once per attempt. Returns whether it was written whole."""
+        if (job_id, token) in self.uploads:
+            return self.uploads[(job_id, token)]
+        spec_ = {"train": {}}
+        bucket, prefix = artifacts.staging_location(spec_, job_id, token, self.settings.artifact_bucket)
+        final = artifacts.final_location(spec_, job_id, self.settings.artifact_bucket)
+        artifacts.register(self.plain.r, job_id, token, artifacts.Staged(bucket, prefix, *final))
+        names = [f"part{i}.bin" for i in range(self.rng.randint(1, 3))] + [artifacts.MARKER]
+        if not whole:
+            names = names[:self.rng.randrange(len(names))]
+        for name in names:
+            data = json.dumps({"token": token}).encode() if name == artifacts.MARKER else token.encode()
+            self.store.put(bucket, prefix + name, data)
+        if whole:
+            self.staged[(job_id, token)] = sorted(names)
+        self.uploads[(job_id, token)] = whole
+        return whole
+
     def stale_report(self, crash: bool) -> str:
         old = [(j, t) for j, ts in self.tokens.items() for t in ts
                if (self.plain.job(j) or {}).get("token") != t]
@@ -264,6 +332,10 @@ class World:
             return "idle"
         job_id, token = self.rng.choice(sorted(old))
         ok = self.rng.random() < 0.5
+        if self.plain.r.hexists(keys.STAGED, artifacts.staged_field(job_id, token)):
+            # rank 0 of the lost attempt, not dead yet, writes one more object (its next check stops it)
+            bucket, prefix = artifacts.staging_location({}, job_id, token, self.settings.artifact_bucket)
+            self.store.put(bucket, prefix + "late.bin", token.encode())
         self.plain.fenced_write(job_id, token, 0, {"state": "SUCCEEDED", "token": token})   # refused
         self.send("rank_finished", job_id, token, 0, ok, None if ok else {"type": "ValueError", "message": "x"},
                   {}, crash=crash)
@@ -288,6 +360,19 @@ class World:
         self.plain.r.delete(keys.rank_lease(job_id, job["token"], rank))   # the rank went silent
         self.harmed.add(job_id)
         return "lease lapsed"
+
+    def lossy_restart(self) -> str:
+        before = {j: self.plain.job(j) for j in self.all_jobs()}
+        self.cut_bytes += self.server.lossy_restart(self.rng)
+        self.orphans = set(self.store.list(self.settings.artifact_bucket, "staging/"))   # until a tick sweeps
+        for job_id, was in before.items():
+            now = self.plain.job(job_id)
+            if was and not now:
+                self.lost.add(job_id)
+            elif was and now != was:
+                self.rolled_back.add(job_id)
+                self.harmed.add(job_id)   # a job set back may now fail for what it already survived
+        return "lossy redis restart"
 
     def mark_harm(self) -> None:
         """A dead worker harms the job that holds it (its rank will be counted lost)."""
@@ -321,9 +406,50 @@ class World:
                 assert job_id in self.harmed, f"{where}: {job_id} failed with nothing injected: {error}"
             if state == "CANCELLED":
                 assert job_id in self.cancelled, f"{where}: {job_id} cancelled by nobody"
+            self.check_artifacts(where, job_id, job)
+        assert len(self.issued) == len(set(self.issued)), f"{where}: a fencing token was issued twice"
+        for key in self.store.list(self.settings.artifact_bucket, "staging/"):
+            job_id, token = key.split("/")[1:3]
+            assert key in self.orphans or r.hexists(keys.STAGED, artifacts.staged_field(job_id, token)), \
+                f"{where}: {key} staged by an attempt no sweep will ever look at"
+
+    def check_artifacts(self, where: str, job_id: str, job: dict) -> None:
+        """The model folder holds only the attempt the record names as published (or, mid-copy, the
+        attempt that won), nothing for a job that did not succeed, and the first publication is never
+        replaced (no double success, even after a lossy restart)."""
+        bucket = self.settings.artifact_bucket
+        folder = self.store.list(bucket, f"model/{job_id}/")
+        published = job.get("published")
+        if published:
+            first = self.published.setdefault(job_id, published)
+            assert published == first, f"{where}: {job_id} published {first}, now {published}"
+            names = sorted(k.rsplit("/", 1)[1] for k in folder)
+            assert names == self.staged[(job_id, published)], f"{where}: {job_id}'s model folder {names}"
+        if not folder:
+            return
+        tokens = {json.loads(d)["token"] if k.endswith(artifacts.MARKER) else d.decode()
+                  for k in folder for d in [self.store.get(bucket, k)]}
+        if job_id in self.rolled_back or job_id in self.lost:   # published before Redis lost its last writes
+            assert tokens == {self.published.get(job_id, next(iter(tokens)))}, f"{where}: {job_id} {tokens}"
+            return
+        assert job.get("state") == "SUCCEEDED", f"{where}: {job_id} is {job.get('state')} with artifacts {folder}"
+        assert tokens == {published or job["token"]}, \
+            f"{where}: {job_id}'s model folder mixes attempts {tokens} (record names {published or job['token']})"
 
     # a fair schedule, no more faults ----------------------------------------------------------------------
     def drain(self, seconds: float = 30.0) -> None:
+        self.settle(seconds)
+        self.clock.t += 1.0
+        self.coord.tick()   # the sweep after the last endings
+        self.check("drained")
+        for job_id in self.all_jobs():
+            job = self.plain.job(job_id) or {}
+            if job.get("state") == "SUCCEEDED":
+                assert job.get("published"), f"{job_id} succeeded, its artifacts never published"
+        left = self.store.list(self.settings.artifact_bucket, "staging/")
+        assert not left, f"staged objects left after every job ended: {left}"
+
+    def settle(self, seconds: float) -> None:
         for wid in list(self.dead):
             self.plain.heartbeat(wid, ALIVE_MS / 1000)
         self.dead.clear()
@@ -337,16 +463,18 @@ class World:
                 for rank in range(len(json.loads(job["gang"])["workers"])):
                     if str(rank) not in done:
                         error = {"type": "Aborted", "message": "aborted"} if failing else None
+                        if rank == 0 and not failing:
+                            self.stage(job_id, job["token"], whole=True)
                         self.coord.rank_finished(job_id, job["token"], rank, not failing, error, {})
             self.clock.t += 1.0
             self.coord.tick()
             self.check("drain")
-            states = [self.plain.job_state(j) for j in self.all_jobs()]
+            states = [self.plain.job_state(j) for j in self.all_jobs() if j not in self.lost]
             if all(s is not None and s.is_terminal for s in states):
                 return
             time.sleep(0.05)   # a crashed pass's scheduling lock (5 s) may still be held
         stuck = {j: self.plain.job_state(j) for j in self.all_jobs()
-                 if not (self.plain.job_state(j) or JobState.PENDING).is_terminal}
+                 if j not in self.lost and not (self.plain.job_state(j) or JobState.PENDING).is_terminal}
         raise AssertionError(f"jobs never ended under a fair schedule: {stuck}")
 
 
@@ -365,6 +493,8 @@ def test_a_random_interleaving_of_faults_keeps_every_invariant_and_every_job_end
             if n == STEPS // 2 and aof_redis.restarts == 0:   # the roll is rare (0.2 %): make sure one happens
                 aof_redis.restart()
                 history.append("redis restart (forced)")
+            if n == 2 * STEPS // 3 and not world.cut_bytes:   # and one lossy restart
+                history.append(world.lossy_restart() + " (forced)")
             history.append(world.step())
             world.mark_harm()
             world.check(f"seed {seed} step {n} ({history[-1]}; last: {history[-6:-1]})")
@@ -374,4 +504,5 @@ def test_a_random_interleaving_of_faults_keeps_every_invariant_and_every_job_end
     ended = [world.plain.job_state(j) for j in world.all_jobs()]
     if STEPS >= 1000:   # the run explored what it is meant to (a short GANGWAY_SIM_STEPS run may not)
         assert world.submitted >= 20 and world.crashes >= 20 and aof_redis.restarts >= 1
-        assert JobState.SUCCEEDED in ended and history.count("tick") > 50
+        assert JobState.SUCCEEDED in ended and history.count("tick") > 50 and world.published
+        assert world.cut_bytes > 0

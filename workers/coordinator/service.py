@@ -62,7 +62,8 @@ class Coordinator:
         self.app = app
         self._store = store
         # a stale rank 0 writes at most one more object once a renewal is refused (one renewal period)
-        self.publisher = Publisher(state.r, lambda: self.store, settings.lease_seconds + settings.kill_grace)
+        self.publisher = Publisher(state.r, lambda: self.store, settings.lease_seconds + settings.kill_grace,
+                                   settings.artifact_bucket)
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
 
     @property
