@@ -152,9 +152,7 @@ class Publisher:
     def sweep(self, now: float) -> None:
         """Publish what a dead coordinator left unpublished; delete staged uploads of attempts that lost.
         A lost attempt's entry stays ``grace`` seconds after its first deletion, so an object its stale rank 0
-        still wrote is deleted too; objects in the artifact bucket's ``staging/`` that no entry names (a Redis
-        that lost its last writes lost the entry) go as well."""
-        self._orphans()
+        still wrote is deleted too."""
         for field, raw in self.r.hgetall(keys.STAGED).items():
             job_id, _, token = field.rpartition(":")
             state, current = self.r.hmget(keys.job(job_id), "state", "token")
@@ -168,17 +166,37 @@ class Publisher:
             except Exception as exc:   # the store away for a moment: the next tick tries again
                 log.warning("job %s: staged artifacts of attempt %s not resolved yet: %s", job_id, token, exc)
 
-    def _orphans(self) -> None:
-        """Delete staged objects of the artifact bucket whose registration is gone, unless their attempt runs
-        (it registered before its first write; a lost registration is made again). Objects are listed before
-        the registrations are read: a listed object's registration, if it has one, is already there."""
+    def sweep_checkpoints(self, now: float) -> None:
+        """Delete the booster checkpoints of GBDT jobs that ended, whatever the outcome (a succeeded job's
+        model is published; a failed one is resubmitted under a new id). A job stays listed ``grace``
+        seconds past its end, so an object a stale child still stored goes too."""
+        for job_id in self.r.smembers(keys.CHECKPOINTED):
+            state, finished = self.r.hmget(keys.job(job_id), "state", "finished_at")
+            if state and not JobState(state).is_terminal:
+                continue
+            try:
+                store = self.store
+                for key in store.list(self.bucket, f"checkpoints/{job_id}/"):
+                    store.delete(self.bucket, key)
+            except Exception as exc:   # the store away for a moment: the next tick tries again
+                log.warning("job %s: checkpoints not deleted yet: %s", job_id, exc)
+                continue
+            self.r.delete(keys.job_checkpoints(job_id))
+            if not state or now - float(finished or 0) > self.grace:
+                self.r.srem(keys.CHECKPOINTED, job_id)
+
+    def sweep_orphans(self) -> bool:
+        """Delete staged objects of the artifact bucket that no registration names (a Redis that lost its
+        last writes lost the registration), unless their attempt runs or won (its registration is made
+        again). Objects are listed before the registrations are read: a listed object's registration, if it
+        has one, is already there. Returns whether the listing could be made."""
         try:
             found = self.store.list(self.bucket, "staging/")
         except Exception as exc:
             log.warning("staged artifacts not swept: %s", exc)
-            return
+            return False
         if not found:
-            return
+            return True
         entries = self.r.hkeys(keys.STAGED)
         for key in found:
             job_id, token = key.split("/")[1:3]
@@ -192,6 +210,7 @@ class Publisher:
                 entries.append(staged_field(job_id, token))
             else:
                 self.store.delete(self.bucket, key)
+        return True
 
     def _discard(self, field: str, st: Staged, now: float) -> None:
         store = self.store

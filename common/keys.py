@@ -14,6 +14,8 @@ COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
 COORDINATOR_INFO = PREFIX + "coordinator:info"   # hash: metrics_url, host, pid (of the newest coordinator)
 RUNNING = PREFIX + "running"                 # set of job ids holding a gang
 STAGED = PREFIX + "staged"                   # hash "<job_id>:<token>" -> JSON staged artifact upload (see common/artifacts.py)
+STAGING_SCANNED = PREFIX + "staging:scanned"  # the Redis run_id whose staging area was last scanned for orphans
+CHECKPOINTED = PREFIX + "checkpointed"       # set of GBDT job ids with checkpoints in the store (swept once ended)
 DEADLINES = PREFIX + "deadlines"             # zset job_id -> whole-job deadline (Redis clock), jobs with a timeout
 
 COORDINATOR_QUEUE = "gangway.coordinator"
@@ -71,6 +73,11 @@ def rank_lease(job_id: str, token: int | str, rank: int | str) -> str:
     """Key with a TTL: present while rank ``rank`` of attempt ``token`` holds its lease (set at reservation,
     renewed by every fenced write of the rank)."""
     return f"{PREFIX}job:{job_id}:lease:{token}:{rank}"
+
+
+def job_checkpoints(job_id: str) -> str:
+    """Hash rounds -> object key of the checkpoints a retry may resume from (recorded fenced, by rank 0)."""
+    return f"{PREFIX}job:{job_id}:checkpoints"
 
 
 def job_keys(job_id: str) -> list[str]:

@@ -56,6 +56,7 @@ class Settings:
     max_failures: int = 1          # default retries of a job after infrastructure failures
     visibility_timeout: float = 300.0  # Redis redelivers an unacknowledged (coordinator) task after this
     checkpoint_rounds: int = 10    # GBDT jobs checkpoint the booster every this many rounds; 0 = never
+    checkpoint_keep: int = 2       # a GBDT job keeps its newest this many checkpoints (0 = all) until it ends
     drain_grace: float = 60.0      # a SIGTERMed worker's running rank may finish this long, then is retried
     dead_worker_ttl: float = 600.0  # a worker dead (no heartbeat) this long is dropped from the registry
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never

@@ -52,6 +52,7 @@ class State:
         self.r = client
         self._transition = _script(client, "transition.lua")
         self._fenced = _script(client, "fenced.lua")
+        self._checkpoint = _script(client, "checkpoint.lua")
 
     # jobs -----------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, str] | None:
@@ -100,7 +101,7 @@ class State:
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
         prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.job_ranks(job_id),
-                                      keys.job_log(job_id)], args=args)
+                                      keys.job_log(job_id), keys.job_checkpoints(job_id)], args=args)
         return JobState(prev) if prev else None
 
     def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
@@ -110,6 +111,22 @@ class State:
         args = [token, str(rank), json.dumps(status) if status else "", *lines]
         return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id),
                                        keys.rank_lease(job_id, token, rank)], args=args))
+
+    def record_checkpoint(self, job_id: str, token: str, rounds: int, key: str) -> bool:
+        """Record a stored checkpoint as one a retry may resume from, if ``token`` is still current."""
+        pipe = self.r.pipeline()
+        pipe.sadd(keys.CHECKPOINTED, job_id)   # before the record: the sweep deletes what an ended job left
+        self._checkpoint(keys=[keys.job(job_id), keys.job_checkpoints(job_id)], args=[token, rounds, key],
+                         client=pipe)
+        return bool(pipe.execute()[-1])
+
+    def checkpoints(self, job_id: str) -> dict[int, str]:
+        """rounds -> object key of the job's recorded checkpoints."""
+        return {int(k): v for k, v in self.r.hgetall(keys.job_checkpoints(job_id)).items()}
+
+    def forget_checkpoints(self, job_id: str, rounds: list[int]) -> None:
+        if rounds:
+            self.r.hdel(keys.job_checkpoints(job_id), *rounds)
 
     def rank_lease_alive(self, job_id: str, token: str, rank: int) -> bool:
         return bool(self.r.exists(keys.rank_lease(job_id, token, rank)))

@@ -34,9 +34,8 @@ def _kill_rank_child_when_training(job, rank: int, after: int = 2) -> int:
 
 
 def _checkpoint_stored(settings, job, rounds: int) -> bool:
-    from common.store import S3Store
-    keys = S3Store(settings).list(settings.artifact_bucket, f"checkpoints/{job.job_id}/")
-    return any(k.endswith(f"/round-{rounds:06d}.ubj") for k in keys)
+    """A checkpoint of at least ``rounds`` rounds is recorded (older ones are pruned: GANGWAY_CHECKPOINT_KEEP)."""
+    return any(r >= rounds for r in job.client.state.checkpoints(job.job_id))
 
 
 def _long_job(seed: int) -> tuple[XGBEstimator, object]:
@@ -51,7 +50,7 @@ def test_a_killed_training_process_fails_the_attempt_and_the_retry_resumes_from_
     est.n_estimators = 600
     job = est.submit(df, FEATURES, "risk", max_failures=1, verbose_eval=100)
     # Checkpoints upload on a background thread (the first PUT of a process takes ~0.2 s, ~40 rounds
-    # here): kill only once the round-20 one is stored, or the retry may rightly resume from round 10.
+    # here): kill only once the round-20 one is recorded, or the retry may rightly resume from round 10.
     wait_until(lambda: _checkpoint_stored(fleet_settings, job, 20), 60, "the round-20 checkpoint to be stored")
     pid = _kill_rank_child_when_training(job, 1, after=25)
     booster = job.wait(180)

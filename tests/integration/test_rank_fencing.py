@@ -190,3 +190,45 @@ def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_wi
     finally:
         never.close()
     assert time.monotonic() - started < 5
+
+
+def test_a_checkpoint_stored_by_a_child_outliving_its_attempt_is_never_recorded_nor_resumed_from(coord):
+    state = coord.state
+    fleet(state, 2)
+    coord.submit(spec("J", 2, max_failures=1))
+    first = state.job("J")["token"]
+    assert state.record_checkpoint("J", first, 10, f"checkpoints/J/{first}/round-000010.ubj")
+    coord.rank_failed("J", first, 1, {"type": "WorkerLostError", "message": "lost"})
+    coord.rank_failed("J", first, 0, {"type": "Aborted", "message": "aborted"})
+    job = state.job("J")
+    assert job["attempt"] == "2" and job["token"] != first
+    # the first attempt's rank 0 child, not yet killed, stores round 30 and reports it
+    assert not state.record_checkpoint("J", first, 30, f"checkpoints/J/{first}/round-000030.ubj")
+    payload = {"job_id": "J", "token": job["token"], "rank": 0, "attempt": 2, "spec": json.loads(job["spec"])}
+    assert rankmod._resume(state, payload) == {"resume": (f"checkpoints/J/{first}/round-000010.ubj", 10)}
+    assert rankmod._resume(state, {**payload, "rank": 1}) == {}
+
+
+def test_only_the_newest_checkpoints_are_kept_and_all_go_when_the_job_ends(coord):
+    from workers.runtime.checkpoints import prune
+    assert prune({10: "a", 20: "b", 30: "c"}, 2) == [10] and prune({10: "a"}, 2) == [] and prune({1: "a"}, 0) == []
+    state = coord.state
+    coord._store = store = MemoryStore()
+    store.ensure_bucket(coord.settings.artifact_bucket)
+    fleet(state, 1)
+    coord.submit(spec("J", 1))
+    token = state.job("J")["token"]
+    for rounds in (10, 20):
+        key = f"checkpoints/J/{token}/round-{rounds:06d}.ubj"
+        store.put(coord.settings.artifact_bucket, key, b"booster")
+        assert state.record_checkpoint("J", token, rounds, key)
+    store.put(coord.settings.artifact_bucket, "checkpoints/J/stale-token/round-000030.ubj", b"stale")
+    coord.tick()
+    assert len(store.list(coord.settings.artifact_bucket, "checkpoints/J/")) == 3   # running: kept
+    coord.cancel("J")
+    coord.tick()
+    assert store.list(coord.settings.artifact_bucket, "checkpoints/J/") == [] and not state.checkpoints("J")
+    assert state.r.sismember(keys.CHECKPOINTED, "J")   # watched a grace longer, for a stale child's late write
+    time.sleep(coord.settings.lease_seconds + coord.settings.kill_grace + 0.3)
+    coord.tick()
+    assert not state.r.sismember(keys.CHECKPOINTED, "J")

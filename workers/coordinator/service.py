@@ -488,4 +488,20 @@ class Coordinator:
         self.r.zremrangebyscore(keys.JOBS, 0, now - self.settings.job_ttl_days * 86400)
         self.reap()
         self.publisher.sweep(now)
+        self.publisher.sweep_checkpoints(now)
+        self.sweep_orphans_after_restart()
         self.schedule_pass()
+
+    def sweep_orphans_after_restart(self) -> None:
+        """A Redis that restarted may have lost its last writes (a crash under appendfsync everysec), among
+        them the registration of a staged upload: once per Redis run, the artifact bucket's staging area is
+        listed and what no registration names is deleted. Only by a coordinator already using the store (a
+        coordinator with no S3 in reach would wait GANGWAY_STORE_OUTAGE_SECONDS each tick)."""
+        if self._store is None:
+            return
+        try:
+            run_id = self.r.info("server").get("run_id", "")
+        except redis.ResponseError:   # a managed Redis that refuses INFO
+            return
+        if self.r.get(keys.STAGING_SCANNED) != run_id and self.publisher.sweep_orphans():
+            self.r.set(keys.STAGING_SCANNED, run_id)

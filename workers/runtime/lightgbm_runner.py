@@ -57,14 +57,18 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     if world > 1:
         prep.published[f"listen_port_{rank}"] = free_listen_port(settings)
     if rank == 0 and payload.get("attempt", 1) > 1:
-        latest = _checkpoints(prep).latest()
-        if latest is not None:
+        latest = payload.get("resume")   # the newest recorded checkpoint, chosen by the supervisor
+        if latest:
             prep.published["resume_key"], prep.published["resume_rounds"] = latest
     return prep
 
 
-def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
-    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"], "txt")
+def _checkpoints(prep: Prepared, emitter: Emitter) -> BoosterCheckpoints:
+    """Checkpoints under this attempt's prefix; each stored one is reported for the supervisor to record."""
+    def saved(rounds: int, key: str) -> None:
+        emitter.emit("checkpoint", uri=f"s3://{prep.settings.artifact_bucket}/{key}", key=key, rounds=rounds)
+    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"],
+                              prep.payload["token"], "txt", on_saved=saved)
 
 
 def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
@@ -196,7 +200,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     valid_sets, names = _datasets(prep.data, opts)
     dtrain = valid_sets[0]
     evals_result: dict = {}
-    ckpt = _checkpoints(prep)
+    ckpt = _checkpoints(prep, emitter)
     init_model, done_before = None, int(shared.get("resume_rounds") or 0)
     if shared.get("resume_key"):   # a retry: every rank resumes from the checkpoint rank 0 chose
         init_model = lgb.Booster(model_str=ckpt.load(shared["resume_key"]).decode())

@@ -19,8 +19,10 @@ from common.models import JobState, RankState
 from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
+from workers.runtime import checkpoints
 from workers.runtime.artifacts import upload_artifacts
 from workers.runtime.instruments import RankInstruments
+from workers.runtime.shards import warm_store
 from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, TrainingChild, Zygote
 
 log = logging.getLogger(__name__)
@@ -264,7 +266,7 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Z
     ok = False
     made: list[str] = []
     try:
-        payload = {**payload, **_rank_folders(settings, payload, made)}
+        payload = {**payload, **_rank_folders(settings, payload, made), **_resume(state, payload)}
         child = standby.take()
         run.write(RankState.FETCHING, pid=child.proc.pid)
         child.send(json.dumps(payload))
@@ -296,6 +298,33 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Z
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
     standby.refill()
     return {"status": "succeeded" if ok else "failed"}
+
+
+def _resume(state: State, payload: dict) -> dict:
+    """For rank 0 of a GBDT retry: the newest checkpoint recorded by an earlier attempt (what a child
+    outliving its attempt stored is never recorded, so never chosen)."""
+    if payload["rank"] != 0 or payload.get("attempt", 1) <= 1 or payload["spec"]["framework"] == "pytorch":
+        return {}
+    return {"resume": checkpoints.newest(state.checkpoints(payload["job_id"]))}
+
+
+def record_checkpoint(run: RankRun, rounds: int, key: str) -> bool:
+    """Record a GBDT checkpoint the child stored, if the attempt is still current; then delete the recorded
+    ones past the newest GANGWAY_CHECKPOINT_KEEP. Returns whether it was recorded."""
+    if not run.state.record_checkpoint(run.job_id, run.token, rounds, key):
+        log.info("job %s: checkpoint %s of a stale attempt %s not recorded", run.job_id, key, run.token)
+        return False
+    old = checkpoints.prune(run.state.checkpoints(run.job_id), run.settings.checkpoint_keep)
+    if old:
+        recorded = run.state.checkpoints(run.job_id)
+        run.state.forget_checkpoints(run.job_id, old)   # forgotten first: a retry never picks a deleted one
+        store = warm_store(run.settings)
+        for rounds_ in old:
+            try:
+                store.delete(run.settings.artifact_bucket, recorded[rounds_])
+            except Exception as exc:   # left for the coordinator's sweep when the job ends
+                log.warning("job %s: old checkpoint %s not deleted: %s", run.job_id, recorded[rounds_], exc)
+    return True
 
 
 def _own_error(child: TrainingChild, output: list[str], wait: float = 1.0) -> dict | None:
@@ -429,6 +458,9 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             if not run.write(None, metrics=run.summary["metrics"], iteration=inst.iteration):
                 abort.set("the attempt is no longer current")
         elif kind == "checkpoint":
+            if ev.get("key") and not record_checkpoint(run, int(ev.get("rounds") or 0), ev["key"]):
+                abort.set("the attempt is no longer current")
+                continue
             run.summary["last_checkpoint"] = ev.get("uri")
             run.state.fenced_write(run.job_id, run.token, run.rank, None, [f"[gangway] checkpoint {ev.get('uri')}"])
         elif kind == "output":

@@ -40,8 +40,8 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
     prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world))
     if payload["rank"] == 0:
-        latest = _checkpoints(prep).latest() if payload.get("attempt", 1) > 1 else None
-        if latest is not None:
+        latest = payload.get("resume") if payload.get("attempt", 1) > 1 else None   # chosen by the supervisor
+        if latest:
             prep.published["resume_key"], prep.published["resume_rounds"] = latest
         # The tracker lives in rank 0's training child: it starts before the barrier, so peers
         # find it listening, and an abort that kills the child takes the tracker with it.
@@ -50,8 +50,12 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     return prep
 
 
-def _checkpoints(prep: Prepared) -> BoosterCheckpoints:
-    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"], "ubj")
+def _checkpoints(prep: Prepared, emitter: Emitter) -> BoosterCheckpoints:
+    """Checkpoints under this attempt's prefix; each stored one is reported for the supervisor to record."""
+    def saved(rounds: int, key: str) -> None:
+        emitter.emit("checkpoint", uri=f"s3://{prep.settings.artifact_bucket}/{key}", key=key, rounds=rounds)
+    return BoosterCheckpoints(prep.settings, warm_store(prep.settings), prep.payload["job_id"],
+                              prep.payload["token"], "ubj", on_saved=saved)
 
 
 def start_tracker(rdv: dict, world: int, timeout: float) -> tuple[RabitTracker, int]:
@@ -218,7 +222,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         dtrain = evals[0][0]
         prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
-        ckpt = _checkpoints(prep)
+        ckpt = _checkpoints(prep, emitter)
         start, done_before = None, int(shared.get("resume_rounds") or 0)
         if shared.get("resume_key"):   # a retry: every rank resumes from the checkpoint rank 0 chose
             start = xgb.Booster()
