@@ -283,3 +283,25 @@ def test_a_cancel_that_overtakes_its_submit_keeps_the_job_from_ever_running(coor
     assert state.job_state("J") is JobState.CANCELLED and set(holders(state).values()) == {""}
     assert "cancelled before it was queued" in state.job("J")["error"]
     assert not coord.cancel("J")          # a second cancel of an ended job changes nothing
+
+
+def test_a_pruned_dead_workers_queue_and_its_binding_leave_the_broker(redis_url):
+    from kombu import Exchange, Queue
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    coord = make_coordinator(redis_url, dead_worker_ttl=0.5)
+    try:
+        fleet(coord.state, 2, ttl=0.3)
+        queue = keys.worker_queue("w0")
+        with coord.app.connection_for_write() as conn:   # what the worker's consumer declares
+            Queue(queue, Exchange(queue), routing_key=queue)(conn.default_channel).declare()
+        coord.app.send_task("gangway.train_rank", args=[{}], queue=queue)   # a message it never took
+        assert client.llen(queue) == 1 and client.exists(f"_kombu.binding.{queue}")
+        time.sleep(0.4)
+        coord.tick()   # dead since now
+        time.sleep(0.7)
+        coord.tick()
+        assert "w0" not in client.smembers(keys.WORKERS)
+        assert not client.exists(queue) and not client.exists(f"_kombu.binding.{queue}")
+    finally:
+        coord.app.close()

@@ -396,6 +396,7 @@ class Coordinator:
         for wid in self.state.prune_dead_workers(views, self.settings.dead_worker_ttl):
             log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
                      self.settings.dead_worker_ttl)
+            self._delete_worker_queue(wid)
         self.repair_workers(views)
         for job_id, job in self._running_records().items():
             if job["state"] != JobState.RUNNING.value:
@@ -406,6 +407,17 @@ class Coordinator:
             since = self.r.hget(keys.job(job_id), f"failing:{token}")
             if since and now - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
+
+    def _delete_worker_queue(self, worker_id: str) -> None:
+        """A dropped worker's direct queue, what is queued in it and its binding: worker ids are new on every
+        start, so dead ones' queues would pile up in the broker."""
+        queue = keys.worker_queue(worker_id)
+        try:
+            with self.app.connection_for_write() as conn:
+                # kombu's Redis transport: its list keys (one per priority step) and its exchange binding
+                conn.default_channel._delete(queue, queue, queue, "")
+        except Exception as exc:
+            log.warning("worker %s: its queue %s was not deleted: %s", worker_id, queue, exc)
 
     def _running_records(self) -> dict[str, dict]:
         """job id -> the fields a verdict needs (not each record's whole spec), for the running set, in one
