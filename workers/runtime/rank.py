@@ -27,6 +27,7 @@ from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, Trainin
 
 log = logging.getLogger(__name__)
 _WRITE_EVERY = 0.25   # seconds between coalesced progress writes
+_OWNER = ".gangway-owner"   # in a rank's short temp folder: the worker and GANGWAY_HOME it belongs to
 _RENEW_EVERY = 3.0    # a quiet rank still writes its status this often (the reservation's lease)
 
 
@@ -197,12 +198,34 @@ def sweep_rank_dirs(settings: Settings, worker_id: str, registered: set[str] | N
     a rank and is left alone)."""
     shutil.rmtree(rank_dirs(settings, worker_id), ignore_errors=True)
     os.makedirs(rank_dirs(settings, worker_id), exist_ok=True)
+    sweep_tmp_dirs(settings, worker_id, registered)
     if registered is None:
         return
     parent = os.path.dirname(rank_dirs(settings, worker_id))
     for other in os.listdir(parent):
         if other != worker_id and other not in registered:
             shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+
+
+def sweep_tmp_dirs(settings: Settings, worker_id: str, registered: set[str] | None,
+                   tmp: str | None = None) -> None:
+    """The short temp folders (``gw-*``) that ranks of this fleet (same GANGWAY_HOME) left when killed with
+    their worker: this worker's predecessor's, and, given the ``registered`` ids, those of workers no longer
+    in the registry. Another fleet's on the same host, and a folder without an owner file, are left alone."""
+    tmp = tmp or tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith("gw-"):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if owner.get("home") != settings.home:
+            continue
+        if owner.get("worker") == worker_id or (registered is not None and owner.get("worker") not in registered):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _rank_folders(settings: Settings, payload: dict, made: list[str]) -> dict:
@@ -213,6 +236,8 @@ def _rank_folders(settings: Settings, payload: dict, made: list[str]) -> dict:
     os.makedirs(parent, exist_ok=True)
     made.append(tempfile.mkdtemp(prefix=f"{payload['job_id']}-r{payload['rank']}-", dir=parent))
     made.append(tempfile.mkdtemp(prefix="gw-"))
+    with open(os.path.join(made[1], _OWNER), "w") as f:   # whose it is, for the sweep if this rank is killed
+        json.dump({"worker": payload["worker_id"], "home": settings.home}, f)
     workdir, scratch = os.path.join(made[0], "work"), os.path.join(made[0], "scratch")
     os.makedirs(workdir)
     os.makedirs(scratch)
