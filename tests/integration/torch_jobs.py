@@ -125,3 +125,18 @@ def writes_scratch_files():
     get_context().get_metrics_reporter().log_metrics(
         {"relative": os.path.abspath("relative.txt"), "temp": tmp, "socket": socket_path,
          "model_dir": get_context().get_model_dir()})
+
+
+def many_files_train_func():
+    """Rank 0 leaves ``files`` model files (an upload that takes a while) and one named by a fresh id, so a
+    model folder mixing two attempts' uploads would hold two of those."""
+    import uuid
+
+    from producer.pytorch import get_context
+    context = get_context()
+    folder = context.get_model_dir()
+    for i in range(context.get_hyper_params()["files"]):
+        with open(os.path.join(folder, f"part-{i:04d}.bin"), "wb") as f:
+            f.write(os.urandom(256))
+    with open(os.path.join(folder, f"attempt-{uuid.uuid4().hex}.txt"), "w") as f:
+        f.write("this attempt's files")

@@ -483,11 +483,13 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             if not run.write(None, metrics=run.summary["metrics"], iteration=inst.iteration):
                 abort.set("the attempt is no longer current")
         elif kind == "checkpoint":
-            if ev.get("key") and not record_checkpoint(run, int(ev.get("rounds") or 0), ev["key"]):
-                abort.set("the attempt is no longer current")
-                continue
             run.summary["last_checkpoint"] = ev.get("uri")
-            run.state.fenced_write(run.job_id, run.token, run.rank, None, [f"[gangway] checkpoint {ev.get('uri')}"])
+            if ev.get("key"):   # a GBDT booster: recorded for a retry (not logged: every N rounds, like the eval lines)
+                if not record_checkpoint(run, int(ev.get("rounds") or 0), ev["key"]):
+                    abort.set("the attempt is no longer current")
+            elif not run.state.fenced_write(run.job_id, run.token, run.rank, None,
+                                            [f"[gangway] checkpoint {ev.get('uri')}"]):
+                abort.set("the attempt is no longer current")
         elif kind == "output":
             run.output.append(ev["line"])
         elif kind == "done":
