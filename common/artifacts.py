@@ -163,8 +163,9 @@ class Publisher:
                     self.publish(job_id, token)
                 else:
                     self._discard(field, Staged.from_json(raw), now)
-            except Exception as exc:   # the store away for a moment: the next tick tries again
+            except Exception as exc:   # the store away: the next tick tries again (one wait per tick, not one each)
                 log.warning("job %s: staged artifacts of attempt %s not resolved yet: %s", job_id, token, exc)
+                return
 
     def sweep_checkpoints(self, now: float) -> None:
         """Delete the booster checkpoints of GBDT jobs that ended, whatever the outcome (a succeeded job's
@@ -178,9 +179,9 @@ class Publisher:
                 store = self.store
                 for key in store.list(self.bucket, f"checkpoints/{job_id}/"):
                     store.delete(self.bucket, key)
-            except Exception as exc:   # the store away for a moment: the next tick tries again
+            except Exception as exc:   # the store away: the next tick tries again (one wait per tick, not one each)
                 log.warning("job %s: checkpoints not deleted yet: %s", job_id, exc)
-                continue
+                return
             self.r.delete(keys.job_checkpoints(job_id))
             if not state or now - float(finished or 0) > self.grace:
                 self.r.srem(keys.CHECKPOINTED, job_id)
