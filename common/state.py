@@ -112,10 +112,13 @@ class State:
         return bool(self._fenced(keys=[keys.job(job_id), keys.job_ranks(job_id), keys.job_log(job_id),
                                        keys.rank_lease(job_id, token, rank)], args=args))
 
-    def record_checkpoint(self, job_id: str, token: str, rounds: int, key: str) -> bool:
-        """Record a stored checkpoint as one a retry may resume from, if ``token`` is still current."""
+    def record_checkpoint(self, job_id: str, token: str, rounds: int, key: str, *, sweep: bool = True) -> bool:
+        """Record a stored checkpoint as one a retry may resume from, if ``token`` is still current. With
+        ``sweep`` (GBDT boosters) the coordinator deletes the job's checkpoints once it ended; PyTorch
+        checkpoints are the user's (``get_checkpoint_location()``) and stay."""
         pipe = self.r.pipeline()
-        pipe.sadd(keys.CHECKPOINTED, job_id)   # before the record: the sweep deletes what an ended job left
+        if sweep:
+            pipe.sadd(keys.CHECKPOINTED, job_id)   # before the record: the sweep deletes what an ended job left
         self._checkpoint(keys=[keys.job(job_id), keys.job_checkpoints(job_id)], args=[token, rounds, key],
                          client=pipe)
         return bool(pipe.execute()[-1])

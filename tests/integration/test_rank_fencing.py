@@ -207,6 +207,8 @@ def test_a_checkpoint_stored_by_a_child_outliving_its_attempt_is_never_recorded_
     payload = {"job_id": "J", "token": job["token"], "rank": 0, "attempt": 2, "spec": json.loads(job["spec"])}
     assert rankmod._resume(state, payload) == {"resume": (f"checkpoints/J/{first}/round-000010.ubj", 10)}
     assert rankmod._resume(state, {**payload, "rank": 1}) == {}
+    torch_payload = {**payload, "rank": 1, "spec": {**payload["spec"], "framework": "pytorch"}}
+    assert rankmod._resume(state, torch_payload) == {"checkpoints_recorded": [f"checkpoints/J/{first}/round-000010.ubj"]}
 
 
 def test_only_the_newest_checkpoints_are_kept_and_all_go_when_the_job_ends(coord):

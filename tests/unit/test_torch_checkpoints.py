@@ -36,7 +36,7 @@ class Events:
 def checkpoints(tmp_path, store) -> Checkpoints:
     payload = {"job_id": "J", "token": "7-ab", "attempt": 1, "workdir": str(tmp_path / "work"),
                "spec": {"train": {"artifact_stage_location": "s3://stage/runs"}}}
-    os.makedirs(payload["workdir"])
+    os.makedirs(payload["workdir"], exist_ok=True)
     store.ensure_bucket("stage")
     return Checkpoints(Prepared(payload, Settings.from_env({}), None), Events(), store=store)
 
@@ -67,5 +67,24 @@ def test_the_next_checkpoint_never_reuses_the_folder_of_one_cut_short(tmp_path):
         ckpt.upload(folder(tmp_path, "c0", {"a.pt": b"a0", "b.pt": b"b0"}), {})
     store.good = 10
     uri = ckpt.upload(folder(tmp_path, "c1", {"b.pt": b"b1"}), {})
-    assert uri.endswith("/checkpoints/J/000001/")
+    assert uri.endswith("/checkpoints/J/000001-7-ab/")
     assert sorted(os.listdir(ckpt.latest())) == ["b.pt"]
+
+
+def test_a_checkpoint_of_an_attempt_that_did_not_record_it_is_never_handed_to_a_retry(tmp_path):
+    store = MemoryStore()
+    first = checkpoints(tmp_path / "a", store)
+    first.upload(folder(tmp_path, "c0", {"model.pt": b"recorded"}), {})
+    stale = checkpoints(tmp_path / "b", store)   # the same attempt's child, outliving it: its supervisor refused
+    stale.upload(folder(tmp_path, "c1", {"model.pt": b"stale"}), {})
+    assert sorted(k.split("/")[3] for k in store.list("stage", "runs/checkpoints/J/")) == \
+        ["000000-7-ab", "000000-7-ab", "000001-7-ab", "000001-7-ab"]
+    payload = {"job_id": "J", "token": "8-cd", "attempt": 2, "workdir": str(tmp_path / "retry"),
+               "spec": {"train": {"artifact_stage_location": "s3://stage/runs"}},
+               "checkpoints_recorded": ["000000-7-ab"]}
+    os.makedirs(payload["workdir"])
+    retry = Checkpoints(Prepared(payload, Settings.from_env({}), None), Events(), store=store)
+    assert open(os.path.join(retry.latest(), "model.pt"), "rb").read() == b"recorded"
+    uri = retry.upload(folder(tmp_path, "c2", {"model.pt": b"retry"}), {})
+    assert uri.endswith("/000002-8-cd/")   # past every folder, recorded or not
+    assert open(os.path.join(retry.latest(), "model.pt"), "rb").read() == b"retry"   # its own count

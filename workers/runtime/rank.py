@@ -327,8 +327,11 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Z
 
 def _resume(state: State, payload: dict) -> dict:
     """For rank 0 of a GBDT retry: the newest checkpoint recorded by an earlier attempt (what a child
-    outliving its attempt stored is never recorded, so never chosen)."""
-    if payload["rank"] != 0 or payload.get("attempt", 1) <= 1 or payload["spec"]["framework"] == "pytorch":
+    outliving its attempt stored is never recorded, so never chosen); for every rank of a PyTorch job, the
+    checkpoint folders earlier attempts recorded (``get_latest_checkpoint()`` takes only those)."""
+    if payload["spec"]["framework"] == "pytorch":
+        return {"checkpoints_recorded": sorted(state.checkpoints(payload["job_id"]).values())}
+    if payload["rank"] != 0 or payload.get("attempt", 1) <= 1:
         return {}
     return {"resume": checkpoints.newest(state.checkpoints(payload["job_id"]))}
 
@@ -487,6 +490,9 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
             if ev.get("key"):   # a GBDT booster: recorded for a retry (not logged: every N rounds, like the eval lines)
                 if not record_checkpoint(run, int(ev.get("rounds") or 0), ev["key"]):
                     abort.set("the attempt is no longer current")
+            elif ev.get("folder") and not run.state.record_checkpoint(
+                    run.job_id, run.token, int(ev["folder"].split("-", 1)[0]), ev["folder"], sweep=False):
+                abort.set("the attempt is no longer current")   # a PyTorch checkpoint no retry will read
             elif not run.state.fenced_write(run.job_id, run.token, run.rank, None,
                                             [f"[gangway] checkpoint {ev.get('uri')}"]):
                 abort.set("the attempt is no longer current")

@@ -84,11 +84,15 @@ def _connectors(prep: Prepared) -> dict:
 
 
 class Checkpoints:
-    """Rank 0's checkpoint uploads under ``{stage}/checkpoints/{job_id}/NNNNNN/``, and the newest's download.
+    """Rank 0's checkpoint uploads under ``{stage}/checkpoints/{job_id}/NNNNNN-<token>/``, and the newest's
+    download.
 
     A checkpoint is complete once its marker (``.gangway-complete.json``: attempt, token, files) is written,
     after every file; an upload cut short (an abort, a killed child, a store error) leaves a folder without
-    one, which ``latest()`` skips and no later checkpoint reuses."""
+    one, which ``latest()`` skips and no later checkpoint reuses. The folder names its attempt, so a child
+    outliving its attempt never writes into a later attempt's folder; its supervisor records each complete
+    checkpoint only while the attempt is current, and ``latest()`` takes only this attempt's own or those an
+    earlier attempt recorded (``checkpoints_recorded`` in the payload, read by the supervisor at start)."""
 
     def __init__(self, prep: Prepared, emitter: Emitter, store=None) -> None:
         self.store = store or warm_store(prep.settings)
@@ -97,6 +101,9 @@ class Checkpoints:
         self.prefix = f"{base}checkpoints/{prep.payload['job_id']}/"
         self.workdir = prep.payload["workdir"]
         self.attempt = {"attempt": prep.payload.get("attempt"), "token": prep.payload.get("token")}
+        recorded = prep.payload.get("checkpoints_recorded")
+        self.recorded = None if recorded is None else set(recorded)   # None: no record given (all complete count)
+        self.own: set[str] = set()
         self.emitter = emitter
         self.location = f"s3://{self.bucket}/{self.prefix}"
         self.uploaded = False
@@ -104,17 +111,17 @@ class Checkpoints:
     def _folders(self) -> tuple[list[str], set[str]]:
         """Every checkpoint folder (sorted) and the complete ones."""
         rels = [k[len(self.prefix):] for k in self.store.list(self.bucket, self.prefix)]
-        seqs = sorted({r.split("/", 1)[0] for r in rels if r.split("/", 1)[0].isdigit()})
+        seqs = sorted({r.split("/", 1)[0] for r in rels if r.split("/", 1)[0][:6].isdigit()}, key=_seq)
         complete = {r.split("/", 1)[0] for r in rels if r.endswith("/" + CHECKPOINT_MARKER)}
         return seqs, complete
 
     def _existing(self) -> list[str]:
         seqs, complete = self._folders()
-        return [s for s in seqs if s in complete]
+        return [s for s in seqs if s in complete and (self.recorded is None or s in self.recorded or s in self.own)]
 
     def upload(self, folder: str, metrics: dict) -> str:
         seqs, _ = self._folders()
-        seq = f"{int((seqs or ['-1'])[-1]) + 1:06d}"   # past any folder, complete or not
+        seq = f"{(_seq(seqs[-1]) if seqs else -1) + 1:06d}-{self.attempt['token']}"   # past any folder, complete or not
         files = []
         for root, _, names in os.walk(folder):
             for name in names:
@@ -125,7 +132,8 @@ class Checkpoints:
         self.store.put(self.bucket, f"{self.prefix}{seq}/{CHECKPOINT_MARKER}",
                        json.dumps({**self.attempt, "files": sorted(files)}).encode())
         self.uploaded = True
-        self.emitter.emit("checkpoint", uri=f"{self.location}{seq}/", metrics=metrics)
+        self.own.add(seq)
+        self.emitter.emit("checkpoint", uri=f"{self.location}{seq}/", metrics=metrics, folder=seq)
         return f"{self.location}{seq}/"
 
     def latest(self) -> str | None:
@@ -142,6 +150,11 @@ class Checkpoints:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self.store.get_to_file(self.bucket, key, dest)
         return target
+
+
+def _seq(folder: str) -> int:
+    """The number a checkpoint folder (``NNNNNN`` or ``NNNNNN-<token>``) starts with."""
+    return int(folder.split("-", 1)[0])
 
 
 def visible_gpus(payload: dict, local_rank: int) -> tuple[list[str], int]:
