@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import io
+import json
 import threading
 
 import numpy as np
@@ -173,3 +174,13 @@ def test_the_seed_examples_4_gpu_worker_is_refused_on_a_cpu_fleet_with_requested
                                              r"most 0 GPUs each"):
         PyTorchDistributor(lambda: None, config).run()
     assert all(not w.job_id for w in state.workers())
+
+
+def test_a_retry_gets_the_checkpoint_its_killed_first_attempt_recorded(fleet, fleet_settings):
+    stage = f"s3://{fleet_settings.artifact_bucket}/runs"
+    dist = PyTorchDistributor(torch_jobs.checkpoint_then_die_once, PyTorchScalingConfig())
+    job = dist.submit(artifact_stage_location=stage, max_failures=1)
+    response = job.wait(180)
+    assert job.status().attempt == 2 and response.get_metrics() == {"restored": "from the first attempt"}
+    first = json.loads(job.record()["history"])[0]["token"]
+    assert list(job.client.state.checkpoints(job.job_id).values()) == [f"000000-{first}"]

@@ -140,3 +140,20 @@ def many_files_train_func():
             f.write(os.urandom(256))
     with open(os.path.join(folder, f"attempt-{uuid.uuid4().hex}.txt"), "w") as f:
         f.write("this attempt's files")
+
+
+def checkpoint_then_die_once():
+    """The first attempt stores a checkpoint, then its process is killed (retried); the retry reports what
+    get_latest_checkpoint() brought back."""
+    import signal
+
+    from producer.pytorch import get_context
+    ctx = get_context()
+    latest = ctx.get_latest_checkpoint()
+    if latest is None:
+        with open(os.path.join(ctx.get_checkpoint_dir(), "state.txt"), "w") as f:
+            f.write("from the first attempt")
+        ctx.report({"step": 1}, checkpoint=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(os.path.join(latest, "state.txt")) as f:
+        ctx.report({"restored": f.read()})

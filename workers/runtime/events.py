@@ -31,8 +31,17 @@ class Emitter:
 
     def _drain(self) -> None:
         while (line := self._q.get()) is not None:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            finally:   # a flush() never waits on an event that could not be written
+                self._q.task_done()
+        self._q.task_done()   # the closing sentinel: a flush after close() returns
+
+    def flush(self) -> None:
+        """Block until every event emitted so far is in the pipe (the supervisor reads what a process
+        killed right after wrote, so an event that must not be lost survives its sender)."""
+        self._q.join()
 
     def emit(self, ev: str, *, droppable: bool = False, **fields: Any) -> None:
         line = json.dumps({"ev": ev, **fields}, default=str)

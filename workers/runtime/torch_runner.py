@@ -134,6 +134,9 @@ class Checkpoints:
         self.uploaded = True
         self.own.add(seq)
         self.emitter.emit("checkpoint", uri=f"{self.location}{seq}/", metrics=metrics, folder=seq)
+        flush = getattr(self.emitter, "flush", None)
+        if flush is not None:   # recorded by the supervisor even if this process is killed right after
+            flush()
         return f"{self.location}{seq}/"
 
     def latest(self) -> str | None:
