@@ -14,6 +14,9 @@ COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
 COORDINATOR_INFO = PREFIX + "coordinator:info"   # hash: metrics_url, host, pid (of the newest coordinator)
 RUNNING = PREFIX + "running"                 # set of job ids holding a gang
 DEADLINES = PREFIX + "deadlines"             # zset job_id -> whole-job deadline (Redis clock), jobs with a timeout
+FREE = PREFIX + "free"                       # set of worker ids registered, not draining, holding no job (kept by
+                                             # the scripts; liveness is checked for the workers a pass picks)
+REGISTRY_EPOCH = PREFIX + "registry:epoch"   # random value, new whenever a registration (info) is added or removed
 
 COORDINATOR_QUEUE = "gangway.coordinator"
 

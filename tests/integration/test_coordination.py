@@ -126,7 +126,7 @@ def test_a_first_attempt_waits_while_a_registered_worker_is_momentarily_dead_or_
     coord.submit(spec("A", 3))
     assert state.job_state("A") is JobState.PENDING
     add_worker(state, "w2", 30020)
-    state.r.hset(keys.worker("w1"), "draining", "0")
+    add_worker(state, "w1", 30010)                   # back from its restart: it registers again
     coord.schedule_pass()
     assert state.job_state("A") is JobState.RUNNING
 
