@@ -147,14 +147,6 @@ class State:
             pipe.hget(keys.worker(wid), "info")
         return epoch or "", {wid: _worker_info(raw) for wid, raw in zip(ids, pipe.execute()) if raw}
 
-    def free_workers(self) -> tuple[str, set[str]]:
-        """(registry epoch, ids in the free-worker index), read together: what a scheduling pass needs."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(keys.REGISTRY_EPOCH)
-        pipe.smembers(keys.FREE)
-        epoch, free = pipe.execute()
-        return epoch or "", free
-
     def sync_free(self, worker_ids: Iterable[str], client=None) -> None:
         """Bring the free-worker index in line with these workers' hashes (after a direct write to one)."""
         pipe = client if client is not None else self.r.pipeline(transaction=False)

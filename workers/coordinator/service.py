@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 
 import redis
 from celery import Celery
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 FRAMEWORKS = ("xgboost", "lightgbm", "pytorch")
 _JOB_ID = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 _ACTIVE = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNING)
-_SWEEP = 256   # registered workers the reaper checks per tick (prune, repair, free index)
+_SPEC_BATCH = 8   # pending specs read per round trip while a pass plans
+_SWEEP = 64   # registered workers the reaper checks per tick (prune, repair, free index)
 _STALE_PICKS = 8   # plans per pass when picks meet stale free-index entries (each drops at least one)
 
 
@@ -71,6 +73,7 @@ class Coordinator:
         self.app = app
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
         self._registry: tuple[str | None, dict[str, WorkerInfo]] = (None, {})   # (epoch, registrations)
+        self._registered: list[WorkerView] = []
         self._never_fits_cache: dict[Resources, str] = {}
         self._sweep_at = 0   # where the reaper's sweep over the registry goes on
 
@@ -156,18 +159,21 @@ class Coordinator:
 
     def _plan_and_place(self) -> tuple[int, bool]:
         """One plan over the queue's head, executed; returns (jobs placed, whether a pick was stale)."""
-        ids = self.r.zrange(keys.PENDING, 0, 99)
-        pipe = self.r.pipeline()
-        for job_id in ids:   # one round trip for the head of the queue
-            pipe.hget(keys.job(job_id), "spec")
-        specs = [_spec(raw) for raw in pipe.execute() if raw]
-        if not specs:
+        pipe = self.r.pipeline(transaction=True)   # one round trip: the queue's head, the fleet, the clock
+        pipe.zrange(keys.PENDING, 0, 99)
+        pipe.get(keys.REGISTRY_EPOCH)
+        pipe.smembers(keys.FREE)
+        pipe.smembers(keys.RUNNING)
+        pipe.time()
+        ids, epoch, free, running, (sec, usec) = pipe.execute()
+        if not ids:
             return 0, False
-        fleet = self._fleet()
+        now = sec + usec / 1e6
+        specs: dict[str, JobSpec] = {}
+        fleet = self._fleet(epoch or "", free, running)
         by_id = {w.info.worker_id: w for w in fleet.registered}
         placed = 0
-        now = self.now()
-        for decision in plan_fleet(specs, fleet, self._never_fits):
+        for decision in plan_fleet(self._head_specs(ids, specs), fleet, self._never_fits):
             if decision.action is Action.FAIL and int(self.r.hget(keys.job(decision.job_id), "attempt") or 0):
                 # A retry whose fleet shrank (a worker died or drains) waits, bounded by the placement deadline.
                 self._note_waiting(decision.job_id, decision.reason, now)
@@ -177,7 +183,7 @@ class Coordinator:
                 self._note_waiting(decision.job_id, decision.reason, now, fits=True)
             else:
                 self.r.hdel(keys.job(decision.job_id), "never_fits_since")
-                outcome = self._place(decision.placement, by_id, {sp.job_id: sp for sp in specs}[decision.job_id])
+                outcome = self._place(decision.placement, by_id, specs[decision.job_id])
                 if outcome == "placed":
                     placed += 1
                 elif outcome == "gone":
@@ -186,22 +192,35 @@ class Coordinator:
                     return placed, outcome == "stale"
         return placed, False
 
-    def _fleet(self) -> Fleet:
-        """The registered fleet (kept until its epoch changes) and the free-worker index, read together."""
-        epoch, free = self.state.free_workers()
+    def _head_specs(self, ids: list[str], into: dict[str, JobSpec]) -> Iterator[JobSpec]:
+        """The specs of the queue's head, read a few per round trip as the plan asks for them: a pass
+        blocked by its first job reads one batch, not the whole head."""
+        for at in range(0, len(ids), _SPEC_BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[at:at + _SPEC_BATCH]:
+                pipe.hget(keys.job(job_id), "spec")
+            for raw in pipe.execute():
+                if raw:
+                    spec = _spec(raw)
+                    into[spec.job_id] = spec
+                    yield spec
+
+    def _fleet(self, epoch: str, free: set[str], running: set[str]) -> Fleet:
+        """The fleet from the free-worker index and the jobs holding gangs, with the registrations kept
+        until the registry's epoch changes."""
         if epoch != self._registry[0] or not free <= self._registry[1].keys():
             self._registry = self.state.registry()
+            self._registered = [WorkerView(info, True) for info in self._registry[1].values()]
             self._never_fits_cache = {}
         infos = self._registry[1]
-        registered = [WorkerView(info, True) for info in infos.values()]
-        return Fleet(registered=registered, free=[WorkerView(infos[w], True) for w in sorted(free) if w in infos],
-                     holders=tuple(self.r.smembers(keys.RUNNING)))
+        return Fleet(registered=self._registered,
+                     free=[WorkerView(infos[w], True) for w in sorted(free) if w in infos],
+                     holders=tuple(running))
 
     def _never_fits(self, resources: Resources) -> str:
         """``infeasibility`` over the registered fleet, remembered per request until the registry changes."""
         if resources not in self._never_fits_cache:
-            registered = [WorkerView(info, True) for info in self._registry[1].values()]
-            self._never_fits_cache[resources] = infeasibility(resources, registered, registered=True)
+            self._never_fits_cache[resources] = infeasibility(resources, self._registered, registered=True)
         return self._never_fits_cache[resources]
 
     def _fail_if_never_fits(self, job_id: str, reason: str, now: float) -> None:
@@ -424,7 +443,7 @@ class Coordinator:
                 continue
             token = job["token"]
             self._reap_ranks(job_id, job, heartbeats_judged, leases_judged)
-            since = job.get("failing_since") or self.r.hget(keys.job(job_id), f"failing:{token}")
+            since = job.get("failing_since")   # marked before this read (one marked by it is not due yet)
             if since and now - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
