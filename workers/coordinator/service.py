@@ -212,6 +212,9 @@ class Coordinator:
             self._registry = self.state.registry()
             self._registered = [WorkerView(info, True) for info in self._registry[1].values()]
             self._never_fits_cache = {}
+            unregistered = free - self._registry[1].keys()
+            if unregistered:   # an entry with no registration behind it: the script takes it out
+                self.state.sync_free(unregistered)
         infos = self._registry[1]
         return Fleet(registered=self._registered,
                      free=[WorkerView(infos[w], True) for w in sorted(free) if w in infos],
