@@ -33,6 +33,8 @@ import uuid
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the checkout this script sits in, not whichever one the virtualenv's editable install points at
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from overhead import FEATURES, LABEL, free_port_block, log, make_data, print_table, row, to_arrow
 
 from common import keys

@@ -17,6 +17,9 @@ STAGED = PREFIX + "staged"                   # hash "<job_id>:<token>" -> JSON s
 STAGING_SCANNED = PREFIX + "staging:scanned"  # the Redis run_id whose staging area was last scanned for orphans
 CHECKPOINTED = PREFIX + "checkpointed"       # set of GBDT job ids with checkpoints in the store (swept once ended)
 DEADLINES = PREFIX + "deadlines"             # zset job_id -> whole-job deadline (Redis clock), jobs with a timeout
+FREE = PREFIX + "free"                       # set of worker ids registered, not draining, holding no job (kept by
+                                             # the scripts; liveness is checked for the workers a pass picks)
+REGISTRY_EPOCH = PREFIX + "registry:epoch"   # random value, new whenever a registration (info) is added or removed
 
 COORDINATOR_QUEUE = "gangway.coordinator"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class State:
         self._transition = _script(client, "transition.lua")
         self._fenced = _script(client, "fenced.lua")
         self._checkpoint = _script(client, "checkpoint.lua")
+        self._free = _script(client, "free.lua")
 
     # jobs -----------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, str] | None:
@@ -100,8 +102,9 @@ class State:
                            str(int(expire_after)) if expire_after else ""]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.job_ranks(job_id),
-                                      keys.job_log(job_id), keys.job_checkpoints(job_id)], args=args)
+        prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.FREE,
+                                      keys.job_ranks(job_id), keys.job_log(job_id), keys.job_checkpoints(job_id)],
+                                args=args)
         return JobState(prev) if prev else None
 
     def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
@@ -135,8 +138,9 @@ class State:
         return bool(self.r.exists(keys.rank_lease(job_id, token, rank)))
 
     # workers --------------------------------------------------------------
-    def workers(self) -> list[WorkerView]:
-        ids = sorted(self.r.smembers(keys.WORKERS))
+    def workers(self, ids: Iterable[str] | None = None) -> list[WorkerView]:
+        """Views of the registered workers (or of ``ids`` among them): two commands per worker."""
+        ids = sorted(self.r.smembers(keys.WORKERS) if ids is None else ids)
         if not ids:
             return []
         pipe = self.r.pipeline()
@@ -151,6 +155,27 @@ class State:
                 out.append(WorkerView(_worker_info(info), bool(alive), job or "", draining == "1"))
         return out
 
+    def registry(self) -> tuple[str, dict[str, WorkerInfo]]:
+        """(epoch, worker id -> registration) of every registered worker; the epoch changes whenever a
+        registration is added or removed, so a reader may keep this until it does."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(keys.REGISTRY_EPOCH)
+        pipe.smembers(keys.WORKERS)
+        epoch, ids = pipe.execute()
+        ids = sorted(ids)
+        pipe = self.r.pipeline(transaction=False)
+        for wid in ids:
+            pipe.hget(keys.worker(wid), "info")
+        return epoch or "", {wid: _worker_info(raw) for wid, raw in zip(ids, pipe.execute()) if raw}
+
+    def sync_free(self, worker_ids: Iterable[str], client=None) -> None:
+        """Bring the free-worker index in line with these workers' hashes (after a direct write to one)."""
+        pipe = client if client is not None else self.r.pipeline(transaction=False)
+        for wid in worker_ids:
+            self._free(keys=[keys.worker(wid), keys.FREE, keys.worker_alive(wid)], args=[wid, ""], client=pipe)
+        if client is None:
+            pipe.execute()
+
     def register_worker(self, info: WorkerInfo, ttl: float, *, draining: bool = False) -> None:
         pipe = self.r.pipeline()
         pipe.sadd(keys.WORKERS, info.worker_id)
@@ -159,10 +184,21 @@ class State:
         pipe.hsetnx(keys.worker(info.worker_id), "job", "")
         pipe.persist(keys.worker(info.worker_id))   # a worker back under a deregistered id keeps its hash
         pipe.set(keys.worker_alive(info.worker_id), str(time.time()), px=int(ttl * 1000))
+        pipe.set(keys.REGISTRY_EPOCH, secrets.token_hex(8))
+        self.sync_free([info.worker_id], client=pipe)
         pipe.execute()
 
     def heartbeat(self, worker_id: str, ttl: float) -> None:
-        self.r.set(keys.worker_alive(worker_id), str(time.time()), px=int(ttl * 1000))
+        """Renew the worker's alive key; a worker back from a gap re-enters the free-worker index."""
+        self._free(keys=[keys.worker(worker_id), keys.FREE, keys.worker_alive(worker_id)],
+                   args=[worker_id, max(1, int(ttl * 1000)), str(time.time())])
+
+    def set_draining(self, worker_id: str) -> None:
+        """Take no new gang: out of the free-worker index in the same step."""
+        pipe = self.r.pipeline()
+        pipe.hset(keys.worker(worker_id), "draining", "1")
+        self.sync_free([worker_id], client=pipe)
+        pipe.execute()
 
     def deregister_worker(self, worker_id: str, keep_seconds: float = 86400) -> None:
         """Leave the registry. The worker's hash stays ``keep_seconds`` (a reaper may still read what job it
@@ -170,8 +206,10 @@ class State:
         pipe = self.r.pipeline()
         pipe.delete(keys.worker_alive(worker_id))
         pipe.srem(keys.WORKERS, worker_id)
+        pipe.srem(keys.FREE, worker_id)
         pipe.hdel(keys.worker(worker_id), "info")
         pipe.expire(keys.worker(worker_id), max(1, int(keep_seconds)))
+        pipe.set(keys.REGISTRY_EPOCH, secrets.token_hex(8))
         pipe.execute()
 
     def prune_dead_workers(self, views, older_than: float) -> list[str]:
@@ -191,7 +229,9 @@ class State:
             if now - float(self.r.hget(key, "dead_since") or now) > older_than:
                 pipe = self.r.pipeline()
                 pipe.srem(keys.WORKERS, w.info.worker_id)
+                pipe.srem(keys.FREE, w.info.worker_id)
                 pipe.delete(key)
+                pipe.set(keys.REGISTRY_EPOCH, secrets.token_hex(8))
                 pipe.execute()
                 dropped.append(w.info.worker_id)
         return dropped

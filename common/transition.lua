@@ -1,10 +1,11 @@
 -- Compare-and-set a job's state; leaving RUNNING also releases that attempt's gang, in the same step.
--- KEYS: job hash, pending zset, running set, then keys that expire with an ended job (ranks, log).
+-- KEYS: job hash, pending zset, running set, free-worker set, then keys that expire with an ended job (ranks, log).
 -- ARGV: allowed_from (comma list), new_state, token ('' = any), worker key prefix,
 --       seconds an ended job stays readable ('' = no expiry), field/value pairs...
 -- Moving to PENDING (a retry) re-queues the job at its own 'score'; any other state leaves the queue.
 -- Leaving RUNNING frees every worker of the job's gang still held by the attempt that ends and leaves the
 -- running set: a coordinator that dies right after this script leaves no gang reserved and no job unwatched.
+-- A freed worker that is registered and not draining re-enters the free-worker index in the same step.
 -- Returns the previous state on success, or false when the state or token did not match.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return false end
@@ -23,6 +24,9 @@ if state == 'RUNNING' and ARGV[2] ~= 'RUNNING' then
       local wkey = ARGV[4] .. wid
       if redis.call('HGET', wkey, 'job') == job_id and redis.call('HGET', wkey, 'token') == token then
         redis.call('HSET', wkey, 'job', '', 'token', '', 'lease', '')
+        if redis.call('HEXISTS', wkey, 'info') == 1 and redis.call('HGET', wkey, 'draining') ~= '1' then
+          redis.call('SADD', KEYS[4], wid)
+        end
       end
     end
   end
@@ -39,6 +43,6 @@ else
 end
 if ARGV[5] ~= '' and (ARGV[2] == 'SUCCEEDED' or ARGV[2] == 'FAILED' or ARGV[2] == 'CANCELLED') then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
-  for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+  for i = 5, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 end
 return state

@@ -3,6 +3,7 @@ restarts, clocks that disagree. The real Coordinator, its real Lua scripts and a
 redis-server of the test's own; faults are injected between two of a step's Redis writes."""
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 
@@ -126,7 +127,7 @@ def test_a_first_attempt_waits_while_a_registered_worker_is_momentarily_dead_or_
     coord.submit(spec("A", 3))
     assert state.job_state("A") is JobState.PENDING
     add_worker(state, "w2", 30020)
-    state.r.hset(keys.worker("w1"), "draining", "0")
+    add_worker(state, "w1", 30010)                   # back from its restart: it registers again
     coord.schedule_pass()
     assert state.job_state("A") is JobState.RUNNING
 
@@ -305,3 +306,51 @@ def test_a_pruned_dead_workers_queue_and_its_binding_leave_the_broker(redis_url)
         assert not client.exists(queue) and not client.exists(f"_kombu.binding.{queue}")
     finally:
         coord.app.close()
+
+
+# the free-worker index (issue 12: a pass reads the index, not every worker) -------------------------------
+
+def test_a_pass_never_places_a_gang_on_an_indexed_worker_whose_heartbeat_lapsed_and_drops_its_entry(coord):
+    state = coord.state
+    fleet(state, 3)
+    state.r.delete(keys.worker_alive("w0"))   # died while free: its index entry is now stale
+    assert state.r.sismember(keys.FREE, "w0")
+    coord.submit(spec("J", 2))
+    assert state.job_state("J") is JobState.RUNNING
+    assert sorted(json.loads(state.job("J")["gang"])["workers"]) == ["w1", "w2"]
+    assert state.r.smembers(keys.FREE) == set()   # w0 dropped when picked, w1 and w2 reserved
+    state.heartbeat("w0", 60)                      # it comes back: in the index again
+    assert state.r.smembers(keys.FREE) == {"w0"}
+
+
+def test_a_gang_released_by_any_ending_re_enters_the_free_index_except_a_draining_worker(coord):
+    state = coord.state
+    fleet(state, 3)
+    coord.submit(spec("J", 3, max_failures=0))
+    assert state.r.smembers(keys.FREE) == set()
+    state.set_draining("w2")
+    coord.cancel("J")
+    assert state.r.smembers(keys.FREE) == {"w0", "w1"}
+    coord.submit(spec("K", 3))
+    assert state.job_state("K") is JobState.PENDING   # the draining worker is not offered
+    assert "2 of 3 registered workers are free" in state.job("K")["waiting"]
+
+
+def test_the_reaper_mends_a_free_index_entry_that_a_direct_write_left_wrong(coord):
+    state = coord.state
+    fleet(state, 2)
+    state.r.hset(keys.worker("w1"), "draining", "1")   # bypassing set_draining: the index still offers w1
+    state.r.srem(keys.FREE, "w0")                      # and lost w0
+    coord.reap()
+    assert state.r.smembers(keys.FREE) == {"w0"}
+
+
+def test_a_deregistered_worker_leaves_the_index_and_changes_the_registry_epoch(coord):
+    state = coord.state
+    fleet(state, 2)
+    epoch = state.r.get(keys.REGISTRY_EPOCH)
+    state.deregister_worker("w1")
+    assert state.r.smembers(keys.FREE) == {"w0"} and state.r.get(keys.REGISTRY_EPOCH) != epoch
+    coord.submit(spec("J", 2))
+    waiting = state.job("J")["waiting"]   # judged on the fleet of 1, not on a cached fleet of 2
+    assert state.job_state("J") is JobState.PENDING and "num_workers=2" in waiting and "failing in" in waiting

@@ -42,7 +42,7 @@ def test_ctrl_c_in_fit_says_why_it_waits_then_cancels_its_job_and_frees_the_gang
         proc = subprocess.Popen([sys.executable, "-c", FIT_FOREVER], stderr=f, stdout=subprocess.DEVNULL,
                                 env={**os.environ}, cwd=os.getcwd())
     try:
-        wait_until(lambda: _said(err, "is PENDING: waiting for 2 workers: 0 of 2 live workers are free (held by job "
+        wait_until(lambda: _said(err, "is PENDING: waiting for 2 workers: 0 of 2 registered workers are free (held by job "
                                 f"{blocker.job_id})"), 90, "fit() to say why it waits")
         job_id = err.read_text().split("gangway: job ", 1)[1].split()[0]
         blocker.cancel(wait=10)

@@ -385,8 +385,13 @@ class World:
     def check(self, where: str) -> None:
         r = self.plain.r
         running = r.smembers(keys.RUNNING)
+        free = r.smembers(keys.FREE)
         for wid in r.smembers(keys.WORKERS):
             job_id, token = r.hmget(keys.worker(wid), "job", "token")
+            idle = not job_id and r.hget(keys.worker(wid), "draining") != "1"
+            assert wid not in free or idle, f"{where}: {wid} is in the free-worker index but holds {job_id!r}"
+            assert wid in free or not idle or not r.exists(keys.worker_alive(wid)), \
+                f"{where}: {wid} is live and free but not in the free-worker index"
             if job_id:
                 job = self.plain.job(job_id) or {}
                 assert job.get("state") == "RUNNING" and job.get("token") == token, \

@@ -199,3 +199,21 @@ def test_a_multi_gpu_rank_sees_exactly_its_gpus_and_a_one_gpu_rank_its_hosts_gan
     from workers.runtime.torch_runner import visible_gpus
     assert visible_gpus({"gpus": ["4", "5", "6", "7"], "host_gpus": ["0", "4"]}, local_rank=1) == (["4", "5", "6", "7"], 0)
     assert visible_gpus({"gpus": ["3"], "host_gpus": ["1", "3"]}, local_rank=1) == (["1", "3"], 1)
+
+
+def test_a_pass_over_the_free_index_places_from_the_free_workers_and_counts_registered_ones_when_waiting():
+    from workers.coordinator.scheduler import Fleet, plan_fleet
+    registered = [w(f"r{i}") for i in range(6)]
+    fleet = Fleet(registered=registered, free=[registered[4], registered[5]], holders=("job-1",))
+    ds = plan_fleet([spec("j1", 2), spec("j2", 1)], fleet)
+    assert ds[0].action is Action.PLACE and set(ds[0].placement.worker_ids) == {"r4", "r5"}
+    assert ds[1].action is Action.WAIT
+    assert ds[1].reason == "waiting for 1 workers: 0 of 6 registered workers are free (held by job job-1)"
+
+
+def test_a_pass_asks_whether_a_job_can_ever_fit_through_the_callers_verdict():
+    from workers.coordinator.scheduler import Fleet, plan_fleet
+    asked = []
+    fleet = Fleet(registered=[w("a")], free=[w("a")])
+    ds = plan_fleet([spec("j", 1)], fleet, never_fits=lambda res: asked.append(res) or "never, says the cache")
+    assert asked == [Resources(1)] and ds[0].action is Action.FAIL and ds[0].reason == "never, says the cache"

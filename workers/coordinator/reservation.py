@@ -1,4 +1,5 @@
-"""Redis side of gang reservation: its Lua scripts (reserve, release, repair, unwatch) and the fencing tokens."""
+"""Redis side of gang reservation: its Lua scripts (reserve, release, repair, unwatch, the reaper's scan) and
+the fencing tokens."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ class Reservations:
         self._release = client.register_script((_HERE / "release.lua").read_text())
         self._repair = client.register_script((_HERE / "repair.lua").read_text())
         self._unwatch = client.register_script((_HERE / "unwatch.lua").read_text())
+        self._scan = client.register_script((_HERE / "reap.lua").read_text())
 
     def next_token(self) -> str:
         """A fencing token no attempt had before: the counter orders tokens for people reading logs; the
@@ -44,7 +46,8 @@ class Reservations:
         gang = {"workers": list(placement.worker_ids), "use_gpu": placement.use_gpu}
         first = lease_seconds if first_lease_seconds is None else first_lease_seconds
         ok, reason = self._reserve(
-            keys=[keys.job(placement.job_id), keys.PENDING, *wkeys, keys.RUNNING, keys.job_ranks(placement.job_id)],
+            keys=[keys.job(placement.job_id), keys.PENDING, *wkeys, keys.RUNNING, keys.job_ranks(placement.job_id),
+                  keys.FREE],
             args=[placement.job_id, token, now + lease_seconds, json.dumps(gang),
                   json.dumps(rendezvous.to_dict()), now, len(placement.worker_ids),
                   max(1, int(lease_seconds * 1000)), max(1, int(first * 1000)),
@@ -52,12 +55,12 @@ class Reservations:
         return (token, "") if int(ok) == 1 else ("", reason)
 
     def release(self, job_id: str, token: str, worker_ids: list[str]) -> int:
-        return int(self._release(keys=[keys.job(job_id), keys.RUNNING, *[keys.worker(w) for w in worker_ids]],
-                                 args=[job_id, token]))
+        return int(self._release(keys=[keys.job(job_id), keys.RUNNING, keys.FREE,
+                                       *[keys.worker(w) for w in worker_ids]], args=[job_id, token, *worker_ids]))
 
     def repair(self, worker_id: str, job_id: str) -> bool:
         """Free ``worker_id`` if its reservation for ``job_id`` names no attempt that runs on it now."""
-        return bool(self._repair(keys=[keys.worker(worker_id), keys.job(job_id)], args=[worker_id]))
+        return bool(self._repair(keys=[keys.worker(worker_id), keys.job(job_id), keys.FREE], args=[worker_id]))
 
     def repair_many(self, held: list[tuple[str, str]]) -> list[str]:
         """``repair`` for every (worker, job) pair in one round trip (each script call stays atomic);
@@ -66,9 +69,14 @@ class Reservations:
             return []
         pipe = self.r.pipeline(transaction=False)
         for worker_id, job_id in held:
-            self._repair(keys=[keys.worker(worker_id), keys.job(job_id)], args=[worker_id], client=pipe)
+            self._repair(keys=[keys.worker(worker_id), keys.job(job_id), keys.FREE], args=[worker_id], client=pipe)
         return [wid for (wid, _), freed in zip(held, pipe.execute()) if freed]
 
     def unwatch(self, job_id: str) -> bool:
         """Drop ``job_id`` from the running set if (and only if) it is not RUNNING."""
         return bool(self._unwatch(keys=[keys.RUNNING, keys.job(job_id)], args=[job_id]))
+
+    def running_scan(self) -> list:
+        """``reap.lua``: per running job its state, token, lease_ms, failing-since mark and the ranks that
+        may need a verdict (final status written, worker heartbeat gone, or lease gone)."""
+        return self._scan(keys=[keys.RUNNING], args=[keys.job(""), keys.worker("")])

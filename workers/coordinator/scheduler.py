@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from common.models import JobSpec, Placement, Rendezvous, Resources, WorkerView
 
@@ -140,37 +140,76 @@ def select_gang(job_id: str, resources: Resources, workers: Sequence[WorkerView]
     return Placement(job_id=job_id, worker_ids=tuple(w.info.worker_id for w in gang), use_gpu=use_gpu)
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """The fleet as a scheduling pass sees it, without reading every worker.
+
+    ``registered``: every registered worker (what a gang can *never* exceed); ``free``: the workers a gang
+    may take now (live, not draining, holding no job); ``live``: how many workers are live, when the
+    caller knows (else the waiting reason counts registered ones); ``holders``: jobs holding workers."""
+
+    registered: Sequence[WorkerView]
+    free: Sequence[WorkerView]
+    live: int | None = None
+    holders: tuple[str, ...] = ()
+
+
+def fleet_of(workers: Sequence[WorkerView]) -> Fleet:
+    """A ``Fleet`` from a full snapshot of every worker."""
+    return Fleet(registered=workers, free=[w for w in workers if w.free], live=sum(w.alive for w in workers),
+                 holders=tuple(sorted({w.job_id for w in workers if w.alive and w.job_id})))
+
+
 def plan_pass(pending: Sequence[JobSpec], workers: Sequence[WorkerView]) -> list[Decision]:
+    """Decisions for one scheduling pass over jobs already in priority/FIFO order, from a full snapshot."""
+    return plan_fleet(pending, fleet_of(workers))
+
+
+def plan_fleet(pending: Sequence[JobSpec], fleet: Fleet,
+               never_fits: Callable[[Resources], str] | None = None) -> list[Decision]:
     """Decisions for one scheduling pass over jobs already in priority/FIFO order.
 
-    FAIL means the job can never fit the *registered* fleet; one that fits it but not the live
-    workers of this moment waits (the coordinator bounds that wait with the placement deadline)."""
+    FAIL means the job can never fit the *registered* fleet; one that fits it but not the free
+    workers of this moment waits (the coordinator bounds that wait with the placement deadline).
+    ``never_fits`` (default: ``infeasibility`` over ``fleet.registered``) lets a caller that keeps
+    the registered fleet between passes remember its verdict per resource request."""
+    if never_fits is None:
+        def never_fits(resources: Resources) -> str:
+            return infeasibility(resources, fleet.registered, registered=True)
     decisions: list[Decision] = []
-    taken: set[str] = set()
+    free = list(fleet.free)
     for spec in pending:
-        reason = infeasibility(spec.resources, workers, registered=True)
+        reason = never_fits(spec.resources)
         if reason:
             decisions.append(Decision(spec.job_id, Action.FAIL, reason=reason))
             continue
-        view = [w if w.info.worker_id not in taken else WorkerView(w.info, w.alive, "(planned)")
-                for w in workers]
-        placement = select_gang(spec.job_id, spec.resources, view)
+        placement = select_gang(spec.job_id, spec.resources, free)
         if placement is None:
-            decisions.append(Decision(spec.job_id, Action.WAIT, reason=shortage(spec.resources, view)))
+            live = fleet.live
+            decisions.append(Decision(spec.job_id, Action.WAIT, reason=shortage_counts(
+                spec.resources, len(free), live if live is not None else len(fleet.registered),
+                fleet.holders, counted="live" if live is not None else "registered")))
             break
-        taken.update(placement.worker_ids)
+        taken = set(placement.worker_ids)
+        free = [w for w in free if w.info.worker_id not in taken]
         decisions.append(Decision(spec.job_id, Action.PLACE, placement=placement))
     return decisions
 
 
 def shortage(resources: Resources, workers: Sequence[WorkerView]) -> str:
     """Which resource is short right now, in words (for status and deadline errors)."""
-    free = [w for w in workers if w.free]
+    fleet = fleet_of(workers)
+    return shortage_counts(resources, len(fleet.free), fleet.live or 0, fleet.holders)
+
+
+def shortage_counts(resources: Resources, free: int, of: int, holders: Sequence[str],
+                    counted: str = "live") -> str:
+    """``shortage`` from counts: ``free`` of ``of`` ``counted`` workers are free, ``holders`` hold the rest."""
     want = "all free workers" if resources.num_workers == -1 else f"{resources.num_workers} workers"
     kind = " with a GPU" if resources.use_gpu else ""
-    holders = sorted({w.job_id for w in workers if w.alive and w.job_id and w.job_id != "(planned)"})
+    holders = sorted(holders)
     held = f" (held by job {', '.join(holders[:3])}{' …' if len(holders) > 3 else ''})" if holders else ""
-    return f"waiting for {want}{kind}: {len(free)} of {sum(w.alive for w in workers)} live workers are free{held}"
+    return f"waiting for {want}{kind}: {free} of {of} {counted} workers are free{held}"
 
 
 def compute_rendezvous(gang: Sequence[WorkerView]) -> Rendezvous:

@@ -5,17 +5,19 @@ decisions come from the pure functions in ``scheduler.py``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 
 import redis
 from celery import Celery
 
 from common import keys, metrics
 from common.artifacts import Publisher
-from common.models import JobSpec, JobState, RankState, WorkerView
+from common.models import JobSpec, JobState, RankState, Resources, WorkerInfo, WorkerView
 from common.settings import Settings
 from common.signing import SecurityError, verify
 from common.state import State
@@ -24,9 +26,11 @@ from workers.coordinator.policy import FailureAction, decide, headline, is_retry
 from workers.coordinator.reservation import Reservations
 from workers.coordinator.scheduler import (
     Action,
+    Fleet,
     compute_rendezvous,
+    infeasibility,
     pending_score,
-    plan_pass,
+    plan_fleet,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,15 @@ log = logging.getLogger(__name__)
 FRAMEWORKS = ("xgboost", "lightgbm", "pytorch")
 _JOB_ID = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 _ACTIVE = (JobState.SUBMITTED, JobState.PENDING, JobState.RUNNING)
+_SPEC_BATCH = 8   # pending specs read per round trip while a pass plans
+_SWEEP = 64   # registered workers the reaper checks per tick (prune, repair, free index)
+_STALE_PICKS = 8   # plans per pass when picks meet stale free-index entries (each drops at least one)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(raw: str) -> JobSpec:
+    """A pending job's spec, parsed once: a blocked queue's head is read again on every pass."""
+    return JobSpec.from_json(raw)
 
 
 def spec_problems(spec: JobSpec) -> list[str]:
@@ -65,6 +78,10 @@ class Coordinator:
         self.publisher = Publisher(state.r, lambda: self.store, settings.lease_seconds + settings.kill_grace,
                                    settings.artifact_bucket)
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
+        self._registry: tuple[str | None, dict[str, WorkerInfo]] = (None, {})   # (epoch, registrations)
+        self._registered: list[WorkerView] = []
+        self._never_fits_cache: dict[Resources, str] = {}
+        self._sweep_at = 0   # where the reaper's sweep over the registry goes on
 
     @property
     def store(self) -> ObjectStore:
@@ -142,36 +159,85 @@ class Coordinator:
                 self.r.delete(keys.SCHEDULE_LOCK)
 
     def _pass(self) -> int:
-        ids = self.r.zrange(keys.PENDING, 0, 99)
-        pipe = self.r.pipeline()
-        for job_id in ids:   # one round trip for the head of the queue
-            pipe.hget(keys.job(job_id), "spec")
-        specs = [JobSpec.from_json(raw) for raw in pipe.execute() if raw]
-        if not specs:
-            return 0
-        workers = self.state.workers()
+        """Place what fits, reading the queue's head and the free-worker index, not every worker. A pick
+        that meets a stale index entry (a worker dead, draining or taken since it was indexed) loses its
+        reservation, the script drops the entry, and the pass plans again."""
         placed = 0
-        now = self.now()
-        for decision in plan_pass(specs, workers):
-            if decision.action is not Action.FAIL:
-                self.r.hdel(keys.job(decision.job_id), "never_fits_since")
+        for _ in range(_STALE_PICKS):
+            n, stale = self._plan_and_place()
+            placed += n
+            if not stale:
+                break
+        return placed
+
+    def _plan_and_place(self) -> tuple[int, bool]:
+        """One plan over the queue's head, executed; returns (jobs placed, whether a pick was stale)."""
+        pipe = self.r.pipeline(transaction=True)   # one round trip: the queue's head, the fleet, the clock
+        pipe.zrange(keys.PENDING, 0, 99)
+        pipe.get(keys.REGISTRY_EPOCH)
+        pipe.smembers(keys.FREE)
+        pipe.smembers(keys.RUNNING)
+        pipe.time()
+        ids, epoch, free, running, (sec, usec) = pipe.execute()
+        if not ids:
+            return 0, False
+        now = sec + usec / 1e6
+        specs: dict[str, JobSpec] = {}
+        fleet = self._fleet(epoch or "", free, running)
+        by_id = {w.info.worker_id: w for w in fleet.registered}
+        placed = 0
+        for decision in plan_fleet(self._head_specs(ids, specs), fleet, self._never_fits):
             if decision.action is Action.FAIL and int(self.r.hget(keys.job(decision.job_id), "attempt") or 0):
                 # A retry whose fleet shrank (a worker died or drains) waits, bounded by the placement deadline.
                 self._note_waiting(decision.job_id, decision.reason, now)
             elif decision.action is Action.FAIL:
                 self._fail_if_never_fits(decision.job_id, decision.reason, now)
             elif decision.action is Action.WAIT:
-                self._note_waiting(decision.job_id, decision.reason, now)
+                self._note_waiting(decision.job_id, decision.reason, now, fits=True)
             else:
-                outcome = self._place(decision.placement, {w.info.worker_id: w for w in workers},
-                                      {sp.job_id: sp for sp in specs}[decision.job_id])
+                self.r.hdel(keys.job(decision.job_id), "never_fits_since")
+                outcome = self._place(decision.placement, by_id, specs[decision.job_id])
                 if outcome == "placed":
                     placed += 1
                 elif outcome == "gone":
                     self.r.zrem(keys.PENDING, decision.job_id)   # cancelled meanwhile: never block the queue
                 else:
-                    break   # the snapshot went stale; the next pass takes a fresh one
-        return placed
+                    return placed, outcome == "stale"
+        return placed, False
+
+    def _head_specs(self, ids: list[str], into: dict[str, JobSpec]) -> Iterator[JobSpec]:
+        """The specs of the queue's head, read a few per round trip as the plan asks for them: a pass
+        blocked by its first job reads one batch, not the whole head."""
+        for at in range(0, len(ids), _SPEC_BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in ids[at:at + _SPEC_BATCH]:
+                pipe.hget(keys.job(job_id), "spec")
+            for raw in pipe.execute():
+                if raw:
+                    spec = _spec(raw)
+                    into[spec.job_id] = spec
+                    yield spec
+
+    def _fleet(self, epoch: str, free: set[str], running: set[str]) -> Fleet:
+        """The fleet from the free-worker index and the jobs holding gangs, with the registrations kept
+        until the registry's epoch changes."""
+        if epoch != self._registry[0] or not free <= self._registry[1].keys():
+            self._registry = self.state.registry()
+            self._registered = [WorkerView(info, True) for info in self._registry[1].values()]
+            self._never_fits_cache = {}
+            unregistered = free - self._registry[1].keys()
+            if unregistered:   # an entry with no registration behind it: the script takes it out
+                self.state.sync_free(unregistered)
+        infos = self._registry[1]
+        return Fleet(registered=self._registered,
+                     free=[WorkerView(infos[w], True) for w in sorted(free) if w in infos],
+                     holders=tuple(running))
+
+    def _never_fits(self, resources: Resources) -> str:
+        """``infeasibility`` over the registered fleet, remembered per request until the registry changes."""
+        if resources not in self._never_fits_cache:
+            self._never_fits_cache[resources] = infeasibility(resources, self._registered, registered=True)
+        return self._never_fits_cache[resources]
 
     def _fail_if_never_fits(self, job_id: str, reason: str, now: float) -> None:
         """Fail a first attempt the registered fleet cannot hold once it has looked so for the grace."""
@@ -185,9 +251,13 @@ class Coordinator:
         self.fail(job_id, f"the gang can never be placed: {reason}", kind="PlacementError",
                   allowed_from=(JobState.PENDING,))
 
-    def _note_waiting(self, job_id: str, reason: str, now: float) -> None:
-        self.r.hset(keys.job(job_id), "waiting", reason)
-        persisted = float(self.r.hget(keys.job(job_id), "persisted_at") or now)
+    def _note_waiting(self, job_id: str, reason: str, now: float, *, fits: bool = False) -> None:
+        pipe = self.r.pipeline(transaction=False)   # one round trip: a blocked queue pays this on every pass
+        if fits:
+            pipe.hdel(keys.job(job_id), "never_fits_since")
+        pipe.hset(keys.job(job_id), "waiting", reason)
+        pipe.hget(keys.job(job_id), "persisted_at")
+        persisted = float(pipe.execute()[-1] or now)
         if now - persisted > self.settings.placement_timeout:
             self.fail(job_id, f"placement deadline of {self.settings.placement_timeout:.0f}s passed: {reason} "
                               f"(raise GANGWAY_PLACEMENT_TIMEOUT or add workers)",
@@ -202,7 +272,9 @@ class Coordinator:
             first_lease_seconds=self.settings.rendezvous_timeout + self.settings.lease_seconds)
         if not token:
             log.info("job %s: reservation lost a race (%s)", placement.job_id, reason)
-            return "gone" if reason == "job not pending" else "raced"
+            if reason == "job not pending":
+                return "gone"
+            return "stale" if reason.split(":", 1)[0] in ("dead", "draining", "busy") else "raced"
         attempt_raw, persisted = self.r.hmget(keys.job(placement.job_id), "attempt", "persisted_at")
         attempt = int(attempt_raw or 1)
         metrics.GANG_WAIT.labels(spec.framework).observe(max(0.0, now - float(persisted or now)))
@@ -388,23 +460,17 @@ class Coordinator:
         """Repair what an interrupted step left, then judge every running attempt's ranks: a rank's own
         final status counts as its report; a dead worker or a lapsed lease counts as a lost rank."""
         now, uptime = self.now(), self.redis_uptime()
-        views = self.state.workers()
         # A TTL key says nothing until Redis has been up for a whole TTL (a restart expires them all).
-        alive = ({w.info.worker_id for w in views if w.alive} if uptime >= self.settings.heartbeat_ttl
-                 else {w.info.worker_id for w in views})
+        heartbeats_judged = uptime >= self.settings.heartbeat_ttl
         leases_judged = uptime >= self.settings.lease_seconds
-        for wid in self.state.prune_dead_workers(views, self.settings.dead_worker_ttl):
-            log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
-                     self.settings.dead_worker_ttl)
-            self._delete_worker_queue(wid)
-        self.repair_workers(views)
+        self.sweep_registry()
         for job_id, job in self._running_records().items():
             if job["state"] != JobState.RUNNING.value:
                 self.reservations.unwatch(job_id)   # only if still not RUNNING: a pass may have placed it since
                 continue
             token = job["token"]
-            self._reap_ranks(job_id, job, alive, leases_judged)
-            since = self.r.hget(keys.job(job_id), f"failing:{token}")
+            self._reap_ranks(job_id, job, heartbeats_judged, leases_judged)
+            since = job.get("failing_since")   # marked before this read (one marked by it is not due yet)
             if since and now - float(since) > self.settings.kill_grace + 2:
                 self.decide_attempt(job_id, token)   # some ranks never reported (dead or stuck)
 
@@ -420,14 +486,32 @@ class Coordinator:
             log.warning("worker %s: its queue %s was not deleted: %s", worker_id, queue, exc)
 
     def _running_records(self) -> dict[str, dict]:
-        """job id -> the fields a verdict needs (not each record's whole spec), for the running set, in one
-        round trip. What a task thread changes after this read is caught by the scripts, not by it."""
-        running = list(self.r.smembers(keys.RUNNING))
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in running:
-            pipe.hmget(keys.job(job_id), "state", "token", "gang", "lease_ms")
-        return {job_id: {"state": state, "token": token or "", "gang": gang, "lease_ms": lease_ms}
-                for job_id, (state, token, gang, lease_ms) in zip(running, pipe.execute())}
+        """job id -> what a verdict needs, for the running set, in one round trip (``reap.lua``): state,
+        token, lease_ms, the failing-since mark and only the ranks that may need a verdict. What a task
+        thread changes after this read is caught by the scripts, not by it."""
+        rows = self.reservations.running_scan()
+        return {job_id: {"state": state, "token": token or "", "lease_ms": lease_ms, "failing_since": failing,
+                         "due": [(int(rank), wid, status, bool(alive), bool(lease))
+                                 for rank, wid, status, alive, lease in due]}
+                for job_id, state, token, lease_ms, failing, due in rows}
+
+    def sweep_registry(self) -> None:
+        """Drop long-dead registrations, free workers held by attempts that no longer run on them, and mend
+        the free-worker index, for the next ``_SWEEP`` registered workers: a tick costs the same on any
+        fleet, and a fleet of N workers is swept every N / _SWEEP ticks."""
+        ids = sorted(self.r.smembers(keys.WORKERS))
+        if not ids:
+            return
+        start = self._sweep_at if self._sweep_at < len(ids) else 0
+        chunk = ids[start:start + _SWEEP]
+        self._sweep_at = start + len(chunk)
+        views = self.state.workers(chunk)
+        for wid in self.state.prune_dead_workers(views, self.settings.dead_worker_ttl):
+            log.info("worker %s dropped from the registry: dead for over %ss (GANGWAY_DEAD_WORKER_TTL)", wid,
+                     self.settings.dead_worker_ttl)
+            self._delete_worker_queue(wid)
+        self.repair_workers(views)
+        self.mend_free_index(views)
 
     def repair_workers(self, views: list[WorkerView]) -> list[str]:
         """Free every worker whose reservation names an attempt that does not run on it; returns their ids."""
@@ -436,25 +520,26 @@ class Coordinator:
             log.warning("worker %s was held by an attempt that no longer runs on it; freed", wid)
         return freed
 
-    def _reap_ranks(self, job_id: str, job: dict, alive: set[str], leases_judged: bool) -> None:
+    def mend_free_index(self, views: list[WorkerView]) -> list[str]:
+        """Put back in line the free-index entries of these workers that disagree with their hashes (a write
+        that bypassed the scripts); a dead worker's missing entry waits for its heartbeat. Returns the ids."""
+        if not views:
+            return []
+        indexed = self.r.smismember(keys.FREE, [w.info.worker_id for w in views])
+        off = [w.info.worker_id for w, member in zip(views, indexed)
+               if bool(member) != (not w.job_id and not w.draining) and (member or w.alive)]
+        if off:
+            self.state.sync_free(off)
+            log.info("free-worker index mended for %s", off)
+        return off
+
+    def _reap_ranks(self, job_id: str, job: dict, heartbeats_judged: bool, leases_judged: bool) -> None:
         """A rank that wrote its final status has reported, whatever became of its message to us. Of
         the others, a rank on a worker whose heartbeat lapsed, or whose lease (renewed by each of its
         writes, set at reservation to the rendezvous deadline plus one lease) lapsed, is lost."""
         token = job.get("token", "")
-        gang = json.loads(job.get("gang") or "{}").get("workers", [])
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(keys.job_ranks(job_id))   # this attempt's only: reserve.lua empties it
-        pipe.smembers(keys.job_done(job_id, token))
-        pipe.hkeys(self._errors_key(job_id, token))
-        for rank in range(len(gang)):
-            pipe.exists(keys.rank_lease(job_id, token, rank))
-        raw_ranks, done, errored_keys, *leases = pipe.execute()
-        statuses = {int(k): json.loads(v) for k, v in raw_ranks.items()}
-        errored = set(errored_keys)
-        for rank, wid in enumerate(gang):
-            if str(rank) in done or str(rank) in errored:
-                continue
-            st = statuses.get(rank) or {}
+        for rank, wid, raw, alive, lease in job.get("due", ()):
+            st = json.loads(raw) if raw else {}
             if st.get("state") == RankState.SUCCEEDED.value:
                 self.rank_finished(job_id, token, rank, True, None, st.get("summary") or None)
                 continue
@@ -462,10 +547,10 @@ class Coordinator:
                 self.rank_failed(job_id, token, rank, st.get("error") or {
                     "type": "Error", "message": "the rank failed without an error", "traceback": ""})
                 continue
-            if wid not in alive:
+            if heartbeats_judged and not alive:
                 why = (f"worker {wid} stopped heartbeating (GANGWAY_HEARTBEAT_TTL="
                        f"{self.settings.heartbeat_ttl:g}s)")
-            elif leases_judged and job.get("lease_ms") and not leases[rank]:
+            elif leases_judged and job.get("lease_ms") and not lease:
                 what = f"on worker {wid} went silent" if st else f"never started on worker {wid}"
                 why = f"rank {rank} {what} (GANGWAY_LEASE_SECONDS={self.settings.lease_seconds:g}s)"
             else:

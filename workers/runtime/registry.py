@@ -110,7 +110,7 @@ class Drain:
     def _run(self) -> None:
         key = keys.worker(self.worker_id)
         try:
-            self.state.r.hset(key, "draining", "1")
+            self.state.set_draining(self.worker_id)
         except Exception as exc:
             log.warning("worker %s could not mark itself draining: %s", self.worker_id, exc)
             return
