@@ -138,15 +138,16 @@ def fleet_settings(base: Settings, home: str, **extra) -> Settings:
                         worker_ports=f"{ports}-{ports + 9}", **extra)
 
 
-def train(settings: Settings, uri: str, holdout_uri: str, rounds: int) -> dict:
-    """One 2-worker fit on a fresh fleet against the shared S3; what the ranks and the sampler saw."""
+def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: int = 2) -> dict:
+    """One ``workers``-worker fit on a fresh fleet against the shared S3; what the ranks and the sampler saw."""
     from producer import DataConnector
     from producer.xgboost import XGBEstimator, XGBScalingConfig
     os.environ.update(settings.as_env())
-    fleet = Fleet(settings, workers=2)
+    fleet = Fleet(settings, workers=workers)
     fleet.start()
     try:
-        est = XGBEstimator(n_estimators=rounds, params=dict(PARAMS), scaling_config=XGBScalingConfig(num_workers=2))
+        est = XGBEstimator(n_estimators=rounds, params=dict(PARAMS),
+                           scaling_config=XGBScalingConfig(num_workers=workers))
         with TreeSampler(fleet) as sampler:
             t0 = time.perf_counter()
             job = est.submit(DataConnector.from_uri(uri), FEATURES, LABEL, eval_set=DataConnector.from_uri(holdout_uri))
@@ -167,10 +168,16 @@ def main() -> int:
     p.add_argument("--rows-per-file", type=int, default=300_000)
     p.add_argument("--worker-memory", default="768MiB")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--producer-threads", type=int, default=None,
+                   help="GANGWAY_FETCH_THREADS of the producer (its chunks in flight); default: the setting's")
+    p.add_argument("--skip-in-core", action="store_true", help="no in-core comparison (a dataset too big for it)")
     a = p.parse_args()
     home = tempfile.mkdtemp(prefix="gangway-ooc-")
     s3_port = services.free_port()
     base = Settings.from_env({}, home=home, s3_endpoint=f"http://127.0.0.1:{s3_port}")
+    if a.producer_threads:
+        base = base.replace(fetch_threads=a.producer_threads)
     os.makedirs(os.path.join(home, "s3"))
     s3 = subprocess.Popen(services.weed_command(s3_port, os.path.join(home, "s3")), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, env=services.weed_env(base.s3_access_key, base.s3_secret_key))
@@ -210,19 +217,21 @@ def run(a: argparse.Namespace, base: Settings, home: str) -> dict:
     log("raw PUT throughput")
     chunk = m["big"]["nbytes"] // max(1, m["big"]["rows"] // base.chunk_rows)
     m["raw_put"] = raw_put_mb_s(base, m["big"]["nbytes"], chunk)
-    m["shard_mib"] = m["big"]["nbytes"] / 2 / MiB
-    log(f"training with GANGWAY_WORKER_MEMORY={a.worker_memory} (auto)")
+    m["shard_mib"] = m["big"]["nbytes"] / a.workers / MiB
+    log(f"training with GANGWAY_WORKER_MEMORY={a.worker_memory} (auto), {a.workers} workers")
     m["ooc"] = train(fleet_settings(base, os.path.join(home, "fleet-a"), worker_memory=a.worker_memory),
-                     m["big"]["uri"], m["holdout"]["uri"], a.rounds)
-    log("training in core (GANGWAY_OUT_OF_CORE=never, no budget)")
-    m["inc"] = train(fleet_settings(base, os.path.join(home, "fleet-b"), out_of_core="never"),
-                     m["big"]["uri"], m["holdout"]["uri"], a.rounds)
+                     m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers)
+    if not a.skip_in_core:
+        log("training in core (GANGWAY_OUT_OF_CORE=never, no budget)")
+        m["inc"] = train(fleet_settings(base, os.path.join(home, "fleet-b"), out_of_core="never"),
+                         m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers)
     return m
 
 
 def report(a: argparse.Namespace, m: dict) -> None:
     budget = parse_size(a.worker_memory)
-    big, small, ooc, inc = m["big"], m["small"], m["ooc"], m["inc"]
+    big, small, ooc = m["big"], m["small"], m["ooc"]
+    inc = m.get("inc") or {"peaks": {}, "train": float("nan"), "wall": float("nan"), "logloss": float("nan")}
     upload = big["uploaded"] / 1e6 / big["seconds"]
     worst = max(ooc["peaks"].values())
     rows = [
@@ -245,7 +254,7 @@ def report(a: argparse.Namespace, m: dict) -> None:
             abs(ooc["logloss"] - inc["logloss"]) <= 0.01 * inc["logloss"]),
     ]
     print_table(f"{a.files} parquet files x {a.rows_per_file:,} rows (+1 holdout file), XGBoost {a.rounds} rounds "
-                f"max_depth 6, 2 workers; {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB; "
+                f"max_depth 6, {a.workers} workers; producer threads {a.producer_threads or 'default'}; {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB; "
                 f"data sha {hashlib.sha256(big['uri'].encode()).hexdigest()[:8]}", rows)
 
 

@@ -77,6 +77,23 @@ def test_a_shard_that_does_not_fit_trains_out_of_core():
     assert plan.mode == HoldMode.EXTERNAL and plan.external_need < plan.in_core_need
 
 
+def test_xgboost_streams_its_in_core_matrix_so_the_raw_shard_is_not_counted():
+    raw = plan_gbdt(SHARD, budget=4 * GiB, in_use=500 * MiB)
+    streamed = plan_gbdt(SHARD, budget=4 * GiB, in_use=500 * MiB, raw_in_core=False)
+    assert raw.in_core_need - streamed.in_core_need == SHARD.nbytes - 3 * SHARD.largest_chunk
+
+
+def test_the_plan_counts_the_measured_per_row_state_of_xgboost():
+    """12.5M rows a rank (24M x 28 features on 2 workers, + a 0.5M-row eval shard) measured ~987 MiB of
+    anonymous memory in a worker tree whose processes used ~400 MiB before training: 32 B/row planned
+    it into 1 GiB and the tree went over; the plan now refuses it."""
+    shard = ShardSize(nbytes=1328 * MiB, rows=12_500_000, features=28, largest_chunk=8 * MiB)
+    with pytest.raises(WorkerMemoryError, match="even out of core"):
+        plan_gbdt(shard, budget=1 * GiB, in_use=400 * MiB)
+    third = ShardSize(nbytes=1328 * MiB * 2 // 3, rows=8_500_000, features=28, largest_chunk=8 * MiB)
+    assert plan_gbdt(third, budget=1 * GiB, in_use=400 * MiB).mode == HoldMode.EXTERNAL
+
+
 def test_when_even_out_of_core_cannot_fit_the_error_names_shard_budget_and_need():
     with pytest.raises(WorkerMemoryError, match=r"3,000,000 rows x 28 features \(400 MiB of Arrow\) does not fit "
                                                 r"GANGWAY_WORKER_MEMORY=600 MiB even out of core: the worker's "
@@ -120,15 +137,20 @@ def test_out_of_core_xgboost_from_cached_chunks_matches_in_core(tmp_path):
     os.makedirs(tmp_path / "work")
     feats = [f"f{i}" for i in range(6)]
     results = {}
+    def files() -> dict:
+        return {"train": reader.cache_shard(uri), "eval": reader.cache_shard(evaluri)}
     for mode, data in {"in_core": RankData({"train": reader.read(uri), "eval": reader.read(evaluri)}),
-                       "external": RankData({}, {"train": reader.cache_shard(uri),
-                                                 "eval": reader.cache_shard(evaluri)})}.items():
+                       # XGBoost's ranks: chunk files either way, the plan's mode picks the matrix
+                       "in_core_streamed": RankData({}, files(), extra={"memory": {"mode": "in_core"}}),
+                       "external": RankData({}, files(), extra={"memory": {"mode": "external"}})}.items():
         evals = build_matrices(Prepared({"workdir": str(tmp_path / "work")}, Settings(), data), feats, "y", None,
                                256, 1)
         log: dict = {}
         xgb.train({"max_depth": 5, "nthread": 1}, evals[0][0], 20, evals=evals, evals_result=log, verbose_eval=False)
         results[mode] = (type(evals[0][0]).__name__, log["eval"]["rmse"][-1])
-    assert results["in_core"][0] == "QuantileDMatrix" and results["external"][0] == "ExtMemQuantileDMatrix"
+    assert results["in_core"][0] == results["in_core_streamed"][0] == "QuantileDMatrix"
+    assert results["external"][0] == "ExtMemQuantileDMatrix"
+    assert results["in_core_streamed"][1] == pytest.approx(results["in_core"][1], rel=1e-6), results
     assert results["external"][1] == pytest.approx(results["in_core"][1], rel=0.01), results
     assert os.listdir(tmp_path / "work" / "xgb-extmem")   # its pages went to the rank folder
 
@@ -143,9 +165,12 @@ def test_out_of_core_lightgbm_from_chunk_sequences_matches_in_core(tmp_path):
     reader = DatasetReader(store, ChunkCache(tmp_path, 10 ** 9))
     opts = {"input_cols": [f"f{i}" for i in range(6)], "label_col": "y", "weight_col": None}
     results = {}
+    def files() -> dict:
+        return {"train": reader.cache_shard(uri), "eval": reader.cache_shard(evaluri)}
     for mode, data in {"in_core": RankData({"train": reader.read(uri), "eval": reader.read(evaluri)}),
-                       "external": RankData({}, {"train": reader.cache_shard(uri),
-                                                 "eval": reader.cache_shard(evaluri)})}.items():
+                       # XGBoost's ranks: chunk files either way, the plan's mode picks the matrix
+                       "in_core_streamed": RankData({}, files(), extra={"memory": {"mode": "in_core"}}),
+                       "external": RankData({}, files(), extra={"memory": {"mode": "external"}})}.items():
         sets, names = _datasets(data, opts)
         log: dict = {}
         lgb.train({"objective": "regression", "num_threads": 1, "verbose": -1}, sets[0], 20, valid_sets=sets,

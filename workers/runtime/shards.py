@@ -128,7 +128,7 @@ def _pin_dir(payload: dict) -> str | None:
 
 
 def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
-                world: int) -> MemoryPlan:
+                world: int, *, raw_in_core: bool = True) -> MemoryPlan:
     """In core or out of core for this rank's part of every dataset, within the worker's budget."""
     spec = payload["spec"]
     nbytes = rows = largest = 0
@@ -139,23 +139,31 @@ def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], ma
         nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
     size = ShardSize(nbytes=nbytes, rows=rows, features=len(spec["train"]["input_cols"]), largest_chunk=largest,
                      max_bin=int(spec["params"].get("max_bin", 256)))
-    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core)
+    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core,
+                     raw_in_core=raw_in_core)
 
 
 def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], world: int, *,
-                  external_ok: bool = True) -> RankData:
+                  external_ok: bool = True, stream_in_core: bool = False) -> RankData:
     """The rank's data, in memory when the plan says it fits, else as chunk files in the disk cache
-    (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time)."""
+    (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time).
+    ``stream_in_core``: chunk files either way (the framework builds its in-core matrix chunk by
+    chunk from them, so the raw shard is never whole in memory); ``extra["memory"]["mode"]`` says
+    which matrix to build."""
     store = warm_store(settings)
     manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
-    plan = plan_memory(payload, settings, datasets, manifests, world)
+    plan = plan_memory(payload, settings, datasets, manifests, world, raw_in_core=not stream_in_core)
     log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
-    if plan.mode == HoldMode.IN_CORE or not external_ok:
-        data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
-    else:
+    external = plan.mode == HoldMode.EXTERNAL and external_ok
+    if external or stream_in_core:
         data = cache_datasets(settings, datasets, manifests, world, payload["rank"], _pin_dir(payload))
-        data.extra["shard_nbytes"] = plan.in_core_need   # what in core would have held
-    data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if data.cached else HoldMode.IN_CORE.value,
+        data.extra["shard_nbytes"] = sum(shard_bytes_and_rows(manifests[n], world if r.get("sharded", True) else 1,
+                                                              payload["rank"] if r.get("sharded", True) else 0,
+                                                              r.get("equal", False))[0]
+                                         for n, r in datasets.items())   # what a table in memory would hold
+    else:
+        data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
+    data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if external else HoldMode.IN_CORE.value,
                             "budget": plan.budget, "in_use": plan.in_use, "in_core_need": plan.in_core_need,
                             "external_need": plan.external_need}
     return data

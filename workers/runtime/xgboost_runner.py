@@ -38,7 +38,8 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     world = payload["rendezvous"]["world_size"]
     # XGBoost all-reduces eval metrics, so the eval set is sharded like the training data.
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
-    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world))
+    # Chunk files either way: the in-core QuantileDMatrix is built from them chunk by chunk too.
+    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world, stream_in_core=True))
     if payload["rank"] == 0:
         latest = payload.get("resume") if payload.get("attempt", 1) > 1 else None   # chosen by the supervisor
         if latest:
@@ -104,11 +105,13 @@ class ArrowBatches(xgb.DataIter):
 
 
 class CachedChunks(xgb.DataIter):
-    """Feeds an ``ExtMemQuantileDMatrix`` one cached chunk file at a time (memory-mapped); XGBoost
-    writes its quantised pages under ``cache_prefix`` (the rank folder), not in memory."""
+    """Feeds a matrix one cached chunk file at a time (memory-mapped, unmapped once consumed): an
+    ``ExtMemQuantileDMatrix``, whose quantised pages XGBoost writes under ``cache_prefix`` (the rank
+    folder), or an in-core ``QuantileDMatrix`` (``cache_prefix=None``), so the raw shard is never
+    whole in memory."""
 
     def __init__(self, pieces: list[CachedSlice], features: list[str], label: str, weight: str | None,
-                 cache_prefix: str, feature_types: list[str] | None = None) -> None:
+                 cache_prefix: str | None, feature_types: list[str] | None = None) -> None:
         self._pieces, self._features, self._label, self._weight = pieces, features, label, weight
         self._types = feature_types
         self._i = 0
@@ -139,7 +142,7 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
     data = prep.data
     types = xgboost_feature_types(feats, categorical or [])
     cat = types is not None
-    if data.cached:
+    if data.cached and data.extra.get("memory", {}).get("mode") == "external":
         if not hasattr(xgb, "ExtMemQuantileDMatrix"):
             raise WorkerMemoryError(f"this shard needs out-of-core training ({data.extra.get('memory')}), which "
                                     f"needs xgboost >= 3.0 (this worker has {xgb.__version__})")
@@ -149,6 +152,11 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
         def matrix(name: str, ref=None):
             it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name), types)
             return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
+        names = list(data.cached)
+    elif data.cached:
+        def matrix(name: str, ref=None):
+            it = CachedChunks(data.cached[name], feats, label, weight, None, types)
+            return xgb.QuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     else:
         def matrix(name: str, ref=None):
