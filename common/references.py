@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -175,13 +176,19 @@ def decode_schema(text: str) -> pa.Schema:
 
 
 def reference_parquet(store: ObjectStore, data_bucket: str, uris: list[str], *, chunk_rows: int,
-                      chunk_bytes: int | None = None, threads: int = 8, meta: dict | None = None) -> WriteResult:
+                      chunk_bytes: int | None = None, threads: int = 8, meta: dict | None = None,
+                      inspect_footer: Callable[[str, pq.FileMetaData], None] | None = None) -> WriteResult:
     """A dataset over the parquet objects under ``uris``, read in place: only the manifest is written
-    (and not even that when the same objects, unchanged, were referenced before)."""
+    (and not even that when the same objects, unchanged, were referenced before). ``inspect_footer``
+    sees every file's metadata (s3 uri, footer) before the manifest is written, e.g. to check a
+    column's row-group statistics."""
     t0 = time.perf_counter()
     files = [f for uri in uris for f in list_parquet(store, uri)]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         footers = list(pool.map(lambda f: read_footer(store, *f), files))
+    if inspect_footer is not None:
+        for (bucket, info), (m, _) in zip(files, footers):
+            inspect_footer(f"s3://{bucket}/{info.key}", m)
     try:
         schema = pa.unify_schemas([m.schema.to_arrow_schema() for m, _ in footers])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

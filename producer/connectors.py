@@ -195,10 +195,12 @@ class DataConnector:
                                  drop_last_batch=drop_last_batch, seed=seed, rank=rank)
 
     # materialisation ------------------------------------------------------
-    def materialise(self, store: ObjectStore, settings: Settings, *, inspect=None, categorical: Sequence[str] = (),
-                    categories: dict[str, list] | None = None) -> WriteResult:
+    def materialise(self, store: ObjectStore, settings: Settings, *, inspect=None, inspect_footer=None,
+                    categorical: Sequence[str] = (), categories: dict[str, list] | None = None) -> WriteResult:
         """Upload once (content-addressed, streamed chunk by chunk); a connector already in the store
-        uploads nothing. ``inspect`` sees every chunk of an upload (e.g. to check labels on the way).
+        uploads nothing. ``inspect`` sees every chunk of an upload (e.g. to check labels on the way);
+        ``inspect_footer(uri, FileMetaData)`` every file's metadata of parquet used in place (its
+        row-group statistics: no data is read).
         ``categorical`` columns are stored as codes of one mapping (seeded and frozen by ``categories``,
         see ``common.categories``); the same data encoded otherwise is another dataset."""
         seed = json.dumps(sorted(categories.items())) if categories is not None else None
@@ -212,7 +214,8 @@ class DataConnector:
                 result = WriteResult(self._uri, manifest, 0, 0.0)
             elif self._in_place and not categorical:   # codes are assigned at ingest: categoricals are copied
                 result = reference_parquet(store, settings.data_bucket, self._parquet, chunk_rows=settings.chunk_rows,
-                                           chunk_bytes=settings.chunk_bytes, threads=settings.fetch_threads)
+                                           chunk_bytes=settings.chunk_bytes, threads=settings.fetch_threads,
+                                           inspect_footer=inspect_footer)
             else:
                 result = self._upload(store, settings, inspect, categorical, categories)
             self._materialised[key] = result

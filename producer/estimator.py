@@ -128,13 +128,14 @@ def prepare_data(client: Client, dataset: Any, eval_set: Any, input_cols, label_
     for name, conn in conns.items():
         labels = LabelCounter(label_col)
         seed = None if name == "train" else _eval_seed(name, encode[name], mapping)
-        written = conn.materialise(client.store, settings, inspect=labels, categorical=encode[name], categories=seed)
+        written = conn.materialise(client.store, settings, inspect=labels, inspect_footer=labels.footer,
+                                   categorical=encode[name], categories=seed)
         if name == "train":
             mapping = dict(written.manifest.categories)
         else:
             _check_same_mapping(name, written.manifest.categories, mapping)
         check_rows(name, written.manifest.num_rows, world_hint if name == "train" or shard_eval else 1)
-        check_labels(name, label_col, labels.bad)
+        check_labels(name, label_col, labels.bad, labels.bad_row_groups)
         datasets[name] = {"uri": written.uri, "sharded": True if name == "train" else shard_eval,
                           "rows": written.manifest.num_rows, "uploaded_bytes": written.uploaded_bytes}
     sample = encode_sample(samples["train"], cats, mapping)

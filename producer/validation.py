@@ -85,20 +85,64 @@ def count_bad_labels(label: pa.Array | pa.ChunkedArray) -> int:
     return n_bad
 
 
-def check_labels(name: str, label_col: str, n_bad: int) -> None:
+def check_labels(name: str, label_col: str, n_bad: int, where: Sequence[str] = ()) -> None:
+    """``where``: the parquet row groups whose statistics show bad labels (data used in place)."""
+    if where:
+        more = f" and {len(where) - 5} more row groups" if len(where) > 5 else ""
+        raise ValidationError(f"label column {label_col!r} of dataset {name!r} has missing or inf values: "
+                              f"{'; '.join(where[:5])}{more}")
     if n_bad:
         raise ValidationError(f"label column {label_col!r} of dataset {name!r} has {n_bad} missing, NaN or "
                               "inf values")
 
 
 class LabelCounter:
-    """Counts bad labels chunk by chunk while a stream is uploaded (``materialise(inspect=...)``)."""
+    """Counts bad labels chunk by chunk while a stream is uploaded (``materialise(inspect=...)``), and
+    of parquet used in place, from every row group's statistics (``materialise(inspect_footer=...)``):
+    nulls from ``null_count``, inf from min/max; no data is read. NaN is not in parquet statistics
+    (writers leave it out of min/max), so in place it is caught only in the first rows checked at submit."""
 
     def __init__(self, label_col: str) -> None:
         self.label_col, self.bad = label_col, 0
+        self.bad_row_groups: list[str] = []      # "<what> in row group <g> of <uri>"
+        self.unchecked_row_groups = 0            # no statistics for the label column
 
     def __call__(self, batch: pa.RecordBatch) -> None:
         self.bad += count_bad_labels(batch.column(batch.schema.get_field_index(self.label_col)))
+
+    def footer(self, uri: str, meta) -> None:
+        """Check the label column of every row group of one parquet file from its metadata."""
+        col = _leaf_index(meta, self.label_col)
+        if col is None:
+            return   # a file without the column: its labels are null (the unified schema fills them)
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            stats = rg.column(col).statistics
+            if stats is None or not stats.has_null_count:
+                self.unchecked_row_groups += 1
+                continue
+            found = []
+            if stats.null_count:
+                found.append(f"{stats.null_count} nulls")
+            if stats.has_min_max:
+                if _is_inf(stats.min) or _is_inf(stats.max):
+                    found.append(f"min {stats.min}, max {stats.max}")
+            elif stats.null_count < rg.num_rows:
+                self.unchecked_row_groups += 1   # all NaN, or a writer without min/max
+            if found:
+                self.bad_row_groups.append(f"{', '.join(found)} in row group {g} ({rg.num_rows} rows) of {uri}")
+
+
+def _leaf_index(meta, name: str) -> int | None:
+    schema = meta.schema
+    for i in range(len(schema)):
+        if schema.column(i).path == name:
+            return i
+    return None
+
+
+def _is_inf(value) -> bool:
+    return isinstance(value, float) and value in (float("inf"), float("-inf"))
 
 
 def manifest_types(manifest: Manifest) -> dict[str, pa.DataType | None]:

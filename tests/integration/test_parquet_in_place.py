@@ -117,3 +117,26 @@ def test_parquet_with_categorical_columns_is_copied_so_ingest_can_encode_them(fl
     added = set(store.list(bucket, "")) - before
     assert any(k.startswith("chunks/") for k in added), added   # encoded codes were uploaded
     assert est.predict(df.iloc[:100]).shape == (100,)
+
+
+def test_bad_labels_past_the_first_rows_are_found_from_row_group_statistics_naming_file_and_group(store):
+    """Row group 2 of the second file has a null label, row group 1 of the third an inf: the submit-time
+    sample (first 256 rows) sees neither; the footers' statistics do, and nothing is queued."""
+    df = regression_frame(9000, seed=307)
+    risk = df["risk"].astype("float64").to_numpy().copy()
+    nulls = pa.array(risk, mask=np.arange(len(risk)) == 3000 + 2 * 1000 + 5)   # file 1, row group 2
+    risk[6000 + 1000 + 7] = np.inf                                               # file 2, row group 1
+    for i in range(3):
+        part = df.iloc[i * 3000:(i + 1) * 3000].copy()
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        label = nulls if i == 1 else pa.array(risk)
+        table = table.set_column(table.schema.get_field_index("risk"), "risk", label.slice(i * 3000, 3000))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=1000)
+        store.put(RAW, f"badlabels/part-{i}.parquet", buf.getvalue())
+    with pytest.raises(ValueError) as info:
+        _est(2).fit(DataConnector.from_parquet(f"s3://{RAW}/badlabels/"), FEATURES, "risk", timeout=60)
+    msg = str(info.value)
+    assert "label column 'risk' of dataset 'train' has missing or inf values" in msg, msg
+    assert f"1 nulls in row group 2 (1000 rows) of s3://{RAW}/badlabels/part-1.parquet" in msg, msg
+    assert f"max inf in row group 1 (1000 rows) of s3://{RAW}/badlabels/part-2.parquet" in msg, msg
