@@ -3,6 +3,8 @@ ExtMemQuantileDMatrix, LightGBM ranks bin a Dataset from chunk Sequences, both r
 a budget that cannot hold even that fails before training, with the numbers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -145,3 +147,71 @@ def test_a_budget_too_small_even_out_of_core_fails_before_training_with_the_numb
     assert err["type"] == "WorkerMemoryError", err
     assert "does not fit GANGWAY_WORKER_MEMORY=64 MiB even out of core" in err["message"]
     assert "raise GANGWAY_WORKER_MEMORY to at least" in err["message"]
+
+
+# Above what a worker's processes use with torch loaded (Celery main and pool, standby and training child:
+# ~620-650 MiB here), below that plus one 100 MB shard.
+SMALL_TORCH_BUDGET = os.environ.get("GANGWAY_TEST_TORCH_BUDGET", "704MiB")
+
+
+def _wide_linear_frame(rows: int, features: int, seed: int):
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((rows, features), dtype=np.float32)
+    w = np.linspace(-1, 1, features, dtype=np.float32)
+    df = pd.DataFrame(X, columns=[f"x{i}" for i in range(features)])
+    df["y"] = (X @ w + 0.5 + rng.normal(0, 0.1, rows)).astype(np.float32)
+    return df
+
+
+def test_a_ddp_job_on_a_small_budget_streams_its_shard_from_mapped_chunks_to_the_in_core_result():
+    """2M rows x 24 features (200 MB of Arrow, 100 MB a rank) on workers whose budget leaves less than a
+    shard above what their processes already use: each rank iterates its shard from memory-mapped chunk
+    files, its heap grows by a window of chunks, not the shard; the batches come in the order the same
+    dataset over the shard in memory gives, and DDP reaches the least-squares weights."""
+    pytest.importorskip("torch")
+    from common.datasets import ChunkCache, DatasetReader
+    from common.state import State, connect
+    from common.store import S3Store
+    from producer import ShardedDataConnector
+    from producer.pytorch import PyTorchDistributor, PyTorchScalingConfig, WorkerResourceConfig
+    from producer.torch_data import ArrowTorchDataset
+    from tests.integration import torch_jobs
+
+    feats = [f"x{i}" for i in range(24)]
+    df = _wide_linear_frame(2_000_000, 24, seed=41)
+    hp = {"features": feats, "label": "y", "batch_size": 4096, "seed": 7, "lr": 0.1, "epochs": 2}
+    settings = private_fleet_settings(worker_memory=SMALL_TORCH_BUDGET, chunk_rows=32768)
+    with running_fleet(settings, workers=2):
+        conn = ShardedDataConnector.from_dataframe(df)
+        dist = PyTorchDistributor(
+            train_func=torch_jobs.streamed_linear_train_func,
+            scaling_config=PyTorchScalingConfig(num_nodes=1, num_workers_per_node=2,
+                                                resource_requirements_per_worker=WorkerResourceConfig(num_cpus=1)))
+        dist.run(dataset_map={"train": conn}, hyper_params=hp,
+                 artifact_stage_location=f"s3://{settings.artifact_bucket}/runs", timeout=300)
+        job = dist.last_job
+        ranks = State(connect(settings)).ranks(job.job_id)
+        status = job.status().ranks
+        # In core: each rank's shard read whole into memory by the same reader, from the same dataset.
+        store = S3Store(settings)
+        reader = DatasetReader(store, ChunkCache(os.path.join(settings.home, "test-cache"), 10 ** 10))
+        uri = conn.materialise(store, settings).uri
+        in_core = {r: reader.read(uri, world_size=2, rank=r) for r in (0, 1)}
+    shard_bytes = 2_000_000 * 25 * 4 // 2
+    for r, rank in ranks.items():
+        fetch = status[r]["fetch"]
+        memory = fetch["memory"]
+        assert memory["mode"] == "mapped", fetch
+        assert memory["budget"] - memory["in_use"] < shard_bytes, memory   # the shard would not fit in core
+        assert rank["metrics"]["heap_growth"] < shard_bytes // 4, (rank["metrics"]["heap_growth"], shard_bytes)
+    # The same dataset over each rank's shard in memory gives the same batches in the same order.
+    for r, table in in_core.items():
+        expected = torch_jobs.batch_order(ArrowTorchDataset(table, batch_size=4096, shuffle=True, seed=7, rank=r),
+                                          "y", 1)
+        assert ranks[r]["metrics"]["order"] == pytest.approx(expected, rel=1e-9), r
+    X, y = df[feats].to_numpy(np.float64), df["y"].to_numpy(np.float64)
+    coef, *_ = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)
+    for rank in ranks.values():
+        np.testing.assert_allclose(rank["metrics"]["weights"], coef[:-1], atol=0.01)
+        assert rank["metrics"]["bias"] == pytest.approx(coef[-1], abs=0.01)

@@ -157,3 +157,63 @@ def checkpoint_then_die_once():
         os.kill(os.getpid(), signal.SIGKILL)
     with open(os.path.join(latest, "state.txt")) as f:
         ctx.report({"restored": f.read()})
+
+
+def _rss_anon() -> int:
+    """This process's anonymous resident memory (the heap; mapped chunk files are file-backed)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("RssAnon:")).split()[1]) * 1024
+
+
+def batch_order(dataset, label: str, epochs: int) -> list[float]:
+    """Per epoch, a fingerprint of the order batches and rows come in (first labels, weighted by position)."""
+    out = []
+    for _ in range(epochs):
+        total = 0.0
+        for i, batch in enumerate(dataset):
+            total += (i + 1) * float(batch[label][0]) + float(batch[label].sum())
+        out.append(total)
+    return out
+
+
+def streamed_linear_train_func():
+    """Linear regression with DDP over a shard streamed by ``to_torch_dataset`` (shuffled per epoch):
+    reports the batch order it saw, the final weights and how much its heap grew while iterating."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from producer.pytorch import get_context
+
+    context = get_context()
+    dist.init_process_group(backend="gloo")
+    hp = context.get_hyper_params()
+    feats, label = hp["features"], hp["label"]
+    dataset = context.get_dataset_map()["train"].get_shard().to_torch_dataset(
+        batch_size=hp["batch_size"], shuffle=True, seed=hp["seed"])
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(len(feats), 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"])
+    loss_fn = nn.MSELoss()
+
+    def step(x, y) -> None:
+        optimizer.zero_grad()
+        loss_fn(model(x).squeeze(1), y).backward()
+        optimizer.step()
+    # torch sets itself up (autograd, thread pools, gloo buffers) on the first step: before the heap is measured
+    with torch.no_grad():
+        saved = [p.clone() for p in model.parameters()]
+    step(torch.zeros(hp["batch_size"], len(feats)), torch.zeros(hp["batch_size"]))
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), saved):
+            p.copy_(v)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"])
+    before = peak = _rss_anon()
+    order = batch_order(dataset, label, 1)   # epoch 0: the order only
+    peak = max(peak, _rss_anon())
+    for _ in range(hp["epochs"]):
+        for batch in dataset:
+            step(torch.stack([batch[c] for c in feats], dim=1).float(), batch[label].float())
+            peak = max(peak, _rss_anon())
+    layer = model.module
+    context.report({"order": order, "weights": layer.weight.detach().flatten().tolist(),
+                    "bias": float(layer.bias.detach()[0]), "heap_growth": peak - before})

@@ -106,6 +106,22 @@ def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "au
     return plan
 
 
+def plan_stream(shard: ShardSize, budget: int, in_use: int) -> MemoryPlan:
+    """PyTorch ranks always stream: the shard is memory-mapped chunk files (file-backed pages the kernel
+    can drop), and what the rank adds on the heap is a window of chunks (a chunk, its shuffled copy and
+    the batch being cut). WorkerMemoryError, with the numbers, when not even that window fits."""
+    window = CHUNKS_IN_FLIGHT * shard.largest_chunk
+    plan = MemoryPlan(HoldMode.EXTERNAL, budget, in_use, shard.nbytes + window, window)
+    if window > budget - in_use:
+        raise WorkerMemoryError(
+            f"a shard of {shard.rows:,} rows ({shard.nbytes / MiB:.0f} MiB of Arrow, chunks of up to "
+            f"{shard.largest_chunk / MiB:.0f} MiB) does not fit GANGWAY_WORKER_MEMORY={budget / MiB:.0f} MiB even "
+            f"streamed: the worker's processes use {in_use / MiB:.0f} MiB, and a window of {CHUNKS_IN_FLIGHT} "
+            f"chunks needs {window / MiB:.0f} MiB; raise GANGWAY_WORKER_MEMORY to at least "
+            f"{(in_use + window) / MiB:.0f} MiB or upload with a smaller GANGWAY_CHUNK_BYTES")
+    return plan
+
+
 # readers ----------------------------------------------------------------------------------------
 
 def cgroup_memory_limit(proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:

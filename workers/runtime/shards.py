@@ -23,6 +23,7 @@ from workers.runtime.memory import (
     MemoryPlan,
     ShardSize,
     plan_gbdt,
+    plan_stream,
     worker_budget,
     worker_tree_rss,
 )
@@ -102,9 +103,13 @@ def map_datasets(settings: Settings, datasets: dict[str, dict], world_size: int,
     than memory can be iterated (PyTorch: ``get_shard()``, ``to_torch_dataset()``)."""
     store = warm_store(settings)
     manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    plan = plan_stream(_shard_size(datasets, manifests, world_size, rank, 0), worker_budget(settings),
+                       worker_tree_rss())
     data = cache_datasets(settings, datasets, manifests, world_size, rank, pin_dir)
     data.tables = {name: _mapped_table(pieces, manifests[name]) for name, pieces in data.cached.items()}
     data.cached = {}
+    data.extra["memory"] = {"mode": "mapped", "budget": plan.budget, "in_use": plan.in_use,
+                            "window": plan.external_need}
     return data
 
 
@@ -127,18 +132,24 @@ def _pin_dir(payload: dict) -> str | None:
     return os.path.join(payload["workdir"], "shard") if payload.get("workdir") else None
 
 
+def _shard_size(datasets: dict[str, dict], manifests: dict[str, Manifest], world: int, rank: int, features: int,
+                max_bin: int = 256) -> ShardSize:
+    """This rank's part of every dataset, summed (a dataset not ``sharded`` counts whole)."""
+    nbytes = rows = largest = 0
+    for name, ref in datasets.items():
+        sharded = ref.get("sharded", True)
+        b, r, big = shard_bytes_and_rows(manifests[name], world if sharded else 1, rank if sharded else 0,
+                                         ref.get("equal", False))
+        nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
+    return ShardSize(nbytes=nbytes, rows=rows, features=features, largest_chunk=largest, max_bin=max_bin)
+
+
 def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
                 world: int, *, raw_in_core: bool = True) -> MemoryPlan:
     """In core or out of core for this rank's part of every dataset, within the worker's budget."""
     spec = payload["spec"]
-    nbytes = rows = largest = 0
-    for name, ref in datasets.items():
-        sharded = ref.get("sharded", True)
-        b, r, big = shard_bytes_and_rows(manifests[name], world if sharded else 1, payload["rank"] if sharded else 0,
-                                         ref.get("equal", False))
-        nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
-    size = ShardSize(nbytes=nbytes, rows=rows, features=len(spec["train"]["input_cols"]), largest_chunk=largest,
-                     max_bin=int(spec["params"].get("max_bin", 256)))
+    size = _shard_size(datasets, manifests, world, payload["rank"], len(spec["train"]["input_cols"]),
+                       int(spec["params"].get("max_bin", 256)))
     return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core,
                      raw_in_core=raw_in_core)
 
