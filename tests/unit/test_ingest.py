@@ -245,6 +245,19 @@ def test_labels_are_counted_chunk_by_chunk_on_the_way_up(settings):
     assert labels.bad == 2
 
 
+def test_labels_of_parquet_in_place_are_checked_in_every_row_group_from_statistics_alone(tmp_path):
+    y = [1.0] * 30
+    y[14], y[25] = None, float("-inf")   # row groups 1 and 2 of 10 rows
+    pq.write_table(pa.table({"x": list(range(30)), "y": y}), tmp_path / "a.parquet", row_group_size=10)
+    pq.write_table(pa.table({"x": [1], "y": [2.0]}), tmp_path / "b.parquet", write_statistics=False)
+    labels = LabelCounter("y")
+    labels.footer("s3://raw/a.parquet", pq.read_metadata(tmp_path / "a.parquet"))
+    labels.footer("s3://raw/b.parquet", pq.read_metadata(tmp_path / "b.parquet"))
+    assert labels.bad_row_groups == ["1 nulls in row group 1 (10 rows) of s3://raw/a.parquet",
+                                     "min -inf, max 1.0 in row group 2 (10 rows) of s3://raw/a.parquet"]
+    assert labels.unchecked_row_groups == 1   # b.parquet was written without statistics
+
+
 def test_upload_progress_counts_rows_and_bytes(settings):
     import io
     out = io.StringIO()
