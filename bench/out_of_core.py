@@ -172,6 +172,7 @@ def main() -> int:
     p.add_argument("--producer-threads", type=int, default=None,
                    help="GANGWAY_FETCH_THREADS of the producer (its chunks in flight); default: the setting's")
     p.add_argument("--skip-in-core", action="store_true", help="no in-core comparison (a dataset too big for it)")
+    p.add_argument("--producer-only", action="store_true", help="only the producer rows (no training)")
     a = p.parse_args()
     home = tempfile.mkdtemp(prefix="gangway-ooc-")
     s3_port = services.free_port()
@@ -218,6 +219,8 @@ def run(a: argparse.Namespace, base: Settings, home: str) -> dict:
     chunk = m["big"]["nbytes"] // max(1, m["big"]["rows"] // base.chunk_rows)
     m["raw_put"] = raw_put_mb_s(base, m["big"]["nbytes"], chunk)
     m["shard_mib"] = m["big"]["nbytes"] / a.workers / MiB
+    if a.producer_only:
+        return m
     log(f"training with GANGWAY_WORKER_MEMORY={a.worker_memory} (auto), {a.workers} workers")
     m["ooc"] = train(fleet_settings(base, os.path.join(home, "fleet-a"), worker_memory=a.worker_memory),
                      m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers)
@@ -230,10 +233,8 @@ def run(a: argparse.Namespace, base: Settings, home: str) -> dict:
 
 def report(a: argparse.Namespace, m: dict) -> None:
     budget = parse_size(a.worker_memory)
-    big, small, ooc = m["big"], m["small"], m["ooc"]
-    inc = m.get("inc") or {"peaks": {}, "train": float("nan"), "wall": float("nan"), "logloss": float("nan")}
+    big, small = m["big"], m["small"]
     upload = big["uploaded"] / 1e6 / big["seconds"]
-    worst = max(ooc["peaks"].values())
     rows = [
         row("dataset (Arrow in memory)", f"{big['nbytes'] / MiB:,.0f} MiB, {big['rows']:,} rows x 29 float32"),
         row(f"producer peak RSS, {m['small_files']} / {a.files} files (MiB)",
@@ -242,6 +243,20 @@ def report(a: argparse.Namespace, m: dict) -> None:
             big["peak"] <= 512 * MiB and big["peak"] - small["peak"] < 64 * MiB),
         row("upload MB/s / raw PUT MB/s", f"{upload:.0f} / {m['raw_put']:.0f} = {upload / m['raw_put']:.2f}", ">= 0.8",
             upload / m["raw_put"] >= 0.8),
+    ]
+    if "ooc" in m:
+        rows += training_rows(a, m, budget)
+    print_table(f"{a.files} parquet files x {a.rows_per_file:,} rows (+1 holdout file), XGBoost {a.rounds} rounds "
+                f"max_depth 6, {a.workers} workers; producer threads {a.producer_threads or 'default'}; "
+                f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB; "
+                f"data sha {hashlib.sha256(big['uri'].encode()).hexdigest()[:8]}", rows)
+
+
+def training_rows(a: argparse.Namespace, m: dict, budget: int) -> list[str]:
+    ooc = m["ooc"]
+    inc = m.get("inc") or {"peaks": {}, "train": float("nan"), "wall": float("nan"), "logloss": float("nan")}
+    worst = max(ooc["peaks"].values())
+    return [
         row(f"worker tree peak RSS, budget {a.worker_memory} (MiB)",
             ", ".join(f"{v / MiB:.0f}" for v in ooc["peaks"].values()) + f" (mode: {'/'.join(ooc['modes'])}; "
             f"shard {m['shard_mib']:.0f} MiB)", "<= budget", worst <= budget),
@@ -253,9 +268,6 @@ def report(a: argparse.Namespace, m: dict) -> None:
         row("holdout logloss, out of core / in core", f"{ooc['logloss']:.5f} / {inc['logloss']:.5f}", "same within noise",
             abs(ooc["logloss"] - inc["logloss"]) <= 0.01 * inc["logloss"]),
     ]
-    print_table(f"{a.files} parquet files x {a.rows_per_file:,} rows (+1 holdout file), XGBoost {a.rounds} rounds "
-                f"max_depth 6, {a.workers} workers; producer threads {a.producer_threads or 'default'}; {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB; "
-                f"data sha {hashlib.sha256(big['uri'].encode()).hexdigest()[:8]}", rows)
 
 
 if __name__ == "__main__":
