@@ -156,6 +156,8 @@ def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: 
         ranks = job.status().ranks
         return {"wall": wall, "peaks": sampler.peaks, "anon_peaks": sampler.anon_peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
                 "modes": sorted({r.get("fetch", {}).get("memory", {}).get("mode") for r in ranks.values()}),
+                "in_use": [r.get("fetch", {}).get("memory", {}).get("in_use", 0) for r in ranks.values()],
+                "planned": [r.get("fetch", {}).get("memory", {}).get("external_need", 0) for r in ranks.values()],
                 "train": max(r["summary"].get("dmatrix_seconds", 0) + r["summary"].get("train_seconds", 0)
                              for r in ranks.values())}
     finally:
@@ -261,6 +263,8 @@ def training_rows(a: argparse.Namespace, m: dict, budget: int) -> list[str]:
             ", ".join(f"{v / MiB:.0f}" for v in ooc["peaks"].values()) + f" (mode: {'/'.join(ooc['modes'])}; "
             f"shard {m['shard_mib']:.0f} MiB)", "<= budget", worst <= budget),
         row("  of which not file-backed (MiB)", ", ".join(f"{v / MiB:.0f}" for v in ooc["anon_peaks"].values())),
+        row("  plan: tree in use + out-of-core need (MiB)",
+            ", ".join(f"{u / MiB:.0f} + {n / MiB:.0f}" for u, n in zip(ooc["in_use"], ooc["planned"]))),
         row("in-core worker tree peak RSS (MiB)", ", ".join(f"{v / MiB:.0f}" for v in inc["peaks"].values())),
         row("matrix + training s, out of core / in core",
             f"{ooc['train']:.1f} / {inc['train']:.1f} = {ooc['train'] / inc['train']:.2f}x "
