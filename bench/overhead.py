@@ -98,12 +98,12 @@ def free_port_block(n: int) -> int:
 
 
 @contextmanager
-def embedded_fleet(home: str):
+def embedded_fleet(home: str, zygote: bool = True):
     """A 2-worker embedded fleet on free ports, this process's producer pointed at it; stopped on exit."""
     base = free_port_block(20)
     settings = Settings.from_env({}, home=home, broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
                                  s3_endpoint=f"http://127.0.0.1:{services.free_port()}",
-                                 worker_ports=f"{base}-{base + 9}")
+                                 worker_ports=f"{base}-{base + 9}", zygote=zygote)
     os.environ.update(settings.as_env())   # Client.default() reads GANGWAY_* from the environment
     log("starting the embedded fleet (2 workers)")
     fleet = Fleet(settings, workers=2)
@@ -329,13 +329,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--small-jobs", type=int, default=20)
     ap.add_argument("--gap", type=float, default=2.0, help="seconds of idle before each small job")
+    ap.add_argument("--no-zygote", action="store_true",
+                    help="spawned standby children (GANGWAY_ZYGOTE=0): a forked child's RSS starts below its "
+                         "zygote's (library pages are faulted in lazily), so its floor is best measured this way")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gangway-bench-")
     log(f"generating {a.rows:,} x 28 rows; scratch {tmp}")
     X, y = make_data(a.rows, seed=1)
     write_halves(X, y, tmp)
     try:
-        with embedded_fleet(os.path.join(tmp, "home")) as fleet:
+        with embedded_fleet(os.path.join(tmp, "home"), zygote=not a.no_zygote) as fleet:
             m = measure(fleet, X, y, a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
