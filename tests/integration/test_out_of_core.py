@@ -150,7 +150,7 @@ def test_a_budget_too_small_even_out_of_core_fails_before_training_with_the_numb
 
 
 # Above what a worker's processes use with torch loaded (Celery main and pool, standby and training child:
-# ~620-650 MiB here), below that plus one 100 MB shard.
+# ~620-650 MiB here), below that plus one 150 MB shard.
 SMALL_TORCH_BUDGET = os.environ.get("GANGWAY_TEST_TORCH_BUDGET", "704MiB")
 
 
@@ -164,8 +164,19 @@ def _wide_linear_frame(rows: int, features: int, seed: int):
     return df
 
 
+def _least_squares(df, feats: list[str], label: str) -> np.ndarray:
+    """Weights then bias, from the normal equations summed in blocks (float64)."""
+    xtx, xty = np.zeros((len(feats) + 1,) * 2), np.zeros(len(feats) + 1)
+    for lo in range(0, len(df), 500_000):
+        part = df.iloc[lo:lo + 500_000]
+        X = np.column_stack([part[feats].to_numpy(np.float64), np.ones(len(part))])
+        xtx += X.T @ X
+        xty += X.T @ part[label].to_numpy(np.float64)
+    return np.linalg.solve(xtx, xty)
+
+
 def test_a_ddp_job_on_a_small_budget_streams_its_shard_from_mapped_chunks_to_the_in_core_result():
-    """2M rows x 24 features (200 MB of Arrow, 100 MB a rank) on workers whose budget leaves less than a
+    """3M rows x 24 features (300 MB of Arrow, 150 MB a rank) on workers whose budget leaves less than a
     shard above what their processes already use: each rank iterates its shard from memory-mapped chunk
     files, its heap grows by a window of chunks, not the shard; the batches come in the order the same
     dataset over the shard in memory gives, and DDP reaches the least-squares weights."""
@@ -179,7 +190,8 @@ def test_a_ddp_job_on_a_small_budget_streams_its_shard_from_mapped_chunks_to_the
     from tests.integration import torch_jobs
 
     feats = [f"x{i}" for i in range(24)]
-    df = _wide_linear_frame(2_000_000, 24, seed=41)
+    rows = 3_000_000
+    df = _wide_linear_frame(rows, 24, seed=41)
     hp = {"features": feats, "label": "y", "batch_size": 4096, "seed": 7, "lr": 0.1, "epochs": 2}
     settings = private_fleet_settings(worker_memory=SMALL_TORCH_BUDGET, chunk_rows=32768)
     with running_fleet(settings, workers=2):
@@ -198,7 +210,7 @@ def test_a_ddp_job_on_a_small_budget_streams_its_shard_from_mapped_chunks_to_the
         reader = DatasetReader(store, ChunkCache(os.path.join(settings.home, "test-cache"), 10 ** 10))
         uri = conn.materialise(store, settings).uri
         in_core = {r: reader.read(uri, world_size=2, rank=r) for r in (0, 1)}
-    shard_bytes = 2_000_000 * 25 * 4 // 2
+    shard_bytes = rows * 25 * 4 // 2
     for r, rank in ranks.items():
         fetch = status[r]["fetch"]
         memory = fetch["memory"]
@@ -210,8 +222,7 @@ def test_a_ddp_job_on_a_small_budget_streams_its_shard_from_mapped_chunks_to_the
         expected = torch_jobs.batch_order(ArrowTorchDataset(table, batch_size=4096, shuffle=True, seed=7, rank=r),
                                           "y", 1)
         assert ranks[r]["metrics"]["order"] == pytest.approx(expected, rel=1e-9), r
-    X, y = df[feats].to_numpy(np.float64), df["y"].to_numpy(np.float64)
-    coef, *_ = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)
+    coef = _least_squares(df, feats, "y")
     for rank in ranks.values():
         np.testing.assert_allclose(rank["metrics"]["weights"], coef[:-1], atol=0.01)
         assert rank["metrics"]["bias"] == pytest.approx(coef[-1], abs=0.01)
