@@ -168,10 +168,8 @@ def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], 
     external = plan.mode == HoldMode.EXTERNAL and external_ok
     if external or stream_in_core:
         data = cache_datasets(settings, datasets, manifests, world, payload["rank"], _pin_dir(payload))
-        data.extra["shard_nbytes"] = sum(shard_bytes_and_rows(manifests[n], world if r.get("sharded", True) else 1,
-                                                              payload["rank"] if r.get("sharded", True) else 0,
-                                                              r.get("equal", False))[0]
-                                         for n, r in datasets.items())   # what a table in memory would hold
+        # what the Arrow tables would hold in memory
+        data.extra["shard_nbytes"] = _shard_size(datasets, manifests, world, payload["rank"], 0).nbytes
     else:
         data = fetch_datasets(settings, datasets, world, payload["rank"], manifests)
     data.extra["memory"] = {"mode": HoldMode.EXTERNAL.value if external else HoldMode.IN_CORE.value,
