@@ -129,6 +129,7 @@ def dask_arrays(ctx):
 
 def xgb_dask(ctx) -> float:
     import xgboost as xgb
+    import xgboost.dask  # noqa: F401  (not imported by ``import xgboost``)
     t0 = time.perf_counter()
     X, y = dask_arrays(ctx)
     dtrain = xgb.dask.DaskQuantileDMatrix(ctx.dask, X, y, max_bin=256)
@@ -357,18 +358,26 @@ def ddp_ray(ctx) -> dict:
 def timeline(job, t_call: float, t_return: float) -> dict:
     """Seconds between the marks the job itself recorded, plus the client's call and return."""
     state = job.client.state
-    rec, ranks = state.job(job.job_id), list(state.ranks(job.job_id).values())
+    rec, by_rank = state.job(job.job_id), state.ranks(job.job_id)
+    ranks = list(by_rank.values())
     summary = [r.get("summary") or {} for r in ranks]
 
     def latest(key: str) -> float:
         return max(float(r[key]) for r in ranks if r.get(key) is not None)
 
+    rank0 = by_rank.get(0) or ranks[0]
+    # When training ended in the ranks (the child's own clock: after connect, matrix and train seconds).
+    trained = max(float(r["t_training"]) + sum(float((r.get("summary") or {}).get(k) or 0) for k in
+                                               ("connect_seconds", "dmatrix_seconds", "train_seconds"))
+                  for r in ranks)
     marks = {"call": t_call, "submitted": float(rec["submitted_at"]), "persisted": float(rec["persisted_at"]),
              "placed": float(rec["started_at"]), "fetching": latest("t_fetching"), "waiting": latest("t_waiting"),
-             "training": latest("t_training"), "rank succeeded": latest("t_succeeded"),
+             "training": latest("t_training"), "trained": trained,
+             "rank 0 uploading": float(rank0.get("t_uploading") or trained), "rank succeeded": latest("t_succeeded"),
              "job finished": float(rec["finished_at"]), "returned": t_return}
     names = list(marks)
     out = {f"{a} -> {b}": marks[b] - marks[a] for a, b in zip(names, names[1:])}
+    out["call -> returned (whole fit)"] = t_return - t_call
     for key in ("fetch_seconds", "connect_seconds", "dmatrix_seconds", "train_seconds"):
         vals = [float(s[key]) for s in summary if s.get(key) is not None]
         if vals:
@@ -442,7 +451,7 @@ def stop_group(ctx, group: str) -> None:
 
 def run_rounds(ctx, a, results: dict, skipped: list[str]) -> None:
     plan = groups(set(a.only.split(",")))
-    order = [g for g in plan if plan[g]]
+    order = [g for g in plan if plan[g] and g in a.groups.split(",")]
     for g in list(order):
         why = missing(g)
         if why:
@@ -554,7 +563,7 @@ def report(ctx, a, results: dict, skipped: list[str], load: list[tuple]) -> None
           f"batch {BATCH}, {a.steps} steps, gloo, seed 0; {a.repeat} alternating rounds; {os.cpu_count()} CPUs; "
           f"load average (1 min) at start / end: {load[0][0]:.2f} / {load[-1][0]:.2f}\n")
     print("versions: " + ", ".join(f"{d} {version(d)}" for d in
-                                   ("gangway", "xgboost", "lightgbm", "torch", "dask", "distributed", "ray")) + "\n")
+                                   ("gangway", "xgboost", "lightgbm", "torch", "dask", "distributed", "scikit-learn", "ray")) + "\n")
     for line in skipped:
         print(f"- {line}")
     if skipped:
@@ -590,6 +599,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="DDP optimizer steps")
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds (every row once per round)")
     ap.add_argument("--only", default="xgb,lgb,ddp", help="comma-separated subset of xgb,lgb,ddp")
+    ap.add_argument("--groups", default="by hand,gangway,dask,ray",
+                    help="comma-separated subset of the row groups: by hand, gangway, dask, ray")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gangway-peers-")
     log(f"generating {a.rows:,} x 28 rows; scratch {tmp}")
