@@ -13,6 +13,7 @@ Ray and dask come with ``pip install -e '.[all,peers]'``. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -449,7 +450,7 @@ def stop_group(ctx, group: str) -> None:
         ray.shutdown()
 
 
-def run_rounds(ctx, a, results: dict, skipped: list[str]) -> None:
+def run_rounds(ctx, a, results: dict, skipped: list[str], load: list[tuple]) -> None:
     plan = groups(set(a.only.split(",")))
     order = [g for g in plan if plan[g] and g in a.groups.split(",")]
     for g in list(order):
@@ -473,6 +474,10 @@ def run_rounds(ctx, a, results: dict, skipped: list[str]) -> None:
                         results.setdefault((fw, name), []).append(exc)
             finally:
                 stop_group(ctx, g)
+        load.append(os.getloadavg())
+        if a.partial:   # the table so far, so a run cut short still leaves its rounds behind
+            with open(a.partial, "w") as f, contextlib.redirect_stdout(f):
+                report(ctx, a, results, skipped, load)
 
 
 # report ----------------------------------------------------------------------------------------
@@ -561,7 +566,8 @@ def report(ctx, a, results: dict, skipped: list[str], load: list[tuple]) -> None
     print(f"{a.rows:,} rows x 28 float32 features, binary label; GBDT {a.rounds} rounds, max_depth 6 "
           f"(LightGBM num_leaves 31), 2 workers x 1 thread, no per-round evaluation; DDP MLP 28-256-256-1, "
           f"batch {BATCH}, {a.steps} steps, gloo, seed 0; {a.repeat} alternating rounds; {os.cpu_count()} CPUs; "
-          f"load average (1 min) at start / end: {load[0][0]:.2f} / {load[-1][0]:.2f}\n")
+          f"load average (1 min) at the start and after each round: "
+          f"{' / '.join(f'{x[0]:.1f}' for x in load)}\n")
     print("versions: " + ", ".join(f"{d} {version(d)}" for d in
                                    ("gangway", "xgboost", "lightgbm", "torch", "dask", "distributed", "scikit-learn", "ray")) + "\n")
     for line in skipped:
@@ -601,6 +607,7 @@ def main() -> int:
     ap.add_argument("--only", default="xgb,lgb,ddp", help="comma-separated subset of xgb,lgb,ddp")
     ap.add_argument("--groups", default="by hand,gangway,dask,ray",
                     help="comma-separated subset of the row groups: by hand, gangway, dask, ray")
+    ap.add_argument("--partial", default="", help="rewrite the table to this file after every round")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gangway-peers-")
     log(f"generating {a.rows:,} x 28 rows; scratch {tmp}")
@@ -612,8 +619,7 @@ def main() -> int:
             log("first fit of the frame: uploads it, so every 'warm' row finds it in the store")
             from producer.connectors import DataConnector
             xgb_estimator(2).fit(DataConnector.from_dataframe(ctx.df), input_cols=FEATURES, label_col=LABEL)
-            run_rounds(ctx, a, results, skipped)
-            load.append(os.getloadavg())
+            run_rounds(ctx, a, results, skipped, load)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(ctx, a, results, skipped, load)
