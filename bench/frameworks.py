@@ -86,16 +86,15 @@ def lgb_fit(connector, rounds: int) -> tuple[float, object]:
 
 
 def lgb_native(X: np.ndarray, y: np.ndarray, rounds: int) -> float:
-    """One process, num_threads=2, Dataset construction and train-set eval included (as a gangway rank)."""
+    """One process, num_threads=2, Dataset construction included; no valid sets (as a gangway rank)."""
     t0 = time.perf_counter()
     dtrain = lgb.Dataset(X, label=y, feature_name=FEATURES, free_raw_data=True)
-    lgb.train({**LGB_PARAMS, "num_threads": 2}, dtrain, num_boost_round=rounds, valid_sets=[dtrain],
-              valid_names=["train"])
+    lgb.train({**LGB_PARAMS, "num_threads": 2}, dtrain, num_boost_round=rounds)
     return time.perf_counter() - t0
 
 
 # One rank of the hand-launched LightGBM baseline: its half from local files, the same params,
-# the socket network on two free ports, train-set eval as a gangway rank does.
+# the socket network on two free ports, no per-round evaluation (as a gangway rank without verbose_eval).
 LGB_BASELINE_RANK = """
 import json, sys, numpy as np, lightgbm as lgb
 folder, rank, machines, rounds, params = sys.argv[1:6]
@@ -104,8 +103,7 @@ X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
 ports = [int(m.rsplit(":", 1)[1]) for m in machines.split(",")]
 d = lgb.Dataset(X, label=y, free_raw_data=True)
 lgb.train({**params, "num_threads": 1, "tree_learner": "data", "machines": machines, "num_machines": 2,
-           "local_listen_port": ports[rank], "pre_partition": True}, d, num_boost_round=int(rounds),
-          valid_sets=[d], valid_names=["train"])
+           "local_listen_port": ports[rank], "pre_partition": True}, d, num_boost_round=int(rounds))
 """
 
 

@@ -57,6 +57,9 @@ class Settings:
     visibility_timeout: float = 300.0  # Redis redelivers an unacknowledged (coordinator) task after this
     checkpoint_rounds: int = 10    # GBDT jobs checkpoint the booster every this many rounds; 0 = never
     checkpoint_keep: int = 2       # a GBDT job keeps its newest this many checkpoints (0 = all) until it ends
+    # ... and no sooner than this many seconds of training after the start or the last checkpoint: a job
+    # that trains for less writes none (a retry redoes less than this); 0 = every checkpoint_rounds rounds
+    checkpoint_seconds: float = 10.0
     drain_grace: float = 60.0      # a SIGTERMed worker's running rank may finish this long, then is retried
     dead_worker_ttl: float = 600.0  # a worker dead (no heartbeat) this long is dropped from the registry
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never

@@ -44,7 +44,8 @@ def private_fleet_settings(**overrides) -> Settings:
                 broker_url=f"redis://127.0.0.1:{services.free_port()}/0",
                 s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
                 heartbeat_interval=1.0, heartbeat_ttl=4.0, schedule_interval=1.0, rendezvous_timeout=30.0,
-                progress_timeout=20.0, chunk_rows=4096)   # 20 s: a 2-core CI box under load is not a hang
+                progress_timeout=20.0, chunk_rows=4096,   # 20 s: a 2-core CI box under load is not a hang
+                checkpoint_seconds=0.0)   # tests kill ranks seconds into a job: checkpoint every 10 rounds
     return Settings.from_env({}, **{**base, **overrides})
 
 
@@ -79,7 +80,7 @@ def fleet_settings():
         s3_endpoint=f"http://127.0.0.1:{services.free_port()}", worker_ports=_free_block(),
         heartbeat_interval=1.0, heartbeat_ttl=6.0, schedule_interval=1.0, rendezvous_timeout=30.0,
         progress_timeout=15.0, visibility_timeout=3.0,
-        chunk_rows=4096)
+        chunk_rows=4096, checkpoint_seconds=0.0)   # tests kill ranks seconds into a job: checkpoint every 10 rounds
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,8 @@ def test_get_context_values_env_and_datasets_per_rank(fleet):
         assert info["env"]["RANK"] == str(r) and info["env"]["WORLD_SIZE"] == "2"
         assert info["env"]["LOCAL_RANK"] == str(r) and info["env"]["NODE_RANK"] == "0"
         assert info["full_rows"] == 1001 and info["shard_rows"] == 500   # equal=True trims the odd row
+        # torch's pool follows the worker's CPUs even in a child forked from a zygote that loaded OpenMP
+        assert info["torch_threads"] == int(info["omp_threads"]), info
     assert infos[0]["env"]["MASTER_PORT"] == infos[1]["env"]["MASTER_PORT"]
     assert [i["shard_first"] for i in infos] == [0, 500]
 

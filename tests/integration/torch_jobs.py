@@ -57,6 +57,8 @@ def seed_style_train_func():
 
 def context_probe():
     """Reports what get_context() and the environment say, per rank."""
+    import torch
+
     from producer.pytorch import get_context
     ctx = get_context()
     full = ctx.get_dataset_map()["full"].to_pandas()
@@ -66,7 +68,8 @@ def context_probe():
             "backend": ctx.get_default_backend(), "hp": ctx.get_hyper_params(),
             "env": {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                "LOCAL_WORLD_SIZE", "NODE_RANK")},
-            "full_rows": len(full), "shard_rows": len(shard), "shard_first": int(shard["i"].iloc[0])}
+            "full_rows": len(full), "shard_rows": len(shard), "shard_first": int(shard["i"].iloc[0]),
+            "omp_threads": os.environ["OMP_NUM_THREADS"], "torch_threads": torch.get_num_threads()}
     import json
     with open(os.path.join(ctx.get_model_dir(), f"rank{ctx.get_rank()}.json"), "w") as f:
         json.dump(info, f)

@@ -25,6 +25,13 @@ def checkpoint_prefix(job_id: str) -> str:
     return f"checkpoints/{job_id}/"
 
 
+def checkpoint_due(done: int, total: int, every_rounds: int, seconds_since: float, min_seconds: float) -> bool:
+    """Whether rank 0 checkpoints after round ``done``: every ``every_rounds`` rounds but not after the
+    last, and only once ``min_seconds`` of training passed since the last checkpoint (or the start), so a
+    short job pays no serialisation and no upload for a checkpoint its retry would barely need."""
+    return bool(every_rounds) and done % every_rounds == 0 and done < total and seconds_since >= min_seconds
+
+
 class BoosterCheckpoints:
     def __init__(self, settings: Settings, store: ObjectStore, job_id: str, token: str, ext: str,
                  on_saved: Callable[[int, str], None] | None = None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from common.arrays import float32_column, float32_matrix
 from common.datasets import CachedSlice, read_cached
 from common.settings import Settings
-from workers.runtime.checkpoints import BoosterCheckpoints
+from workers.runtime.checkpoints import BoosterCheckpoints, checkpoint_due
 from workers.runtime.events import Emitter
 from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_planned, warm_store
@@ -164,8 +164,9 @@ def train_params(payload: dict, settings: Settings, shared: dict, emitter: Emitt
 
 
 def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoints: BoosterCheckpoints | None,
-           checkpoint_every: int):
+           checkpoint_every: int, checkpoint_seconds: float = 0.0):
     state = {"t": time.perf_counter(), "line": "", "printed": True}
+    state["checkpointed"] = state["t"]
 
     def callback(env: lgb.callback.CallbackEnv) -> None:
         latest = {f"{d}-{m}": float(v) for d, m, v, *_ in env.evaluation_result_list or []}
@@ -179,8 +180,10 @@ def _relay(emitter: Emitter, rank: int, total: int, every: int | None, checkpoin
         if rank == 0 and every and (env.iteration % every == 0 or done == total):
             emitter.emit("eval", line=state["line"])
             state["printed"] = True
-        if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0 and done < total:
+        if checkpoints is not None and checkpoint_due(done, total, checkpoint_every, now - state["checkpointed"],
+                                                      checkpoint_seconds):
             checkpoints.save_async(done, env.model.model_to_string().encode())
+            state["checkpointed"] = now
 
     def finish() -> None:
         """The last round's line, when early stopping ended training between two printed lines."""
@@ -207,7 +210,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         if rank == 0:
             emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
     relay = _relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
-                   prep.settings.checkpoint_rounds)
+                   prep.settings.checkpoint_rounds, prep.settings.checkpoint_seconds)
     callbacks = [lgb.record_evaluation(evals_result), relay]
     if opts.get("early_stopping_rounds"):
         callbacks.append(lgb.early_stopping(int(opts["early_stopping_rounds"]), first_metric_only=True,

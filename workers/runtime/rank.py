@@ -250,7 +250,7 @@ def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
     or silent peer ends the attempt, which reaches this rank as an abort."""
     others = {str(r) for r in range(1, run.payload["rendezvous"]["world_size"])}
     done_key = keys.job_done(run.job_id, run.token)
-    renewed = time.monotonic()
+    renewed, delay = time.monotonic(), 0.005
     while not others <= run.state.r.smembers(done_key):
         if abort.event.is_set():
             raise Aborted(abort.reason)
@@ -258,7 +258,8 @@ def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
             if not run.write(None):
                 raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
-        time.sleep(0.05)
+        time.sleep(delay)   # peers usually report within milliseconds of rank 0: poll fast, then back off
+        delay = min(delay * 1.5, 0.05)
 
 
 def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Zygote, payload: dict) -> dict:

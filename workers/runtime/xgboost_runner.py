@@ -16,7 +16,7 @@ from common.categories import xgboost_feature_types
 from common.datasets import CachedSlice, read_cached
 from common.errors import WorkerMemoryError
 from common.settings import Settings
-from workers.runtime.checkpoints import BoosterCheckpoints
+from workers.runtime.checkpoints import BoosterCheckpoints, checkpoint_due
 from workers.runtime.events import Emitter
 from workers.runtime.shards import RankData, fetch_planned, warm_store
 
@@ -175,10 +175,12 @@ class Relay(xgb.callback.TrainingCallback):
     checkpoint every ``checkpoint_every`` rounds."""
 
     def __init__(self, emitter: Emitter, rank: int, total: int, verbose_eval: int | None,
-                 checkpoints: BoosterCheckpoints | None = None, checkpoint_every: int = 0) -> None:
+                 checkpoints: BoosterCheckpoints | None = None, checkpoint_every: int = 0,
+                 checkpoint_seconds: float = 0.0) -> None:
         self.emitter, self.rank, self.total, self.every = emitter, rank, total, verbose_eval
-        self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
-        self._t = time.perf_counter()
+        self.checkpoints, self.checkpoint_every, self.checkpoint_seconds = checkpoints, checkpoint_every, \
+            checkpoint_seconds
+        self._t = self._last_checkpoint = time.perf_counter()
         self._last_line, self._printed = "", True
 
     def after_training(self, model):
@@ -198,9 +200,10 @@ class Relay(xgb.callback.TrainingCallback):
         if self.rank == 0 and self.every and (epoch % self.every == 0 or done == self.total):
             self.emitter.emit("eval", line=self._last_line)
             self._printed = True
-        if self.checkpoints is not None and self.checkpoint_every and done % self.checkpoint_every == 0 \
-                and done < self.total:
+        if self.checkpoints is not None and checkpoint_due(done, self.total, self.checkpoint_every,
+                                                           now - self._last_checkpoint, self.checkpoint_seconds):
             self.checkpoints.save_async(done, bytes(model.save_raw("ubj")))
+            self._last_checkpoint = now
         return False
 
 
@@ -238,7 +241,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
             if rank == 0:
                 emitter.emit("eval", line=f"[gangway] resuming from the checkpoint after round {done_before}")
         relay = Relay(emitter, rank, rounds, opts.get("verbose_eval"), ckpt if rank == 0 else None,
-                      prep.settings.checkpoint_rounds)
+                      prep.settings.checkpoint_rounds, prep.settings.checkpoint_seconds)
         # Evaluate what was asked for, as xgb.train does: the eval set when given; the training set only
         # when the user watches the lines (verbose_eval), since it costs a pass over the shard each round.
         asked = [(m, name) for m, name in evals if name != "train" or opts.get("verbose_eval")]
