@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import FEATURES, LABEL, embedded_fleet, log, print_table, row
+from peers import ddp_loop as peer_ddp_loop
 
 from common.manifest import shard_bounds
 from workers.local import services
@@ -155,32 +156,13 @@ def loader_rates(table: pa.Table, repeat: int = 3) -> tuple[float, float]:
 
 # DDP -------------------------------------------------------------------------------------------
 def ddp_loop(X, y, steps, batch):
-    """What both launchers run: MLP 28->256->256->1, SGD, ``steps`` batches of ``batch`` rows of this rank's half."""
-    import time
-
-    import torch
+    """What both launchers run: ``peers.ddp_loop`` (MLP 28->256->256->1, SGD, ``steps`` batches of ``batch``
+    rows of this rank's half), timed from its first step to its last."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group(backend="gloo")
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(28, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                    torch.nn.ReLU(), torch.nn.Linear(256, 1)))
-    opt, loss_fn = torch.optim.SGD(model.parameters(), lr=0.01), torch.nn.MSELoss()
-    X, y = torch.tensor(X), torch.tensor(y).reshape(-1, 1)
-    per_epoch = max(1, len(X) // batch)
-    t_first = None
-    for step in range(steps):
-        lo = (step % per_epoch) * batch
-        opt.zero_grad()
-        loss = loss_fn(model(X[lo:lo + batch]), y[lo:lo + batch])
-        loss.backward()
-        opt.step()
-        if t_first is None:
-            t_first = time.time()
-    t_end = time.time()
+    out = peer_ddp_loop(X, y, steps, batch)
     dist.destroy_process_group()
-    return {"after_first_step_s": t_end - t_first, "torch_threads": torch.get_num_threads(),
-            "last_loss": float(loss)}
+    return {"after_first_step_s": out["t_end"] - out["t_first"], "torch_threads": out["threads"],
+            "last_loss": out["last_loss"]}
 
 
 def gangway_train():
@@ -231,7 +213,8 @@ def ddp_torchrun(folder: str, steps: int) -> dict:
     """``torchrun --standalone --nproc-per-node 2`` on a script holding ``ddp_loop``'s source; launch to exit."""
     script = os.path.join(folder, "ddp_torchrun.py")
     with open(script, "w") as f:
-        f.write(inspect.getsource(ddp_loop) + TORCHRUN_MAIN)
+        f.write(inspect.getsource(peer_ddp_loop).replace("def ddp_loop(", "def peer_ddp_loop(")
+                + inspect.getsource(ddp_loop) + TORCHRUN_MAIN)
     cmd = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc-per-node", "2", script, folder,
            str(steps), str(BATCH)]
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import FEATURES, LABEL, embedded_fleet, log, make_data, write_halves
+from overhead import BASELINE_RANK, FEATURES, LABEL, embedded_fleet, log, make_data, write_halves
 
 from workers.local import services
 
@@ -55,17 +55,8 @@ def version(dist: str) -> str:
 
 
 # XGBoost ---------------------------------------------------------------------------------------
-# One rank of a user's hand-launched collective: its half from local files, no per-round evaluation.
-XGB_RANK = """
-import json, sys, numpy as np, xgboost as xgb
-folder, rank, host, port, rounds, params = sys.argv[1:7]
-rank, params = int(rank), json.loads(params)
-X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
-with xgb.collective.CommunicatorContext(dmlc_communicator="rabit", dmlc_tracker_uri=host,
-                                        dmlc_tracker_port=int(port), dmlc_task_id=f"{rank:06d}"):
-    dtrain = xgb.QuantileDMatrix(X, label=y, max_bin=256)
-    xgb.train(params, dtrain, num_boost_round=int(rounds))
-"""
+# One rank of a user's hand-launched collective: overhead.BASELINE_RANK (its half from local files, no
+# per-round evaluation).
 
 
 def xgb_native(ctx) -> float:
@@ -82,7 +73,7 @@ def xgb_hand(ctx) -> float:
     tracker.start()
     args = tracker.worker_args()
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", XGB_RANK, ctx.tmp, str(rank), str(args["dmlc_tracker_uri"]),
+    procs = [subprocess.Popen([sys.executable, "-c", BASELINE_RANK, ctx.tmp, str(rank), str(args["dmlc_tracker_uri"]),
                                str(args["dmlc_tracker_port"]), str(ctx.rounds),
                                json.dumps({**XGB_PARAMS, "nthread": 1})]) for rank in range(2)]
     codes = [p.wait() for p in procs]

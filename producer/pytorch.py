@@ -111,27 +111,36 @@ def pickle_function(func: Callable) -> bytes:
 
 
 def user_modules(func: Callable) -> list:
-    """The not-installed modules ``func`` reaches through its module, globals and closure (one level:
-    what its code names), e.g. ``from mylib import Model`` next to the user's script."""
+    """The not-installed modules ``func`` reaches through its module, globals and closure, following what
+    is shipped by value (functions and classes of the script, of those modules): ``from mylib import
+    Model`` next to the user's script, also when a helper of the script is what names it."""
     found: dict[str, types.ModuleType] = {}
+    seen: set[int] = set()
 
     def consider(obj: Any) -> None:
         module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", "") or "")
         if module is not None and _is_users_own(module):
             found.setdefault(module.__name__, module)
+        by_value = module is not None and (module.__name__ == "__main__" or _is_users_own(module))
+        if by_value and isinstance(obj, types.FunctionType) and id(obj) not in seen:
+            seen.add(id(obj))
+            follow(obj)
 
-    consider(func)
-    code = getattr(func, "__code__", None)
-    if code is not None:
-        g = getattr(func, "__globals__", {})
-        for name in _code_names(code):
+    def follow(f: types.FunctionType) -> None:
+        g = f.__globals__
+        for name in _code_names(f.__code__):
             if name in g:
                 consider(g[name])
-        for cell in getattr(func, "__closure__", None) or ():
+        for cell in f.__closure__ or ():
             try:
                 consider(cell.cell_contents)
             except ValueError:   # an empty cell
                 pass
+
+    consider(func)
+    if isinstance(func, types.FunctionType) and id(func) not in seen:
+        seen.add(id(func))
+        follow(func)
     return list(found.values())
 
 

@@ -56,6 +56,25 @@ def test_the_users_own_modules_travel_by_value_and_installed_ones_by_reference(t
     sys.modules.pop("first_week_lib", None)
 
 
+def test_modules_a_helper_of_the_script_names_travel_too(tmp_path, monkeypatch):
+    """train_func -> a helper beside the script -> the helper's own import: all shipped by value (a
+    bench's train_func calling a loop imported from a sibling file failed on the workers before)."""
+    from producer.pytorch import user_modules
+    (tmp_path / "first_week_deep.py").write_text("def loop():\n    return 1\n")
+    (tmp_path / "first_week_helper.py").write_text("from first_week_deep import loop\n\n"
+                                                   "def run():\n    return loop()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from first_week_helper import run
+
+    def train_func():
+        return run()
+
+    names = {m.__name__ for m in user_modules(train_func)}
+    assert {"first_week_helper", "first_week_deep"} <= names
+    for name in ("first_week_helper", "first_week_deep"):
+        sys.modules.pop(name, None)
+
+
 def test_a_job_status_reads_in_one_line_with_the_errors_headline():
     st = JobStatus("j1", JobState.FAILED, 2, {0: {"state": "FAILED", "iteration": 7, "trace": "x" * 5000},
                                                 1: {"state": "ABORTED"}},
