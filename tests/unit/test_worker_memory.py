@@ -143,8 +143,14 @@ def test_out_of_core_xgboost_from_cached_chunks_matches_in_core(tmp_path):
                        # XGBoost's ranks: chunk files either way, the plan's mode picks the matrix
                        "in_core_streamed": RankData({}, files(), extra={"memory": {"mode": "in_core"}}),
                        "external": RankData({}, files(), extra={"memory": {"mode": "external"}})}.items():
+        seen: list = []
         evals = build_matrices(Prepared({"workdir": str(tmp_path / "work")}, Settings(), data), feats, "y", None,
-                               256, 1)
+                               256, 1, on_chunk=lambda *a: seen.append(a))
+        if data.cached:   # every chunk a matrix takes in is heard of (the progress timeout judges silence)
+            chunks = {name: len(pieces) for name, pieces in data.cached.items()}
+            assert {name for name, _, _ in seen} == {"train", "eval"}, seen
+            assert all(n == chunks[name] and 1 <= i <= n for name, i, n in seen), seen
+            assert {(name, n, n) for name, n in chunks.items()} <= set(seen), seen
         log: dict = {}
         xgb.train({"max_depth": 5, "nthread": 1}, evals[0][0], 20, evals=evals, evals_result=log, verbose_eval=False)
         results[mode] = (type(evals[0][0]).__name__, log["eval"]["rmse"][-1])
@@ -171,11 +177,15 @@ def test_out_of_core_lightgbm_from_chunk_sequences_matches_in_core(tmp_path):
                        # XGBoost's ranks: chunk files either way, the plan's mode picks the matrix
                        "in_core_streamed": RankData({}, files(), extra={"memory": {"mode": "in_core"}}),
                        "external": RankData({}, files(), extra={"memory": {"mode": "external"}})}.items():
-        sets, names = _datasets(data, opts)
+        seen: list = []
+        sets, names = _datasets(data, opts, lambda *a: seen.append(a))
         log: dict = {}
         lgb.train({"objective": "regression", "num_threads": 1, "verbose": -1}, sets[0], 20, valid_sets=sets,
                   valid_names=names, callbacks=[lgb.record_evaluation(log)])
         results[mode] = log["eval"]["l2"][-1]
+        if data.cached:   # binning from chunk files is heard of, chunk by chunk
+            assert {name for name, _, _ in seen} == {"train", "eval"}, seen[:5]
+            assert all(n == len(data.cached[name]) for name, _, n in seen), seen[:5]
     assert results["external"] == pytest.approx(results["in_core"], rel=0.01), results
 
 

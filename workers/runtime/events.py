@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import traceback
+from collections.abc import Callable
 from typing import IO, Any
 
 GO = "go"
@@ -92,3 +93,9 @@ def protocol_stream() -> IO[str]:
     fd = os.dup(1)
     os.dup2(2, 1)
     return os.fdopen(fd, "w", buffering=1)
+
+
+def matrix_progress(emitter: Emitter) -> Callable[[str, int, int], None]:
+    """Each chunk a matrix (or a LightGBM Dataset) takes in, as an event: the supervisor's progress timeout
+    judges silence, and a shard of gigabytes is minutes of binning, which a hung collective is not."""
+    return lambda name, i, n: emitter.emit("matrix", droppable=True, dataset=name, chunk=i, chunks=n)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lightgbm as lgb
@@ -21,7 +22,7 @@ from common.arrays import float32_column, float32_matrix
 from common.datasets import CachedSlice, read_cached
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints, checkpoint_due
-from workers.runtime.events import Emitter
+from workers.runtime.events import Emitter, matrix_progress
 from workers.runtime.ports import first_free_port
 from workers.runtime.shards import RankData, fetch_planned, warm_store
 
@@ -91,8 +92,8 @@ class ChunkSequence(lgb.Sequence):
     batch_size = 4096
     _current: tuple[int, object] | None = None   # (id, matrix) of the chunk being sampled: one at a time
 
-    def __init__(self, piece: CachedSlice, features: list[str]) -> None:
-        self.piece, self.features = piece, features
+    def __init__(self, piece: CachedSlice, features: list[str], on_read: Callable[[], None] | None = None) -> None:
+        self.piece, self.features, self.on_read = piece, features, on_read
 
     def __len__(self) -> int:
         return self.piece.length
@@ -102,30 +103,45 @@ class ChunkSequence(lgb.Sequence):
         current = ChunkSequence._current
         if current is None or current[0] != id(self):
             ChunkSequence._current = current = (id(self), float32_matrix(read_cached(self.piece), self.features))
+            if self.on_read is not None:
+                self.on_read()
         return current[1]
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
             ChunkSequence._current = None
+            if self.on_read is not None:
+                self.on_read()
             rows = read_cached(self.piece).slice(idx.start or 0, (idx.stop or len(self)) - (idx.start or 0))
             return float32_matrix(rows, self.features)
         return self._matrix()[idx].astype(np.float64)   # LightGBM's sampler takes doubles
 
 
-def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None) -> lgb.Dataset:
-    """A Dataset from cached chunks (out of core): labels and weights in memory, features streamed."""
+def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None,
+                     on_chunk: Callable[[int, int], None] | None = None) -> lgb.Dataset:
+    """A Dataset from cached chunks (out of core): labels and weights in memory, features streamed.
+    ``on_chunk(i, n)`` hears of each chunk read (binning a big shard is minutes of progress)."""
     feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
+    reads = [0]
+
+    def on_read() -> None:
+        reads[0] += 1
+        on_chunk(reads[0], len(pieces))
 
     def column(name: str) -> np.ndarray:
         return np.concatenate([float32_column(read_cached(p).column(name)) for p in pieces])
-    return lgb.Dataset([ChunkSequence(p, feats) for p in pieces], label=column(label),
+    return lgb.Dataset([ChunkSequence(p, feats, on_read if on_chunk else None) for p in pieces], label=column(label),
                        weight=column(weight) if weight else None, feature_name=feats,
                        categorical_feature=_categorical(opts), reference=reference, free_raw_data=True)
 
 
-def _datasets(data: RankData, opts: dict) -> tuple[list[lgb.Dataset], list[str]]:
+def _datasets(data: RankData, opts: dict, on_chunk: Callable[[str, int, int], None] | None = None
+              ) -> tuple[list[lgb.Dataset], list[str]]:
     """(train, eval) Datasets, in core from Arrow or out of core from cached chunks."""
-    make = ((lambda name, ref=None: _chunked_dataset(data.cached[name], opts, ref)) if data.cached
+    def chunked(name: str, ref=None) -> lgb.Dataset:
+        tell = None if on_chunk is None else (lambda i, n: on_chunk(name, i, n))
+        return _chunked_dataset(data.cached[name], opts, ref, tell)
+    make = (chunked if data.cached
             else (lambda name, ref=None: _dataset(data.tables[name], opts, ref)))
     names = list(data.cached or data.tables)
     dtrain = make("train")
@@ -200,7 +216,7 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
     rank, rounds = p["rank"], int(opts["num_boost_round"])
     params = train_params(p, prep.settings, shared, emitter)
     t0 = time.perf_counter()
-    valid_sets, names = _datasets(prep.data, opts)
+    valid_sets, names = _datasets(prep.data, opts, matrix_progress(emitter))
     dtrain = valid_sets[0]
     evals_result: dict = {}
     ckpt = _checkpoints(prep, emitter)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from common.datasets import CachedSlice, read_cached
 from common.errors import WorkerMemoryError
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints, checkpoint_due
-from workers.runtime.events import Emitter
+from workers.runtime.events import Emitter, matrix_progress
 from workers.runtime.shards import RankData, fetch_planned, warm_store
 
 
@@ -111,9 +112,10 @@ class CachedChunks(xgb.DataIter):
     whole in memory."""
 
     def __init__(self, pieces: list[CachedSlice], features: list[str], label: str, weight: str | None,
-                 cache_prefix: str | None, feature_types: list[str] | None = None) -> None:
+                 cache_prefix: str | None, feature_types: list[str] | None = None,
+                 on_chunk: Callable[[int, int], None] | None = None) -> None:
         self._pieces, self._features, self._label, self._weight = pieces, features, label, weight
-        self._types = feature_types
+        self._types, self._on_chunk = feature_types, on_chunk
         self._i = 0
         super().__init__(cache_prefix=cache_prefix, release_data=True)
 
@@ -127,6 +129,8 @@ class CachedChunks(xgb.DataIter):
         input_data(data=float32_matrix(table, self._features), feature_names=self._features,
                    feature_types=self._types, **kw)
         self._i += 1
+        if self._on_chunk is not None:
+            self._on_chunk(self._i, len(self._pieces))
         return True
 
     def reset(self) -> None:
@@ -134,11 +138,13 @@ class CachedChunks(xgb.DataIter):
 
 
 def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | None, max_bin: int,
-                   nthread: int, categorical: list[str] | None = None) -> list[tuple[xgb.DMatrix, str]]:
+                   nthread: int, categorical: list[str] | None = None,
+                   on_chunk: Callable[[str, int, int], None] | None = None) -> list[tuple[xgb.DMatrix, str]]:
     """(train, eval) matrices: in-core QuantileDMatrix from the Arrow shard, or ExtMemQuantileDMatrix
     over the cached chunks when the shard does not fit the worker's memory budget. Categorical
     features arrive as codes that mean the same on every rank (one mapping per dataset, see
-    ``common.categories``) and are trained natively."""
+    ``common.categories``) and are trained natively. ``on_chunk(name, i, n)`` hears of every chunk a
+    matrix consumes: building one from a big shard takes minutes and is progress, not silence."""
     data = prep.data
     types = xgboost_feature_types(feats, categorical or [])
     cat = types is not None
@@ -150,12 +156,13 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
         os.makedirs(pages, exist_ok=True)
 
         def matrix(name: str, ref=None):
-            it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name), types)
+            it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name), types,
+                              _named(on_chunk, name))
             return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     elif data.cached:
         def matrix(name: str, ref=None):
-            it = CachedChunks(data.cached[name], feats, label, weight, None, types)
+            it = CachedChunks(data.cached[name], feats, label, weight, None, types, _named(on_chunk, name))
             return xgb.QuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     else:
@@ -168,6 +175,10 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
     if "eval" in names:
         evals.append((matrix("eval", ref=dtrain), "eval"))
     return evals
+
+
+def _named(on_chunk: Callable[[str, int, int], None] | None, name: str) -> Callable[[int, int], None] | None:
+    return None if on_chunk is None else (lambda i, n: on_chunk(name, i, n))
 
 
 class Relay(xgb.callback.TrainingCallback):
@@ -229,7 +240,8 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
         feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
         max_bin = int(params.get("max_bin", 256))
         nthread = int(params["nthread"])
-        evals = build_matrices(prep, feats, label, weight, max_bin, nthread, opts.get("categorical_cols"))
+        evals = build_matrices(prep, feats, label, weight, max_bin, nthread, opts.get("categorical_cols"),
+                               matrix_progress(emitter))
         dtrain = evals[0][0]
         prep.data.tables.clear()   # the quantised matrices hold all XGBoost needs: free the Arrow shard
         t_data = time.perf_counter()
