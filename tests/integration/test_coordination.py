@@ -286,6 +286,20 @@ def test_a_cancel_that_overtakes_its_submit_keeps_the_job_from_ever_running(coor
     assert not coord.cancel("J")          # a second cancel of an ended job changes nothing
 
 
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_redelivered_submit_of_a_cancelled_job_never_runs_it(coord, workers):
+    state = coord.state
+    fleet(state, workers)
+    coord.submit(spec("J", 1))   # running on the one worker, or waiting for one
+    assert coord.cancel("J")
+    fleet(state, 1)
+    assert coord.submit(spec("J", 1)) is JobState.CANCELLED   # the submit task redelivered (not acknowledged)
+    coord.tick()
+    assert state.job_state("J") is JobState.CANCELLED and set(holders(state).values()) == {""}
+    assert not state.r.zscore(keys.PENDING, "J") and not state.r.sismember(keys.RUNNING, "J")
+    assert_consistent(state)
+
+
 def test_a_pruned_dead_workers_queue_and_its_binding_leave_the_broker(redis_url):
     from kombu import Exchange, Queue
     client = redis.Redis.from_url(redis_url, decode_responses=True)
