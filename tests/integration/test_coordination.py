@@ -337,6 +337,22 @@ def test_a_pass_never_places_a_gang_on_an_indexed_worker_whose_heartbeat_lapsed_
     assert state.r.smembers(keys.FREE) == {"w0"}
 
 
+def test_a_job_that_waits_counts_only_live_workers_as_free_and_a_dead_ones_entry_returns_with_its_heartbeat(coord):
+    state = coord.state
+    fleet(state, 4)
+    coord.submit(spec("A", 1))   # holds w0
+    state.r.delete(keys.worker_alive("w3"))   # its host is cut off while it is free
+    coord.submit(spec("J", 4))   # 3 indexed for 4 wanted: the plan waits without picking, so no pick meets w3
+    assert state.job_state("J") is JobState.PENDING
+    assert state.job("J")["waiting"] == "waiting for 4 workers: 2 of 4 registered workers are free (held by job A)"
+    assert state.r.smembers(keys.FREE) == {"w1", "w2"}
+    coord.cancel("A")
+    state.heartbeat("w3", 60)   # back: indexed again, and the next pass places the job
+    coord.schedule_pass()
+    assert state.job_state("J") is JobState.RUNNING
+    assert_consistent(state)
+
+
 def test_a_gang_released_by_any_ending_re_enters_the_free_index_except_a_draining_worker(coord):
     state = coord.state
     fleet(state, 3)

@@ -555,4 +555,4 @@ def test_a_random_interleaving_of_faults_keeps_every_invariant_and_every_job_end
     if STEPS >= 1000:   # the run explored what it is meant to (a short GANGWAY_SIM_STEPS run may not)
         assert world.submitted >= 20 and world.crashes >= 20 and aof_redis.restarts >= 1
         assert JobState.SUCCEEDED in ended and history.count("tick") > 50 and world.published
-        assert world.cut_bytes > 0 and history.count("clock skew") > 3 and world.progress_writes > 10
+        assert world.cut_bytes > 0 and history.count("clock skew") > 3 and world.progress_writes > 0
