@@ -65,6 +65,8 @@ class Settings:
     progress_timeout: float = 600.0  # a rank silent this long (no round, no event) is hung; 0 = never
     echo_ranks: str = "0"          # whose printed output fit()/run() echo at the caller: "0", "all", "0,3"
     redis_outage_seconds: float = 30.0  # the fleet's processes ride out a Redis that does not answer this long
+    redis_socket_timeout: float = 30.0  # a Redis command or broker publish unanswered this long fails (no hang on
+                                        # a half-open connection: a partition, a failover, a NAT timeout)
     store_outage_seconds: float = 30.0  # S3 calls ride out a store that does not answer this long
     zygote: bool = True            # each worker forks training children from one warm zygote; 0 = spawn each
     zygote_timeout: float = 60.0   # a fork request unanswered this long (the zygote hung): spawn, restart it

@@ -30,7 +30,7 @@ def connect(settings: Settings, *, ride_out: bool = False) -> redis.Redis:
     answer for up to GANGWAY_REDIS_OUTAGE_SECONDS (a restart on its AOF takes a second or two), so a
     training rank does not fail on a broker restart; callers at the door fail fast instead."""
     # Every call has a deadline: a peer lost to a partition must not hold a supervisor for TCP's ~15 min.
-    opts: dict = {"socket_timeout": 30, "socket_keepalive": True}
+    opts: dict = {"socket_timeout": settings.redis_socket_timeout, "socket_keepalive": True}
     if ride_out:
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry

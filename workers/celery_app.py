@@ -43,7 +43,12 @@ def make_app(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
         # Leases and heartbeats decide what runs again, not redelivery: train_rank is acknowledged
         # when it starts, so only the short, acks_late coordinator tasks are ever redelivered (after
         # this timeout, e.g. when the coordinator was killed mid-task).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A publish (a rank's report, a task) on a half-open connection fails after GANGWAY_REDIS_SOCKET_TIMEOUT
+        # and is retried on a new one, instead of waiting on TCP for ~15 min (kombu's default: no timeout).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  "socket_timeout": settings.redis_socket_timeout,
+                                  "socket_connect_timeout": min(5.0, settings.redis_socket_timeout),
+                                  "socket_keepalive": True},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=True,

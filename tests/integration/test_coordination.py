@@ -286,6 +286,20 @@ def test_a_cancel_that_overtakes_its_submit_keeps_the_job_from_ever_running(coor
     assert not coord.cancel("J")          # a second cancel of an ended job changes nothing
 
 
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_redelivered_submit_of_a_cancelled_job_never_runs_it(coord, workers):
+    state = coord.state
+    fleet(state, workers)
+    coord.submit(spec("J", 1))   # running on the one worker, or waiting for one
+    assert coord.cancel("J")
+    fleet(state, 1)
+    assert coord.submit(spec("J", 1)) is JobState.CANCELLED   # the submit task redelivered (not acknowledged)
+    coord.tick()
+    assert state.job_state("J") is JobState.CANCELLED and set(holders(state).values()) == {""}
+    assert not state.r.zscore(keys.PENDING, "J") and not state.r.sismember(keys.RUNNING, "J")
+    assert_consistent(state)
+
+
 def test_a_pruned_dead_workers_queue_and_its_binding_leave_the_broker(redis_url):
     from kombu import Exchange, Queue
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -321,6 +335,22 @@ def test_a_pass_never_places_a_gang_on_an_indexed_worker_whose_heartbeat_lapsed_
     assert state.r.smembers(keys.FREE) == set()   # w0 dropped when picked, w1 and w2 reserved
     state.heartbeat("w0", 60)                      # it comes back: in the index again
     assert state.r.smembers(keys.FREE) == {"w0"}
+
+
+def test_a_job_that_waits_counts_only_live_workers_as_free_and_a_dead_ones_entry_returns_with_its_heartbeat(coord):
+    state = coord.state
+    fleet(state, 4)
+    coord.submit(spec("A", 1))   # holds w0
+    state.r.delete(keys.worker_alive("w3"))   # its host is cut off while it is free
+    coord.submit(spec("J", 4))   # 3 indexed for 4 wanted: the plan waits without picking, so no pick meets w3
+    assert state.job_state("J") is JobState.PENDING
+    assert state.job("J")["waiting"] == "waiting for 4 workers: 2 of 4 registered workers are free (held by job A)"
+    assert state.r.smembers(keys.FREE) == {"w1", "w2"}
+    coord.cancel("A")
+    state.heartbeat("w3", 60)   # back: indexed again, and the next pass places the job
+    coord.schedule_pass()
+    assert state.job_state("J") is JobState.RUNNING
+    assert_consistent(state)
 
 
 def test_a_gang_released_by_any_ending_re_enters_the_free_index_except_a_draining_worker(coord):

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from common import keys
 from common.models import JobState, RankState
@@ -190,6 +191,28 @@ def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_wi
     finally:
         never.close()
     assert time.monotonic() - started < 5
+
+
+def test_a_rank_whose_fence_check_raises_leaves_no_abort_listener_behind(coord):
+    state = coord.state
+    fleet(state, 1)
+    coord.submit(spec("J", 1))
+    job = state.job("J")
+    payload = {"job_id": "J", "token": job["token"], "rank": 0, "worker_id": "w0", "attempt": 1,
+               "rendezvous": {"world_size": 1}, "spec": json.loads(job["spec"])}
+
+    def listeners() -> int:
+        return sum(isinstance(t, redis.client.PubSubWorkerThread) for t in threading.enumerate())
+
+    before = listeners()
+    state.r.delete(keys.job("J"))
+    state.r.set(keys.job("J"), "not a hash")   # the fence check's read fails (WRONGTYPE), as a Redis error would
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        rankmod.run_rank(coord.settings, state, coord.app, None, payload)
+    deadline = time.monotonic() + 5
+    while listeners() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listeners() == before   # its lease, set at reservation, still lets the reaper judge it lost
 
 
 def test_a_checkpoint_stored_by_a_child_outliving_its_attempt_is_never_recorded_nor_resumed_from(coord):

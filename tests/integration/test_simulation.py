@@ -2,6 +2,8 @@
 on a real redis-server, driven through random interleavings of submits, cancels, rank reports (ok, failed,
 duplicated, late, lost), rank 0's staged artifacts (whole, partial, late writes of a lost attempt), task
 redelivery, coordinator deaths between any two Redis commands, lost and returning heartbeats, lapsed leases,
+workers whose clocks run up to two leases ahead of or behind the coordinator's (their ranks renew and report
+with their own clock),
 Redis restarts on its append-only file (clean ones, and lossy ones: SIGKILL and the file's tail cut off, as a
 host crash under appendfsync everysec loses the last second) and timer ticks. After every step the
 invariants of docs/architecture.md ("Invariants") are checked; at the end, under a fair schedule, every job
@@ -166,6 +168,8 @@ class World:
     tokens: dict = field(default_factory=dict)      # job_id -> every token it ran under
     harmed: set = field(default_factory=set)        # jobs a fault or failure was injected into
     cancelled: set = field(default_factory=set)
+    skew: dict = field(default_factory=dict)       # worker id -> seconds its clock is ahead (negative: behind)
+    ended: dict = field(default_factory=dict)      # job_id -> the terminal state it was first seen in
     dead: set = field(default_factory=set)
     store: MemoryStore = field(default_factory=MemoryStore)
     staged: dict = field(default_factory=dict)      # (job_id, token) -> the names rank 0 staged, whole
@@ -176,6 +180,7 @@ class World:
     lost: set = field(default_factory=set)          # jobs whose every write a lossy restart took
     orphans: set = field(default_factory=set)       # staged objects whose registration a lossy restart took
     submitted: int = 0
+    progress_writes: int = 0
     crashes: int = 0
     cut_bytes: int = 0
 
@@ -260,8 +265,12 @@ class World:
             return "duplicate"
         if roll < 0.60:
             return self.stale_report(crash)
-        if roll < 0.66:
+        if roll < 0.62:
             return self.heartbeats()
+        if roll < 0.63:
+            return self.skew_clock()
+        if roll < 0.66:
+            return self.progress()
         if roll < 0.69:
             return self.lapse_lease()
         if roll < 0.72:
@@ -281,6 +290,8 @@ class World:
         if not running:
             return "idle"
         job_id, job = self.rng.choice(running)
+        if self.rng.random() < 0.3:   # its ranks renewed their leases, each by its own clock, since last seen
+            self.renew(job_id, job)
         token, gang = job["token"], json.loads(job["gang"])["workers"]
         failing = self.plain.r.hexists(keys.job(job_id), f"failing:{token}")
         rank = self.rng.randrange(len(gang))
@@ -300,7 +311,7 @@ class World:
         if self.rng.random() < 0.8:   # the rank's final, fenced status (a rank killed first writes none)
             status = RankState.SUCCEEDED if ok else (RankState.ABORTED if failing else RankState.FAILED)
             self.plain.fenced_write(job_id, token, rank, {"state": status.value, "error": error, "token": token,
-                                                          "updated": time.time() - self.rng.uniform(-60, 60)})
+                                                          "updated": self.worker_time(gang[rank])})
         if self.rng.random() < 0.9:   # else the report is lost; the final status must stand for it
             self.send("rank_finished", job_id, token, rank, ok, error, {}, crash=crash)
         return "report"
@@ -350,6 +361,35 @@ class World:
         self.dead.add(wid)
         self.plain.r.delete(keys.worker_alive(wid))
         return "heartbeat lost"
+
+    def worker_time(self, wid: str) -> float:
+        """What worker ``wid``'s own clock says now."""
+        return time.time() + self.skew.get(wid, 0.0)
+
+    def skew_clock(self) -> str:
+        """A worker's clock jumps up to two leases ahead or behind (NTP step, a VM resumed): no verdict may
+        depend on it, so this harms no job."""
+        wid = f"w{self.rng.randrange(WORKERS)}"
+        self.skew[wid] = self.rng.uniform(-2, 2) * self.settings.lease_seconds
+        return "clock skew"
+
+    def progress(self) -> str:
+        """The ranks of a running attempt that have not reported write a progress status stamped with their
+        worker's clock (renewing their leases); a rank writes nothing after its final status."""
+        running = self.running()
+        if not running:
+            return "idle"
+        self.renew(*self.rng.choice(running))
+        return "progress"
+
+    def renew(self, job_id: str, job: dict) -> None:
+        token, gang = job["token"], json.loads(job["gang"])["workers"]
+        done, ranks = self.plain.r.smembers(keys.job_done(job_id, token)), self.plain.ranks(job_id)
+        for rank, wid in enumerate(gang):
+            if str(rank) not in done and ranks.get(rank, {}).get("state") in (None, RankState.TRAINING.value):
+                self.plain.fenced_write(job_id, token, rank, {"state": RankState.TRAINING.value, "token": token,
+                                                              "updated": self.worker_time(wid)})
+                self.progress_writes += 1
 
     def lapse_lease(self) -> str:
         running = self.running()
@@ -411,6 +451,11 @@ class World:
                 assert job_id in self.harmed, f"{where}: {job_id} failed with nothing injected: {error}"
             if state == "CANCELLED":
                 assert job_id in self.cancelled, f"{where}: {job_id} cancelled by nobody"
+            if state in ("SUCCEEDED", "FAILED", "CANCELLED") and job_id not in self.rolled_back | self.lost:
+                first = self.ended.setdefault(job_id, state)
+                assert state == first, f"{where}: {job_id} ended {first}, now {state}"
+            elif job_id in self.ended and job_id not in self.rolled_back | self.lost:
+                raise AssertionError(f"{where}: {job_id} ended {self.ended[job_id]}, now {state}")
             self.check_artifacts(where, job_id, job)
         assert len(self.issued) == len(set(self.issued)), f"{where}: a fencing token was issued twice"
         for key in self.store.list(self.settings.artifact_bucket, "staging/"):
@@ -510,4 +555,4 @@ def test_a_random_interleaving_of_faults_keeps_every_invariant_and_every_job_end
     if STEPS >= 1000:   # the run explored what it is meant to (a short GANGWAY_SIM_STEPS run may not)
         assert world.submitted >= 20 and world.crashes >= 20 and aof_redis.restarts >= 1
         assert JobState.SUCCEEDED in ended and history.count("tick") > 50 and world.published
-        assert world.cut_bytes > 0
+        assert world.cut_bytes > 0 and history.count("clock skew") > 3 and world.progress_writes > 0

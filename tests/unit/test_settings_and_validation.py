@@ -1,11 +1,12 @@
 import dataclasses
+import socket
 
 import pyarrow as pa
 import pytest
 
 from common.errors import ConfigurationError, TrainingFailedError, ValidationError
 from common.models import JobSpec, JobState, Rendezvous, Resources
-from common.settings import Settings, parse_port_block, redact_url
+from common.settings import Settings, advertised_host, parse_port_block, redact_url
 from common.store import parse_s3_uri
 from producer.validation import check_columns, check_table
 
@@ -88,3 +89,15 @@ def test_training_failed_error_lists_every_failed_rank():
         0: {"type": "OSError", "message": "gone", "traceback": "tb0"}})
     assert "rank 0: OSError: gone" in str(err) and "rank 1: ValueError: bad" in str(err)
     assert "tb0" in err.tracebacks() and "tb1" in err.tracebacks()
+
+
+def test_a_worker_advertises_its_address_on_the_route_to_the_broker_not_loopback():
+    assert advertised_host(Settings(worker_host="10.1.2.3")).worker_host == "10.1.2.3"   # set: kept
+    assert advertised_host(Settings(broker_url="redis://127.0.0.1:6399/0")).worker_host == "127.0.0.1"
+    remote = Settings(broker_url="redis://198.51.100.7:6379/0")   # TEST-NET-2: routed, never contacted
+    address = advertised_host(remote).worker_host
+    if address == "127.0.0.1":
+        pytest.skip("this host has no route off loopback")
+    assert not address.startswith("127.")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((address, 0))   # one of this host's own addresses, so peers on that route can dial it

@@ -118,3 +118,43 @@ def test_a_broker_that_does_not_answer_is_one_error_naming_the_redacted_url_and_
     assert "gangway up" in text and "GANGWAY_BROKER_URL" in text
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert not isinstance(info.value, redis.RedisError)
+
+
+def test_a_broker_that_accepts_but_never_answers_fails_a_command_and_a_publish_within_the_socket_timeout():
+    import socket
+    import threading
+
+    import pytest
+    import redis
+
+    from common import keys
+    from common.settings import Settings
+    from common.state import connect
+    from workers.celery_app import make_app
+    listener = socket.socket()   # a half-open broker: connections are accepted, nothing is ever answered
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(16)], daemon=True).start()
+    settings = Settings(broker_url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0", redis_socket_timeout=1.0)
+    outcome: dict = {}
+
+    def publish() -> None:
+        app = make_app(settings)
+        try:
+            app.send_task("gangway.schedule", queue=keys.COORDINATOR_QUEUE, retry=False)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    try:
+        with pytest.raises(redis.TimeoutError):
+            connect(settings).ping()
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        publisher.join(20)
+        assert not publisher.is_alive(), "a publish to a broker that never answers hung past 20 s"
+        assert "Timeout reading from socket" in str(outcome.get("error")), outcome
+    finally:
+        listener.close()
+        for conn, _ in held:
+            conn.close()

@@ -25,6 +25,7 @@ class Reservations:
         self._repair = client.register_script((_HERE / "repair.lua").read_text())
         self._unwatch = client.register_script((_HERE / "unwatch.lua").read_text())
         self._scan = client.register_script((_HERE / "reap.lua").read_text())
+        self._unfree = client.register_script((_HERE / "unfree.lua").read_text())
 
     def next_token(self) -> str:
         """A fencing token no attempt had before: the counter orders tokens for people reading logs; the
@@ -75,6 +76,10 @@ class Reservations:
     def unwatch(self, job_id: str) -> bool:
         """Drop ``job_id`` from the running set if (and only if) it is not RUNNING."""
         return bool(self._unwatch(keys=[keys.RUNNING, keys.job(job_id)], args=[job_id]))
+
+    def drop_dead_free(self) -> list[str]:
+        """``unfree.lua``: take every worker without a heartbeat out of the free-worker index; returns their ids."""
+        return list(self._unfree(keys=[keys.FREE], args=[keys.worker("")]))
 
     def running_scan(self) -> list:
         """``reap.lua``: per running job its state, token, lease_ms, failing-since mark and the ranks that

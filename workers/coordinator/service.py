@@ -193,6 +193,8 @@ class Coordinator:
             elif decision.action is Action.FAIL:
                 self._fail_if_never_fits(decision.job_id, decision.reason, now)
             elif decision.action is Action.WAIT:
+                if self.reservations.drop_dead_free():   # the reason counts live free workers only: plan again
+                    return placed, True
                 self._note_waiting(decision.job_id, decision.reason, now, fits=True)
             else:
                 self.r.hdel(keys.job(decision.job_id), "never_fits_since")
