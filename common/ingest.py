@@ -142,7 +142,7 @@ class ChunkUploader:
         sha = hashlib.sha256(data).hexdigest()
         key = pool_key(sha)
         if not self.store.exists(self.bucket, key):   # content-addressed: stored once, by anyone
-            self.store.put(self.bucket, key, data)
+            self.store.put(self.bucket, key, data, sha256=sha)   # the store signs with it: hashed once
             with self._lock:
                 self.uploaded_bytes += len(data)
         if self.progress is not None:

@@ -1,6 +1,7 @@
 """Object store behind a small interface: S3 (the ``minio`` SDK; MinIO/SeaweedFS) and in-memory."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -37,7 +38,7 @@ class ObjectInfo:
 
 
 class ObjectStore(Protocol):
-    def put(self, bucket: str, key: str, data: bytes) -> None: ...
+    def put(self, bucket: str, key: str, data: bytes, *, sha256: str | None = None) -> None: ...
     def put_file(self, bucket: str, key: str, path: str) -> None: ...
     def get(self, bucket: str, key: str) -> bytes: ...
     def get_range(self, bucket: str, key: str, offset: int, length: int, etag: str | None = None) -> bytes: ...
@@ -68,8 +69,11 @@ class MemoryStore:
         if bucket not in self._buckets:
             raise StoreError(f"bucket {bucket!r} does not exist")
 
-    def put(self, bucket: str, key: str, data: bytes) -> None:
+    def put(self, bucket: str, key: str, data: bytes, *, sha256: str | None = None) -> None:
+        """``sha256``: the body's hex SHA-256 if the caller has it (S3 signs with it); checked here."""
         self._check(bucket)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise StoreError(f"put s3://{bucket}/{key}: the body's SHA-256 is not the {sha256!r} given")
         with self._lock:
             self._objects[(bucket, key)] = bytes(data)
             self.bytes_put += len(data)
@@ -140,7 +144,7 @@ class S3Store:
             maxsize=max_pool, timeout=urllib3.Timeout(connect=5, read=60),
             retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504],
                                   raise_on_status=False))
-        self._client = Minio(url.netloc, access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
+        self._client = _client_class()(url.netloc, access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
                              secure=url.scheme == "https", region=settings.s3_region, http_client=http)
         self.bytes_put = 0
 
@@ -183,13 +187,31 @@ class S3Store:
                     raise
         self._call("create_bucket", bucket, "", ensure)
 
-    def put(self, bucket: str, key: str, data: bytes) -> None:
-        body = data if isinstance(data, bytes) else bytes(data)   # minio's reader wants bytes
-        # one PUT, not 5 MiB multipart pieces: chunks are at most GANGWAY_CHUNK_BYTES
-        part = min(max(len(body), _MIN_PART), _MAX_PART)
-        self._call("put", bucket, key,
-                   lambda: self._client.put_object(bucket, key, io.BytesIO(body), len(body), part_size=part))
-        self.bytes_put += len(body)
+    def put(self, bucket: str, key: str, data: bytes, *, sha256: str | None = None) -> None:
+        """One object from bytes or any buffer (a ``bytearray``, a ``memoryview``). ``sha256``, the body's
+        hex SHA-256 when the caller already has it (content addressing), signs the request instead of a
+        second hash of the body; over HTTPS the body is not signed and it is unused."""
+        view = memoryview(data).cast("B")
+        if len(view) <= _MAX_PART and _fast_put():
+            # one PUT of the buffer as it is: no bytes() copy, no second SHA-256 over plain HTTP
+            self._call("put", bucket, key, lambda: self._put_buffer(bucket, key, view, sha256))
+        else:
+            body = data if isinstance(data, bytes) else bytes(data)   # minio's public reader wants bytes
+            # one PUT, not 5 MiB multipart pieces: chunks are at most GANGWAY_CHUNK_BYTES
+            part = min(max(len(body), _MIN_PART), _MAX_PART)
+            self._call("put", bucket, key,
+                       lambda: self._client.put_object(bucket, key, io.BytesIO(body), len(body), part_size=part))
+        self.bytes_put += len(view)
+
+    def _put_buffer(self, bucket: str, key: str, view: memoryview, sha256: str | None) -> None:
+        from minio.helpers import check_bucket_name, check_object_name
+        check_bucket_name(bucket)
+        check_object_name(key)
+        _known_sha256.value = sha256
+        try:
+            self._client._put_object(bucket, key, view, {"Content-Type": "application/octet-stream"})
+        finally:
+            _known_sha256.value = None
 
     def put_file(self, bucket: str, key: str, path: str) -> None:
         # streamed from disk (multipart past 16 MiB): the file is never held whole
@@ -287,6 +309,45 @@ class S3Store:
 
 
 _MIN_PART, _MAX_PART = 5 << 20, 5 << 30
+
+# The SHA-256 of the body being sent by this thread, when its caller computed it already (see S3Store.put).
+_known_sha256 = threading.local()
+
+
+@functools.cache
+def _fast_put() -> bool:
+    """minio 7.2's private single-PUT and header builder, which S3Store.put uses to send a buffer without
+    copying it to bytes and to sign it with a SHA-256 already computed; any other minio: the public path."""
+    import inspect
+
+    from minio import Minio
+    try:
+        build = list(inspect.signature(Minio._build_headers).parameters)
+        put = list(inspect.signature(Minio._put_object).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return build[:5] == ["self", "host", "headers", "body", "creds"] and put[:5] == [
+        "self", "bucket_name", "object_name", "data", "headers"]
+
+
+
+def _client_class():
+    """``Minio``, or where the fast put is available a subclass that signs a body with the SHA-256 its
+    caller already computed (set in ``_known_sha256`` for the call) instead of hashing it again."""
+    from minio import Minio
+    if not _fast_put():
+        return Minio
+
+    class KnownHashMinio(Minio):
+        def _build_headers(self, host, headers=None, body=None, creds=None):
+            known = getattr(_known_sha256, "value", None)
+            if known is None or not body or self._base_url.is_https or not creds:
+                return super()._build_headers(host, headers, body, creds)
+            headers, date = super()._build_headers(host, headers, None, creds)   # no body: nothing hashed
+            headers["Content-Length"] = str(len(body))
+            headers["x-amz-content-sha256"] = known
+            return headers, date
+    return KnownHashMinio
 
 
 def _memory_etag(data: bytes) -> str:

@@ -212,3 +212,30 @@ def test_a_referenced_file_deleted_or_rewritten_fails_the_read_naming_it(s3_sett
     store.client.remove_object("raw-changing", "p/0.parquet")
     with pytest.raises(ObjectChangedError, match=r"s3://raw-changing/p/0.parquet at .* is gone"):
         DatasetReader(store, ChunkCache(tmp_path / "cache2", 1 << 30)).read(written.uri)
+
+
+def test_a_buffer_put_signed_with_its_known_sha256_is_stored_byte_for_byte(s3_settings):
+    """S3Store.put sends a bytearray/memoryview as it is and signs it with the caller's SHA-256 instead
+    of hashing the body again (weed accepts any payload hash that is signed; MinIO would also check it)."""
+    import hashlib
+
+    from common import store as store_module
+    from common.store import S3Store
+    assert store_module._fast_put(), "minio's private single PUT changed: the fast path is off (see S3Store.put)"
+    store, bucket = S3Store(s3_settings), s3_settings.data_bucket
+    body = bytearray(os.urandom(3 << 20))
+    store.put(bucket, "fast/bytearray", body, sha256=hashlib.sha256(body).hexdigest())
+    store.put(bucket, "fast/view", memoryview(body)[1:], sha256=hashlib.sha256(body[1:]).hexdigest())
+    store.put(bucket, "fast/unhashed", body)
+    assert store.get(bucket, "fast/bytearray") == body
+    assert store.get(bucket, "fast/view") == body[1:]
+    assert store.get(bucket, "fast/unhashed") == body
+    # the header that was signed is the caller's hash, with the body's length
+    store_module._known_sha256.value = "ab" * 32
+    try:
+        headers, _ = store.client._build_headers("h", {}, memoryview(body), store.client._provider.retrieve())
+    finally:
+        store_module._known_sha256.value = None
+    assert headers["x-amz-content-sha256"] == "ab" * 32 and headers["Content-Length"] == str(len(body))
+    headers, _ = store.client._build_headers("h", {}, bytes(body), store.client._provider.retrieve())
+    assert headers["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()

@@ -94,13 +94,13 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.ok = ok
 
-    def put(self, bucket, key, data):
+    def put(self, bucket, key, data, **kw):
         if key.startswith("chunks/"):
             if self.ok <= 0:
                 from common.errors import StoreError
                 raise StoreError(f"S3 put s3://{bucket}/{key} failed: connection reset")
             self.ok -= 1
-        super().put(bucket, key, data)
+        super().put(bucket, key, data, **kw)
 
 
 def test_a_store_failure_midway_stops_reading_the_source_and_writes_no_manifest():
@@ -120,9 +120,9 @@ def test_a_store_failure_midway_stops_reading_the_source_and_writes_no_manifest(
 class SlowStore(MemoryStore):
     """Puts take a while, so an unbounded writer would run far ahead of the store."""
 
-    def put(self, bucket, key, data):
+    def put(self, bucket, key, data, **kw):
         time.sleep(0.01)
-        super().put(bucket, key, data)
+        super().put(bucket, key, data, **kw)
 
 
 def test_at_most_in_flight_chunks_are_read_ahead_of_the_store():
