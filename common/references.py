@@ -251,7 +251,7 @@ def read_reference(store: ObjectStore, manifest: Manifest, chunk: ChunkInfo) -> 
     schema = decode_schema(manifest.arrow_schema)
     batch = conform(table, schema).combine_chunks().to_batches(max_chunksize=max(1, table.num_rows))[0]
     del table
-    data = serialise(batch)
+    data = serialise(batch).obj   # a fresh buffer: exactly the chunk
     return data, f.fetched
 
 
