@@ -73,7 +73,9 @@ def test_each_worker_advertises_its_hosts_address_and_hostname(cluster):
     mh, state, _ = cluster
     seen = {(w.info.host, w.info.address) for w in state.workers() if w.alive}
     assert seen == {(h.name, h.address) for h in mh.net.hosts}
-    out = (mh.net.hosts[0].home / "up.out").read_text()
+    up_out = mh.net.hosts[0].home / "up.out"   # `up` reports once its workers registered: after they did
+    wait_until(lambda: "started: worker-" in up_out.read_text(errors="replace"), 60, "the host's `up` to report")
+    out = up_out.read_text(errors="replace")
     assert "started: worker-" in out and "reused: redis at" in out and "coordinator" in out
 
 

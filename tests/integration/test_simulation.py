@@ -555,4 +555,6 @@ def test_a_random_interleaving_of_faults_keeps_every_invariant_and_every_job_end
     if STEPS >= 1000:   # the run explored what it is meant to (a short GANGWAY_SIM_STEPS run may not)
         assert world.submitted >= 20 and world.crashes >= 20 and aof_redis.restarts >= 1
         assert JobState.SUCCEEDED in ended and history.count("tick") > 50 and world.published
-        assert world.cut_bytes > 0 and history.count("clock skew") > 3 and world.progress_writes > 0
+        # (progress writes are not required: whether a job runs when a progress step is drawn depends on
+        # real TTLs, so a loaded box can draw none; the invariants above hold either way)
+        assert world.cut_bytes > 0 and history.count("clock skew") > 3
