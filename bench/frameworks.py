@@ -29,11 +29,10 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import FEATURES, LABEL, embedded_fleet, log, print_table, row
+from overhead import FEATURES, LABEL, embedded_fleet, lgb_hand_launched, log, print_table, row
 from peers import ddp_loop as peer_ddp_loop
 
 from common.manifest import shard_bounds
-from workers.local import services
 
 LGB_PARAMS = {"objective": "regression", "num_leaves": 31, "verbose": -1}
 BATCH = 1024
@@ -91,33 +90,6 @@ def lgb_native(X: np.ndarray, y: np.ndarray, rounds: int) -> float:
     t0 = time.perf_counter()
     dtrain = lgb.Dataset(X, label=y, feature_name=FEATURES, free_raw_data=True)
     lgb.train({**LGB_PARAMS, "num_threads": 2}, dtrain, num_boost_round=rounds)
-    return time.perf_counter() - t0
-
-
-# One rank of the hand-launched LightGBM baseline: its half from local files, the same params,
-# the socket network on two free ports, no per-round evaluation (as a gangway rank without verbose_eval).
-LGB_BASELINE_RANK = """
-import json, sys, numpy as np, lightgbm as lgb
-folder, rank, machines, rounds, params = sys.argv[1:6]
-rank, params = int(rank), json.loads(params)
-X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
-ports = [int(m.rsplit(":", 1)[1]) for m in machines.split(",")]
-d = lgb.Dataset(X, label=y, free_raw_data=True)
-lgb.train({**params, "num_threads": 1, "tree_learner": "data", "machines": machines, "num_machines": 2,
-           "local_listen_port": ports[rank], "pre_partition": True}, d, num_boost_round=int(rounds))
-"""
-
-
-def lgb_hand_launched(folder: str, rounds: int) -> float:
-    """Two LightGBM processes on local files, no queue or store: seconds from launch to both exits."""
-    machines = ",".join(f"127.0.0.1:{services.free_port()}" for _ in range(2))
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", LGB_BASELINE_RANK, folder, str(rank), machines, str(rounds),
-                               json.dumps(LGB_PARAMS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for rank in range(2)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"LightGBM baseline ranks exited with {codes}")
     return time.perf_counter() - t0
 
 
@@ -250,7 +222,7 @@ def measure(X: np.ndarray, y: np.ndarray, table: pa.Table, a: argparse.Namespace
         settle()
         native.append(lgb_native(X, y, a.rounds))
         settle()
-        hand.append(lgb_hand_launched(tmp, a.rounds))
+        hand.append(lgb_hand_launched(tmp, a.rounds, LGB_PARAMS))
     for i in range(a.repeat):
         log(f"[{i + 1}/{a.repeat}] DDP, {a.steps} steps: 2 gloo ranks through gangway, then torchrun")
         settle()

@@ -152,6 +152,33 @@ def hand_launched(folder: str, rounds: int) -> float:
     return elapsed
 
 
+# One rank of a hand-launched LightGBM network: its half from local files, the caller's params, the socket
+# network on two free ports, no per-round evaluation (as a gangway rank without verbose_eval).
+LGB_BASELINE_RANK = """
+import json, sys, numpy as np, lightgbm as lgb
+folder, rank, machines, rounds, params = sys.argv[1:6]
+rank, params = int(rank), json.loads(params)
+X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
+ports = [int(m.rsplit(":", 1)[1]) for m in machines.split(",")]
+d = lgb.Dataset(X, label=y, free_raw_data=True)
+lgb.train({**params, "num_threads": 1, "tree_learner": "data", "machines": machines, "num_machines": 2,
+           "local_listen_port": ports[rank], "pre_partition": True}, d, num_boost_round=int(rounds))
+"""
+
+
+def lgb_hand_launched(folder: str, rounds: int, params: dict) -> float:
+    """Two LightGBM processes on local files, no queue or store: seconds from launch to both exits."""
+    machines = ",".join(f"127.0.0.1:{services.free_port()}" for _ in range(2))
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", LGB_BASELINE_RANK, folder, str(rank), machines, str(rounds),
+                               json.dumps(params)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for rank in range(2)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"hand-launched LightGBM ranks exited with {codes}")
+    return time.perf_counter() - t0
+
+
 def native(X: np.ndarray, y: np.ndarray, rounds: int) -> float:
     """One process, nthread=2, QuantileDMatrix built and trained in the timing."""
     t0 = time.perf_counter()

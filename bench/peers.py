@@ -30,11 +30,12 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import BASELINE_RANK, FEATURES, LABEL, embedded_fleet, log, make_data, write_halves
+from overhead import (
+    FEATURES, LABEL, embedded_fleet, hand_launched, lgb_hand_launched, log, make_data, write_halves,
+)
+from overhead import PARAMS as XGB_PARAMS
 
-from workers.local import services
 
-XGB_PARAMS = {"objective": "binary:logistic", "max_depth": 6, "max_bin": 256, "tree_method": "hist"}
 LGB_PARAMS = {"objective": "binary", "num_leaves": 31, "max_depth": 6, "verbose": -1}
 BATCH = 1024
 
@@ -55,10 +56,6 @@ def version(dist: str) -> str:
 
 
 # XGBoost ---------------------------------------------------------------------------------------
-# One rank of a user's hand-launched collective: overhead.BASELINE_RANK (its half from local files, no
-# per-round evaluation).
-
-
 def xgb_native(ctx) -> float:
     import xgboost as xgb
     t0 = time.perf_counter()
@@ -68,20 +65,7 @@ def xgb_native(ctx) -> float:
 
 
 def xgb_hand(ctx) -> float:
-    from xgboost.tracker import RabitTracker
-    tracker = RabitTracker(n_workers=2, host_ip="127.0.0.1", sortby="task", timeout=600)
-    tracker.start()
-    args = tracker.worker_args()
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", BASELINE_RANK, ctx.tmp, str(rank), str(args["dmlc_tracker_uri"]),
-                               str(args["dmlc_tracker_port"]), str(ctx.rounds),
-                               json.dumps({**XGB_PARAMS, "nthread": 1})]) for rank in range(2)]
-    codes = [p.wait() for p in procs]
-    elapsed = time.perf_counter() - t0
-    tracker.wait_for(60)
-    if any(codes):
-        raise RuntimeError(f"hand-launched XGBoost ranks exited with {codes}")
-    return elapsed
+    return hand_launched(ctx.tmp, ctx.rounds)   # overhead.BASELINE_RANK with XGB_PARAMS, nthread 1
 
 
 def xgb_estimator(rounds: int):
@@ -165,18 +149,6 @@ def xgb_ray(ctx, report: bool) -> float:
 
 
 # LightGBM --------------------------------------------------------------------------------------
-LGB_RANK = """
-import json, sys, numpy as np, lightgbm as lgb
-folder, rank, machines, rounds, params = sys.argv[1:6]
-rank, params = int(rank), json.loads(params)
-X, y = np.load(f"{folder}/X{rank}.npy"), np.load(f"{folder}/y{rank}.npy")
-ports = [int(m.rsplit(":", 1)[1]) for m in machines.split(",")]
-lgb.train({**params, "num_threads": 1, "tree_learner": "data", "machines": machines, "num_machines": 2,
-           "local_listen_port": ports[rank], "pre_partition": True}, lgb.Dataset(X, label=y),
-          num_boost_round=int(rounds))
-"""
-
-
 def lgb_native(ctx) -> float:
     import lightgbm as lgb
     t0 = time.perf_counter()
@@ -185,14 +157,7 @@ def lgb_native(ctx) -> float:
 
 
 def lgb_hand(ctx) -> float:
-    machines = ",".join(f"127.0.0.1:{services.free_port()}" for _ in range(2))
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", LGB_RANK, ctx.tmp, str(rank), machines, str(ctx.rounds),
-                               json.dumps(LGB_PARAMS)]) for rank in range(2)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"hand-launched LightGBM ranks exited with {codes}")
-    return time.perf_counter() - t0
+    return lgb_hand_launched(ctx.tmp, ctx.rounds, LGB_PARAMS)
 
 
 def lgb_gangway(ctx) -> float:
