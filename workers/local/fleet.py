@@ -108,15 +108,36 @@ class Fleet:
         if services.port_open(host, port):
             self.reused.append(f"S3 at {self.settings.s3_url}")
         else:
-            data = self.home / "s3"
-            data.mkdir(parents=True, exist_ok=True)
-            self._spawn("s3", services.weed_command(port, str(data), bind=self.settings.bind),
-                        services.weed_env(self.settings.s3_access_key, self.settings.s3_secret_key))
-            self._wait(lambda: services.port_open(host, port), deadline, f"weed mini S3 on port {port}")
+            self._spawn_weed(host, port, deadline)
         store = S3Store(self.settings)
         self._wait(lambda: _try(lambda: [store.ensure_bucket(b) for b in
                                          (self.settings.data_bucket, self.settings.artifact_bucket)]),
                    deadline, f"S3 buckets at {self.settings.s3_url}")
+
+    def _spawn_weed(self, host: str, port: int, deadline: float, tries: int = 3) -> None:
+        """`weed mini` on ``port``; its eight other ports are free ports picked here, so another process can
+        take one before weed binds it. A weed that exits before its S3 port opens is started again on fresh
+        ports (up to ``tries`` times); the error carries its log."""
+        data = self.home / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        env = services.weed_env(self.settings.s3_access_key, self.settings.s3_secret_key)
+        for attempt in range(1, tries + 1):
+            proc = self._spawn("s3", services.weed_command(port, str(data), bind=self.settings.bind), env)
+            s = self.started[-1]
+            # A weed whose master or filer lost its port may live on without ever serving S3: one try gets
+            # its share of the time left, then fresh ports.
+            give_up = time.monotonic() + max(30.0, (deadline - time.monotonic()) / (tries - attempt + 1))
+            while time.monotonic() < min(deadline, give_up) and proc.poll() is None:
+                if services.port_open(host, port):
+                    return
+                time.sleep(0.1)
+            tail = s.log.read_text(errors="replace")[-2000:] if s.log.exists() else ""
+            self.started.remove(s)
+            _signal_group(proc, signal.SIGKILL)   # it and whatever it started in its group
+            proc.wait(timeout=10)
+            if attempt == tries or time.monotonic() >= deadline:
+                how = "did not answer" if proc.returncode == -signal.SIGKILL else f"exited with code {proc.returncode}"
+                raise GangwayError(f"weed mini S3 on port {port} {how} ({attempt} tries); log {s.log}:\n{tail}")
 
     def _celery(self, module: str, queue: str, name: str, pool: str) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue, "-n", name, "-P", pool,
