@@ -128,14 +128,25 @@ def rechunk(batches: Iterable[pa.RecordBatch], schema: pa.Schema, chunk_rows: in
         yield _combine(pending, schema)
 
 
+def in_flight_for(memory: int | None, chunk_bytes: int, threads: int) -> int:
+    """Chunks in flight within ``memory``: each holds its batch and its serialised copy (the thread's
+    reused buffer), so ``memory // (2 x chunk)``, at least one, at most ``threads``."""
+    if not memory:
+        return max(1, threads)
+    return max(1, min(threads, memory // max(1, 2 * chunk_bytes)))
+
+
 class ChunkUploader:
-    """Serialises, hashes and stores chunks on ``threads`` threads, at most ``in_flight`` at a time."""
+    """Serialises, hashes and stores chunks on ``threads`` threads, at most ``in_flight`` at a time
+    and, with ``memory``, at most that many bytes of chunks and their serialised copies (a chunk bigger
+    than the bound still goes, alone)."""
 
     def __init__(self, store: ObjectStore, bucket: str, *, threads: int = 8, in_flight: int | None = None,
-                 progress: Progress | None = None) -> None:
+                 memory: int | None = None, progress: Progress | None = None) -> None:
         self.store, self.bucket = store, bucket
         self.threads = max(1, threads)
         self.in_flight = max(1, in_flight or self.threads)
+        self.memory = memory
         self.progress = progress
         self.uploaded_bytes = 0
         self._lock = threading.Lock()
@@ -166,26 +177,42 @@ class ChunkUploader:
 
     def upload(self, chunks: Iterable[pa.RecordBatch], inspect: Inspect | None = None) -> list[ChunkInfo]:
         """Every chunk stored, in order; the first error (source or store) stops reading and is raised."""
-        slots = threading.BoundedSemaphore(self.in_flight)
+        room = threading.Condition()
+        held = {"chunks": 0, "bytes": 0}
         futures: list[Future] = []
         failed = threading.Event()
 
-        def done(f: Future) -> None:
+        def fits(cost: int) -> bool:
+            if held["chunks"] >= self.in_flight:
+                return False
+            return not self.memory or held["chunks"] == 0 or held["bytes"] + cost <= self.memory
+
+        def release(cost: int) -> None:
+            with room:
+                held["chunks"] -= 1
+                held["bytes"] -= cost
+                room.notify_all()
+
+        def done(f: Future, cost: int) -> None:
             if f.cancelled() or f.exception() is not None:
                 failed.set()
-            slots.release()
+            release(cost)
 
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="gangway-upload") as pool:
             try:
                 for batch in chunks:
                     if inspect is not None:
                         inspect(batch)
-                    slots.acquire()
+                    cost = 2 * batch.nbytes   # the batch and its serialised copy
+                    with room:
+                        room.wait_for(lambda: fits(cost))
+                        held["chunks"] += 1
+                        held["bytes"] += cost
                     if failed.is_set():
-                        slots.release()
+                        release(cost)
                         break
                     f = pool.submit(self._store_chunk, batch)
-                    f.add_done_callback(done)
+                    f.add_done_callback(lambda f, cost=cost: done(f, cost))
                     futures.append(f)
                     del batch   # the pool holds the only reference: memory goes when the chunk is stored
                 return [f.result() for f in futures]
@@ -197,7 +224,7 @@ class ChunkUploader:
 
 def write_batches(batches: Iterable[pa.RecordBatch], store: ObjectStore, bucket: str, *, chunk_rows: int,
                   chunk_bytes: int | None = None, schema: pa.Schema | None = None, threads: int = 8,
-                  in_flight: int | None = None,
+                  in_flight: int | None = None, memory: int | None = None,
                   meta: dict | None = None, progress: Progress | None = None,
                   inspect: Inspect | None = None, categorical: Sequence[str] = (),
                   categories: Mapping | None = None) -> WriteResult:
@@ -213,8 +240,11 @@ def write_batches(batches: Iterable[pa.RecordBatch], store: ObjectStore, bucket:
     if encoder.columns:
         schema, batches = encoder.schema, encoder.encode_all(batches)
     store.ensure_bucket(bucket)
-    uploader = ChunkUploader(store, bucket, threads=threads, in_flight=in_flight, progress=progress)
-    chunks = uploader.upload(rechunk(batches, schema, rows_per_chunk(schema, chunk_rows, chunk_bytes)), inspect)
+    rows = rows_per_chunk(schema, chunk_rows, chunk_bytes)
+    # Threads beyond what the memory lets be in flight would only keep idle serialising buffers.
+    threads = in_flight_for(memory, rows * row_bytes(schema), threads)
+    uploader = ChunkUploader(store, bucket, threads=threads, in_flight=in_flight, memory=memory, progress=progress)
+    chunks = uploader.upload(rechunk(batches, schema, rows), inspect)
     if not chunks:   # an empty dataset still has a schema: one empty chunk carries it
         chunks = uploader.upload([pa.RecordBatch.from_pylist([], schema=schema)])
     columns = schema_dict(schema)

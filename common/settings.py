@@ -44,6 +44,9 @@ class Settings:
     chunk_rows: int = 65536
     chunk_bytes: int = 32 * 1024**2   # a wide table's chunks get fewer rows than chunk_rows, to stay under this
     fetch_threads: int = 8
+    # What a producer's upload holds in memory at most (chunks being serialised, hashed and sent, each
+    # with its serialised copy): fewer chunks in flight than fetch_threads when chunks are big (wide rows)
+    upload_memory: str = "128MiB"
     heartbeat_interval: float = 2.0
     heartbeat_ttl: float = 10.0
     schedule_interval: float = 2.0
@@ -114,6 +117,10 @@ class Settings:
     def s3_url(self) -> str:
         """The S3 endpoint as a URL, whichever of the two accepted forms was configured."""
         return s3_url(self.s3_endpoint, self.s3_secure)
+
+    @property
+    def upload_memory_bytes(self) -> int:
+        return parse_size(self.upload_memory, "GANGWAY_UPLOAD_MEMORY")
 
     @property
     def worker_memory_bytes(self) -> int | None:

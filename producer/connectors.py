@@ -17,6 +17,7 @@ from common.datasets import (
     read_manifest,
     write_batches,
 )
+from common.ingest import row_bytes, rows_per_chunk
 from common.manifest import Manifest
 from common.references import reference_parquet
 from common.settings import Settings
@@ -29,6 +30,9 @@ from producer.sources import (
     sql_source,
     stream_source,
 )
+
+
+DECODE_BYTES = 8 * 1024 ** 2   # of a source batch (see DataConnector._batch_rows)
 
 
 class DataConnector:
@@ -157,6 +161,14 @@ class DataConnector:
                 return self._source.schema(s, s.chunk_rows)
         return None
 
+    def _batch_rows(self, s: Settings) -> int:
+        """Rows per batch read from the source: about ``DECODE_BYTES`` (never more than a chunk), since a
+        parquet reader holds a page per column beside the batch it decodes (wide files: hundreds of MiB
+        at a chunk's rows). Batches are joined into chunks on the way. A source whose schema needs a
+        first batch reads it with ``chunk_rows``."""
+        schema = self._source.schema(s, s.chunk_rows)
+        return min(rows_per_chunk(schema, s.chunk_rows, s.chunk_bytes), max(1024, DECODE_BYTES // row_bytes(schema)))
+
     def to_arrow(self, settings: Settings | None = None, limit: int | None = None) -> pa.Table:
         """The whole table in memory (or its first ``limit`` rows): for small data and predictions."""
         if self._table is not None:
@@ -164,10 +176,11 @@ class DataConnector:
         s = self._settings(settings)
         if self._source is not None and (self._source.reiterable or self._stored() is None):
             with self._lock:
+                rows = self._batch_rows(s)
                 if limit is not None:
-                    return self._source.head(s, s.chunk_rows, limit)
-                schema = self._source.schema(s, s.chunk_rows)
-                table = pa.Table.from_batches(self._source.batches(s, s.chunk_rows), schema=schema)
+                    return self._source.head(s, rows, limit)
+                schema = self._source.schema(s, rows)
+                table = pa.Table.from_batches(self._source.batches(s, rows), schema=schema)
                 if not self._source.reiterable:   # a generator is spent: keep what it gave
                     self._table, self._source = table, None
                 return table
@@ -227,10 +240,11 @@ class DataConnector:
             batches, schema, rows = self._table.to_batches(), self._table.schema, self._table.num_rows
         else:
             schema = self._source.schema(settings, settings.chunk_rows)
-            batches, rows = self._source.batches(settings, settings.chunk_rows), None
+            batches, rows = self._source.batches(settings, self._batch_rows(settings)), None
         with UploadProgress(rows, repr(self)) as progress:
             return write_batches(batches, store, settings.data_bucket, chunk_rows=settings.chunk_rows,
-                                 chunk_bytes=settings.chunk_bytes, schema=schema, threads=settings.fetch_threads, progress=progress,
+                                 chunk_bytes=settings.chunk_bytes, schema=schema, threads=settings.fetch_threads,
+                                 memory=settings.upload_memory_bytes, progress=progress,
                                  inspect=inspect, categorical=categorical, categories=categories)
 
     def manifest(self, store: ObjectStore, settings: Settings) -> Manifest:

@@ -26,11 +26,13 @@ class BatchSource:
     """A re-openable (or one-shot) stream of record batches with a peekable head."""
 
     def __init__(self, opener: Opener, describe: str, *, reiterable: bool = True,
-                 schema: pa.Schema | None = None) -> None:
+                 schema: pa.Schema | None = None,
+                 schema_of: Callable[[Settings], pa.Schema] | None = None) -> None:
         self._open = opener
         self.describe = describe
         self.reiterable = reiterable
         self._schema = schema
+        self._schema_of = schema_of   # the schema without reading rows (parquet footers)
         self._peeked: list[pa.RecordBatch] = []
         self._rest: Iterator[pa.RecordBatch] | None = None
         self._opened_once = False
@@ -53,6 +55,8 @@ class BatchSource:
             self._peeked.append(batch)
 
     def schema(self, settings: Settings, batch_rows: int) -> pa.Schema:
+        if self._schema is None and self._schema_of is not None:
+            self._schema = self._schema_of(settings)
         if self._schema is None:
             self._peek(settings, batch_rows, 1)
             if not self._peeked:
@@ -81,7 +85,8 @@ def parquet_source(paths: list[str], filesystem=None) -> BatchSource:
     group (``ParquetFile.iter_batches``): memory is one row group, whatever the dataset's size.
     ``filesystem`` (a ``pyarrow.fs`` filesystem, e.g. another S3 endpoint) reads every path instead."""
     return BatchSource(lambda settings, rows: _parquet_batches(paths, settings, rows, filesystem),
-                       f"parquet {paths}")
+                       f"parquet {paths}",
+                       schema_of=lambda settings: _parquet_schemas(paths, settings, filesystem)[0])
 
 
 def sql_source(query: str, con) -> BatchSource:
@@ -203,24 +208,33 @@ def _list_files(fs, path: str) -> list[str]:
                   and not os.path.basename(i.path).startswith(("_", ".")))
 
 
-def _parquet_batches(paths: list[str], settings: Settings, rows: int, filesystem=None) -> Iterator[pa.RecordBatch]:
+def _parquet_schemas(paths: list[str], settings: Settings, filesystem=None
+                     ) -> tuple[pa.Schema, list[tuple[str, Any, pa.Schema]]]:
+    """The files' unified schema and (path, filesystem, schema) of each, from their footers alone."""
     import pyarrow.parquet as pq
-    files = parquet_files(paths, settings, filesystem)
     opened = []
-    for fs, f in files:
+    for fs, f in parquet_files(paths, settings, filesystem):
         try:
             opened.append((f, fs, pq.read_schema(f, filesystem=fs)))
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read parquet {f!r}: {exc}") from exc
     try:
-        schema = pa.unify_schemas([s for _, _, s in opened])
+        return pa.unify_schemas([s for _, _, s in opened]), opened
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DatasetError(f"parquet files {paths} have incompatible schemas: {exc}") from exc
+
+
+def _parquet_batches(paths: list[str], settings: Settings, rows: int, filesystem=None) -> Iterator[pa.RecordBatch]:
+    """Batches of ``rows`` rows (decoded that many at a time: the caller sizes them to a chunk, so a wide
+    file never holds more than a chunk's bytes decoded)."""
+    import pyarrow.parquet as pq
+    schema, opened = _parquet_schemas(paths, settings, filesystem)
     for f, fs, file_schema in opened:
         try:
             with fs.open_input_file(f) as handle:
-                # pre_buffer=False: read column chunks as decoded, not a whole row group's bytes up front
-                reader = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+                # pre_buffer=False: read column chunks as decoded, not a whole row group's bytes up front;
+                # a read buffer per column, so 64 KiB (1 MiB: 250 MiB for 250 columns)
+                reader = pq.ParquetFile(handle, pre_buffer=False, buffer_size=64 << 10)
                 for batch in reader.iter_batches(batch_size=rows, use_threads=True):
                     yield batch if file_schema.equals(schema) else _conform(batch, schema)
         except (OSError, ValueError) as exc:

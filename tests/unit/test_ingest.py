@@ -142,6 +142,49 @@ def test_at_most_in_flight_chunks_are_read_ahead_of_the_store():
     assert max(ahead) <= 3 + 1, ahead   # in flight, plus the chunk being cut
 
 
+class HoldingStore(MemoryStore):
+    """Records the bytes of chunks being stored at once (each put holds its chunk a while)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now, self.most, self.lock = 0, 0, threading.Lock()
+
+    def put(self, bucket, key, data, **kw):
+        with self.lock:
+            self.now += len(data)
+            self.most = max(self.most, self.now)
+        time.sleep(0.01)
+        super().put(bucket, key, data, **kw)
+        with self.lock:
+            self.now -= len(data)
+
+
+def test_wide_chunks_in_flight_stay_within_the_upload_memory():
+    wide = pa.table({f"c{i}": np.arange(i, i + 2000, dtype=np.float32) for i in range(64)})   # 256 B/row
+    chunk = 2000 * 256   # one chunk of chunk_rows=2000: ~0.5 MB, ~1 MB with its serialised copy
+    store = HoldingStore()
+    write_batches(wide.to_batches(500), store, "bkt", chunk_rows=2000, threads=8, memory=3 * 2 * chunk)
+    assert store.most <= 3 * chunk * 1.05, store.most   # 3 chunks fit the bound, not the 8 threads (+ IPC framing)
+    store = HoldingStore()
+    write_batches((wide.to_batches(500) * 8), store, "bkt", chunk_rows=2000, threads=8, memory=1)
+    assert 0 < store.most <= chunk * 1.05   # a bound below one chunk still sends them, one at a time
+
+
+def test_a_wide_parquet_source_is_decoded_in_batches_of_about_decode_bytes(tmp_path, settings, monkeypatch):
+    import producer.connectors as connectors
+    wide = pa.table({f"c{i}": np.arange(i, i + 30000, dtype=np.float32) for i in range(100)})   # 400 B/row
+    pq.write_table(wide, tmp_path / "w.parquet", row_group_size=30000)
+    monkeypatch.setattr(connectors, "DECODE_BYTES", 400 * 4000)
+    settings = settings.replace(chunk_rows=10000)
+    conn = DataConnector.from_parquet(str(tmp_path / "w.parquet"))
+    sizes = [b.num_rows for b in conn._source.batches(settings, conn._batch_rows(settings))]
+    assert max(sizes) == 4000 and sum(sizes) == 30000
+    store = MemoryStore()
+    w = conn.materialise(store, settings)
+    assert [c.rows for c in w.manifest.chunks] == [10000, 10000, 10000]   # joined back into whole chunks
+    assert conn.to_arrow(settings).equals(wide)
+
+
 def test_an_empty_stream_with_a_schema_is_an_empty_dataset_and_without_one_an_error():
     schema = _table(1).schema
     res = write_batches(iter([]), MemoryStore(), "bkt", chunk_rows=10, schema=schema)
