@@ -209,3 +209,20 @@ def test_pinned_shards_survive_another_ranks_trim_of_the_shared_cache(tmp_path):
     assert not any(cache.path(res.manifest.chunks[i].sha256).exists() for i in range(4))   # trimmed ...
     got = pa.concat_tables([read_cached(p) for p in mine])   # ... but rank 0's links still read
     assert got.equals(DatasetReader(store, ChunkCache(tmp_path / "other", 10 ** 9)).read(res.uri, world_size=2, rank=0))
+
+
+def test_xgboosts_quantile_sketch_of_wide_rows_is_planned_and_named():
+    """The 10x run: 251 columns, 5.4M rows a rank, 1 GiB workers whose processes used ~600 MiB. Planned
+    without the sketch it fit (~870 MiB); the training child alone then held ~965 MiB of anonymous memory
+    while it built its matrix. With the sketch planned it is refused before training, with the numbers."""
+    wide = ShardSize(nbytes=5182 * MiB, rows=5_400_000, features=250, largest_chunk=32 * MiB)
+    assert 900 * MiB < wide.sketch_bytes < 1200 * MiB
+    assert plan_gbdt(wide, budget=3 * GiB // 2, in_use=600 * MiB).mode == HoldMode.EXTERNAL   # LightGBM: no sketch
+    with pytest.raises(WorkerMemoryError, match=r"5,400,000 rows x 250 features .* of it 1020 MiB for XGBoost's "
+                                                r"quantile sketch of 250 features\); raise GANGWAY_WORKER_MEMORY "
+                                                r"to at least 2\d\d\d MiB"):
+        plan_gbdt(wide, budget=3 * GiB // 2, in_use=600 * MiB, sketch=True)
+    narrow = ShardSize(nbytes=400 * MiB, rows=3_000_000, features=28, largest_chunk=8 * MiB)
+    assert narrow.sketch_bytes < 128 * MiB   # HIGGS-shaped shards barely notice it
+    ShardSize(0, 1, 1, 0).sketch_bytes   # one row: no log of zero
+    assert abs(ShardSize(0, 10**6, 10, 0, max_bin=1024).sketch_bytes - 4 * ShardSize(0, 10**6, 10, 0).sketch_bytes) < 4

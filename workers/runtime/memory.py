@@ -28,6 +28,15 @@ GBDT_FIXED_BYTES = 96 * MiB
 CHUNKS_IN_FLIGHT = 3
 # The quantised matrix: one byte per value for max_bin <= 256 (two above).
 HIST_BYTES_PER_VALUE = 1
+# XGBoost's quantile sketch, held while a QuantileDMatrix or ExtMemQuantileDMatrix is built (in core and
+# out of core alike): a summary per feature that grows with log2(rows). Measured (xgboost 3.2, max_bin
+# 256, dense float32, anonymous memory above the process's floor, `bench/xgb_sketch.py`): per feature
+# 0.72 MiB at 33K rows, 1.10 at 100K, 1.75 at 300K, 2.72 at 1M, 3.12 at 2M; 250 features x 5.4M rows a
+# rank went to ~965 MiB. Planned as 0.45 MiB per feature per doubling of rows past 2^13.3, at least
+# 0.75 MiB a feature (above every measurement), in proportion to max_bin above 256.
+SKETCH_BYTES_PER_FEATURE_LEVEL = 0.45 * MiB
+SKETCH_LEVEL_FLOOR = 13.3
+SKETCH_MIN_BYTES_PER_FEATURE = 0.75 * MiB
 
 
 class HoldMode(str, enum.Enum):
@@ -48,6 +57,14 @@ class ShardSize:
     @property
     def quantised_bytes(self) -> int:
         return self.rows * self.features * (HIST_BYTES_PER_VALUE if self.max_bin <= 256 else 2)
+
+    @property
+    def sketch_bytes(self) -> int:
+        """XGBoost's quantile sketch while its matrix is built (see SKETCH_BYTES_PER_FEATURE_LEVEL)."""
+        import math
+        levels = math.log2(max(self.rows, 2)) - SKETCH_LEVEL_FLOOR
+        per_feature = max(SKETCH_MIN_BYTES_PER_FEATURE, SKETCH_BYTES_PER_FEATURE_LEVEL * levels)
+        return int(self.features * per_feature * max(1.0, self.max_bin / 256))
 
 
 @dataclass(frozen=True)
@@ -77,17 +94,19 @@ OUT_OF_CORE_CHOICES = ("auto", "always", "never")
 
 
 def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "auto", *,
-              raw_in_core: bool = True) -> MemoryPlan:
+              raw_in_core: bool = True, sketch: bool = False) -> MemoryPlan:
     """In core when the quantised matrix and the per-row state (and, with ``raw_in_core``, the whole
     Arrow shard: LightGBM) fit what the budget has left; else out of core (a few chunks and a matrix
     page at a time, plus the per-row state); WorkerMemoryError, with the numbers, when not even that
     fits. XGBoost streams its in-core ``QuantileDMatrix`` from the chunk files too
     (``raw_in_core=False``): the raw shard is never whole in memory. ``out_of_core`` ("always",
-    "never") overrides the choice, e.g. to compare both modes on one dataset."""
+    "never") overrides the choice, e.g. to compare both modes on one dataset. ``sketch``: the framework
+    builds XGBoost's quantile sketch (``ShardSize.sketch_bytes``, either mode), which dominates for wide
+    rows: 250 features need ~1 GiB of it at 5M rows a rank."""
     if out_of_core not in OUT_OF_CORE_CHOICES:
         raise ConfigurationError(f"GANGWAY_OUT_OF_CORE must be one of {list(OUT_OF_CORE_CHOICES)}, "
                                  f"got {out_of_core!r}")
-    per_row = shard.rows * GBDT_BYTES_PER_ROW + GBDT_FIXED_BYTES
+    per_row = shard.rows * GBDT_BYTES_PER_ROW + GBDT_FIXED_BYTES + (shard.sketch_bytes if sketch else 0)
     window = CHUNKS_IN_FLIGHT * shard.largest_chunk
     in_core = (shard.nbytes if raw_in_core else window) + shard.quantised_bytes + per_row
     # Out of core the quantised pages live in the rank folder; only the chunk window and the per-row
@@ -101,8 +120,10 @@ def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "au
             f"a shard of {shard.rows:,} rows x {shard.features} features ({shard.nbytes / MiB:.0f} MiB of Arrow) "
             f"does not fit GANGWAY_WORKER_MEMORY={budget / MiB:.0f} MiB even out of core: the worker's processes "
             f"use {in_use / MiB:.0f} MiB, and training needs {external / MiB:.0f} MiB out of core "
-            f"({in_core / MiB:.0f} MiB in core); raise GANGWAY_WORKER_MEMORY to at least "
-            f"{(in_use + external) / MiB:.0f} MiB or use more workers")
+            f"({in_core / MiB:.0f} MiB in core"
+            + (f"; of it {shard.sketch_bytes / MiB:.0f} MiB for XGBoost's quantile sketch of {shard.features} "
+               f"features" if sketch else "")
+            + f"); raise GANGWAY_WORKER_MEMORY to at least {(in_use + external) / MiB:.0f} MiB or use more workers")
     return plan
 
 

@@ -40,7 +40,8 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     # XGBoost all-reduces eval metrics, so the eval set is sharded like the training data.
     datasets = {k: {**v, "sharded": True} for k, v in spec["datasets"].items()}
     # Chunk files either way: the in-core QuantileDMatrix is built from them chunk by chunk too.
-    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world, stream_in_core=True))
+    prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world, stream_in_core=True,
+                                                            sketch=True))
     if payload["rank"] == 0:
         latest = payload.get("resume") if payload.get("attempt", 1) > 1 else None   # chosen by the supervisor
         if latest:
