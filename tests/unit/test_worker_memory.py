@@ -226,3 +226,16 @@ def test_xgboosts_quantile_sketch_of_wide_rows_is_planned_and_named():
     assert narrow.sketch_bytes < 128 * MiB   # HIGGS-shaped shards barely notice it
     ShardSize(0, 1, 1, 0).sketch_bytes   # one row: no log of zero
     assert abs(ShardSize(0, 10**6, 10, 0, max_bin=1024).sketch_bytes - 4 * ShardSize(0, 10**6, 10, 0).sketch_bytes) < 4
+
+
+def test_lightgbms_binned_dataset_is_planned_in_memory_out_of_core_too():
+    """LightGBM streams only its raw data from chunk Sequences: the binned Dataset (a byte per value) has
+    no pages on disk, so a wide shard that XGBoost trains out of core within a budget can be refused to
+    LightGBM with the same budget."""
+    wide = ShardSize(nbytes=2000 * MiB, rows=2_000_000, features=250, largest_chunk=32 * MiB)
+    xgb_like = plan_gbdt(wide, budget=1 * GiB, in_use=300 * MiB)
+    assert xgb_like.mode == HoldMode.EXTERNAL
+    with pytest.raises(WorkerMemoryError, match="even out of core"):
+        plan_gbdt(wide, budget=1 * GiB, in_use=300 * MiB, bins_in_memory=True)
+    assert plan_gbdt(wide, budget=1 * GiB, in_use=0, bins_in_memory=True).external_need == \
+        xgb_like.external_need + wide.quantised_bytes

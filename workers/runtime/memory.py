@@ -94,7 +94,7 @@ OUT_OF_CORE_CHOICES = ("auto", "always", "never")
 
 
 def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "auto", *,
-              raw_in_core: bool = True, sketch: bool = False) -> MemoryPlan:
+              raw_in_core: bool = True, sketch: bool = False, bins_in_memory: bool = False) -> MemoryPlan:
     """In core when the quantised matrix and the per-row state (and, with ``raw_in_core``, the whole
     Arrow shard: LightGBM) fit what the budget has left; else out of core (a few chunks and a matrix
     page at a time, plus the per-row state); WorkerMemoryError, with the numbers, when not even that
@@ -102,16 +102,17 @@ def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "au
     (``raw_in_core=False``): the raw shard is never whole in memory. ``out_of_core`` ("always",
     "never") overrides the choice, e.g. to compare both modes on one dataset. ``sketch``: the framework
     builds XGBoost's quantile sketch (``ShardSize.sketch_bytes``, either mode), which dominates for wide
-    rows: 250 features need ~1 GiB of it at 5M rows a rank."""
+    rows: 250 features need ~1 GiB of it at 5M rows a rank. ``bins_in_memory``: the binned matrix stays
+    in memory out of core too (LightGBM: only its raw data streams; XGBoost's pages go to disk)."""
     if out_of_core not in OUT_OF_CORE_CHOICES:
         raise ConfigurationError(f"GANGWAY_OUT_OF_CORE must be one of {list(OUT_OF_CORE_CHOICES)}, "
                                  f"got {out_of_core!r}")
     per_row = shard.rows * GBDT_BYTES_PER_ROW + GBDT_FIXED_BYTES + (shard.sketch_bytes if sketch else 0)
     window = CHUNKS_IN_FLIGHT * shard.largest_chunk
     in_core = (shard.nbytes if raw_in_core else window) + shard.quantised_bytes + per_row
-    # Out of core the quantised pages live in the rank folder; only the chunk window and the per-row
-    # state stay in memory.
-    external = window + per_row
+    # Out of core XGBoost's quantised pages live in the rank folder; only the chunk window and the per-row
+    # state stay in memory (and LightGBM's binned Dataset, which has no pages).
+    external = window + per_row + (shard.quantised_bytes if bins_in_memory else 0)
     left = budget - in_use
     fits = in_core <= left if out_of_core == "auto" else out_of_core == "never"
     plan = MemoryPlan(HoldMode.IN_CORE if fits else HoldMode.EXTERNAL, budget, in_use, in_core, external)

@@ -145,17 +145,19 @@ def _shard_size(datasets: dict[str, dict], manifests: dict[str, Manifest], world
 
 
 def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
-                world: int, *, raw_in_core: bool = True, sketch: bool = False) -> MemoryPlan:
+                world: int, *, raw_in_core: bool = True, sketch: bool = False,
+                bins_in_memory: bool = False) -> MemoryPlan:
     """In core or out of core for this rank's part of every dataset, within the worker's budget."""
     spec = payload["spec"]
     size = _shard_size(datasets, manifests, world, payload["rank"], len(spec["train"]["input_cols"]),
                        int(spec["params"].get("max_bin", 256)))
     return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core,
-                     raw_in_core=raw_in_core, sketch=sketch)
+                     raw_in_core=raw_in_core, sketch=sketch, bins_in_memory=bins_in_memory)
 
 
 def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], world: int, *,
-                  external_ok: bool = True, stream_in_core: bool = False, sketch: bool = False) -> RankData:
+                  external_ok: bool = True, stream_in_core: bool = False, sketch: bool = False,
+                  bins_in_memory: bool = False) -> RankData:
     """The rank's data, in memory when the plan says it fits, else as chunk files in the disk cache
     (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time).
     ``stream_in_core``: chunk files either way (the framework builds its in-core matrix chunk by
@@ -163,7 +165,8 @@ def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], 
     which matrix to build."""
     store = warm_store(settings)
     manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
-    plan = plan_memory(payload, settings, datasets, manifests, world, raw_in_core=not stream_in_core, sketch=sketch)
+    plan = plan_memory(payload, settings, datasets, manifests, world, raw_in_core=not stream_in_core, sketch=sketch,
+                       bins_in_memory=bins_in_memory)
     log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
     external = plan.mode == HoldMode.EXTERNAL and external_ok
     if external or stream_in_core:
