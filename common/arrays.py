@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from common.errors import DatasetError
+
 
 def float32_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
@@ -13,3 +15,17 @@ def float32_matrix(table: pa.Table | pa.RecordBatch, cols: list[str]) -> np.ndar
     """Rows x ``cols`` as one C-contiguous float32 matrix."""
     names = table.schema.names
     return np.column_stack([float32_column(table.column(names.index(c))) for c in cols])
+
+
+def finite_labels(y: np.ndarray, label: str, dataset: str, first_row: int = 0) -> np.ndarray:
+    """``y`` when every value is finite, else DatasetError naming the column, the dataset and where in the
+    rank's shard (``first_row``: the shard row of ``y[0]``). The producer checks labels at upload, but
+    parquet used in place carries no NaN in its statistics: a NaN reaches the rank, and the frameworks'
+    own errors ("Label contains NaN") name no column or row."""
+    bad = ~np.isfinite(y)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DatasetError(f"label column {label!r} of dataset {dataset!r} has {len(rows)} NaN or inf value(s) "
+                           f"in this rank's shard, the first at shard row {first_row + int(rows[0]):,} "
+                           f"(value {y[rows[0]]}); fix the source or filter those rows and submit again")
+    return y

@@ -100,7 +100,8 @@ class LabelCounter:
     """Counts bad labels chunk by chunk while a stream is uploaded (``materialise(inspect=...)``), and
     of parquet used in place, from every row group's statistics (``materialise(inspect_footer=...)``):
     nulls from ``null_count``, inf from min/max; no data is read. NaN is not in parquet statistics
-    (writers leave it out of min/max), so in place it is caught only in the first rows checked at submit."""
+    (writers leave it out of min/max), so in place it is caught at submit only in the first rows checked,
+    and past them by the rank that reads it (``common.arrays.finite_labels``: the job fails naming it)."""
 
     def __init__(self, label_col: str) -> None:
         self.label_col, self.bad = label_col, 0

@@ -140,3 +140,29 @@ def test_bad_labels_past_the_first_rows_are_found_from_row_group_statistics_nami
     assert "label column 'risk' of dataset 'train' has missing or inf values" in msg, msg
     assert f"1 nulls in row group 2 (1000 rows) of s3://{RAW}/badlabels/part-1.parquet" in msg, msg
     assert f"max inf in row group 1 (1000 rows) of s3://{RAW}/badlabels/part-2.parquet" in msg, msg
+
+
+def test_a_nan_label_past_the_first_rows_fails_the_job_naming_the_label_and_the_fleet_trains_on(fleet, store):
+    """NaN is not in parquet statistics, so parquet used in place can reach the ranks with a NaN label
+    past the rows checked at submit; the job fails with a message naming it, and the next job trains."""
+    df = regression_frame(6000, seed=309)
+    risk = df["risk"].astype("float64").to_numpy().copy()
+    risk[4321] = np.nan   # a float NaN, not a null (pandas would write a null, which statistics count)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.set_column(table.schema.get_field_index("risk"), "risk", pa.array(risk, from_pandas=False))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=3000)
+    store.put(RAW, "nanlabels/part-0.parquet", buf.getvalue())
+    df = df.drop(index=4321)
+    with pytest.raises(TrainingFailedError) as info:
+        _est(2).fit(DataConnector.from_parquet(f"s3://{RAW}/nanlabels/"), FEATURES, "risk", timeout=120)
+    msg = str(info.value)
+    # rows 3000-5999 are rank 1's shard: found before XGBoost saw it (rank 0 then fails in the collective)
+    assert ("rank 1 failed: DatasetError: label column 'risk' of dataset 'train' has 1 NaN or inf value(s) in "
+            "this rank's shard, the first at shard row 1,321 (value nan)") in msg, msg
+    from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    with pytest.raises(TrainingFailedError, match=r"label column 'risk' of dataset 'train' has 1 NaN"):
+        LightGBMEstimator(n_estimators=2, params={"num_leaves": 7, "verbose": -1},
+                          scaling_config=LightGBMScalingConfig(num_workers=2)).fit(
+            DataConnector.from_parquet(f"s3://{RAW}/nanlabels/"), FEATURES, "risk", timeout=120)
+    assert _est(2).fit(df, FEATURES, "risk", timeout=120).num_boosted_rounds() == 2

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import lightgbm as lgb
 import numpy as np
 
-from common.arrays import float32_column, float32_matrix
+from common.arrays import finite_labels, float32_column, float32_matrix
 from common.datasets import CachedSlice, read_cached
 from common.settings import Settings
 from workers.runtime.checkpoints import BoosterCheckpoints, checkpoint_due
@@ -73,9 +73,10 @@ def _checkpoints(prep: Prepared, emitter: Emitter) -> BoosterCheckpoints:
                               prep.payload["token"], "txt", on_saved=saved)
 
 
-def _dataset(table, opts: dict, reference=None) -> lgb.Dataset:
+def _dataset(table, opts: dict, reference=None, name: str = "train") -> lgb.Dataset:
     feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
-    return lgb.Dataset(float32_matrix(table, feats), label=table.column(label).to_numpy(zero_copy_only=False),
+    y = finite_labels(table.column(label).to_numpy(zero_copy_only=False).astype(np.float64, copy=False), label, name)
+    return lgb.Dataset(float32_matrix(table, feats), label=y,
                        weight=table.column(weight).to_numpy(zero_copy_only=False) if weight else None,
                        feature_name=feats, categorical_feature=_categorical(opts), reference=reference,
                        free_raw_data=True)
@@ -119,7 +120,7 @@ class ChunkSequence(lgb.Sequence):
 
 
 def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None,
-                     on_chunk: Callable[[int, int], None] | None = None) -> lgb.Dataset:
+                     on_chunk: Callable[[int, int], None] | None = None, name: str = "train") -> lgb.Dataset:
     """A Dataset from cached chunks (out of core): labels and weights in memory, features streamed.
     ``on_chunk(i, n)`` hears of each chunk read (binning a big shard is minutes of progress)."""
     feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
@@ -131,7 +132,8 @@ def _chunked_dataset(pieces: list[CachedSlice], opts: dict, reference=None,
 
     def column(name: str) -> np.ndarray:
         return np.concatenate([float32_column(read_cached(p).column(name)) for p in pieces])
-    return lgb.Dataset([ChunkSequence(p, feats, on_read if on_chunk else None) for p in pieces], label=column(label),
+    y = finite_labels(column(label), label, name)
+    return lgb.Dataset([ChunkSequence(p, feats, on_read if on_chunk else None) for p in pieces], label=y,
                        weight=column(weight) if weight else None, feature_name=feats,
                        categorical_feature=_categorical(opts), reference=reference, free_raw_data=True)
 
@@ -141,9 +143,9 @@ def _datasets(data: RankData, opts: dict, on_chunk: Callable[[str, int, int], No
     """(train, eval) Datasets, in core from Arrow or out of core from cached chunks."""
     def chunked(name: str, ref=None) -> lgb.Dataset:
         tell = None if on_chunk is None else (lambda i, n: on_chunk(name, i, n))
-        return _chunked_dataset(data.cached[name], opts, ref, tell)
+        return _chunked_dataset(data.cached[name], opts, ref, tell, name)
     make = (chunked if data.cached
-            else (lambda name, ref=None: _dataset(data.tables[name], opts, ref)))
+            else (lambda name, ref=None: _dataset(data.tables[name], opts, ref, name)))
     names = list(data.cached or data.tables)
     dtrain = make("train")
     sets, labels = [dtrain], ["train"]

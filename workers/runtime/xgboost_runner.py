@@ -12,7 +12,7 @@ import pyarrow as pa
 import xgboost as xgb
 from xgboost.tracker import RabitTracker
 
-from common.arrays import float32_column, float32_matrix
+from common.arrays import finite_labels, float32_column, float32_matrix
 from common.categories import xgboost_feature_types
 from common.datasets import CachedSlice, read_cached
 from common.errors import WorkerMemoryError
@@ -83,10 +83,10 @@ class ArrowBatches(xgb.DataIter):
     """Feeds a QuantileDMatrix one Arrow batch at a time (no full float matrix copy)."""
 
     def __init__(self, table: pa.Table, features: list[str], label: str, weight: str | None,
-                 batch_rows: int = 32768, feature_types: list[str] | None = None) -> None:
+                 batch_rows: int = 32768, feature_types: list[str] | None = None, dataset: str = "train") -> None:
         self._batches = table.select(features + [label] + ([weight] if weight else [])).to_batches(batch_rows)
         self._features, self._label, self._weight = features, label, weight
-        self._types = feature_types
+        self._types, self._dataset = feature_types, dataset
         self._i = 0
         super().__init__(release_data=True)
 
@@ -95,7 +95,9 @@ class ArrowBatches(xgb.DataIter):
             return False
         b = self._batches[self._i]
         X = float32_matrix(b, self._features)
-        kw = {"label": float32_column(b.column(b.schema.get_field_index(self._label)))}
+        y = float32_column(b.column(b.schema.get_field_index(self._label)))
+        first = sum(len(x) for x in self._batches[:self._i])
+        kw = {"label": finite_labels(y, self._label, self._dataset, first)}
         if self._weight:
             kw["weight"] = float32_column(b.column(b.schema.get_field_index(self._weight)))
         input_data(data=X, feature_names=self._features, feature_types=self._types, **kw)
@@ -114,9 +116,9 @@ class CachedChunks(xgb.DataIter):
 
     def __init__(self, pieces: list[CachedSlice], features: list[str], label: str, weight: str | None,
                  cache_prefix: str | None, feature_types: list[str] | None = None,
-                 on_chunk: Callable[[int, int], None] | None = None) -> None:
+                 on_chunk: Callable[[int, int], None] | None = None, dataset: str = "train") -> None:
         self._pieces, self._features, self._label, self._weight = pieces, features, label, weight
-        self._types, self._on_chunk = feature_types, on_chunk
+        self._types, self._on_chunk, self._dataset = feature_types, on_chunk, dataset
         self._i = 0
         super().__init__(cache_prefix=cache_prefix, release_data=True)
 
@@ -124,7 +126,8 @@ class CachedChunks(xgb.DataIter):
         if self._i == len(self._pieces):
             return False
         table = read_cached(self._pieces[self._i])
-        kw = {"label": float32_column(table.column(self._label))}
+        first = sum(p.length for p in self._pieces[:self._i])
+        kw = {"label": finite_labels(float32_column(table.column(self._label)), self._label, self._dataset, first)}
         if self._weight:
             kw["weight"] = float32_column(table.column(self._weight))
         input_data(data=float32_matrix(table, self._features), feature_names=self._features,
@@ -158,17 +161,18 @@ def build_matrices(prep: Prepared, feats: list[str], label: str, weight: str | N
 
         def matrix(name: str, ref=None):
             it = CachedChunks(data.cached[name], feats, label, weight, os.path.join(pages, name), types,
-                              _named(on_chunk, name))
+                              _named(on_chunk, name), name)
             return xgb.ExtMemQuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     elif data.cached:
         def matrix(name: str, ref=None):
-            it = CachedChunks(data.cached[name], feats, label, weight, None, types, _named(on_chunk, name))
+            it = CachedChunks(data.cached[name], feats, label, weight, None, types, _named(on_chunk, name), name)
             return xgb.QuantileDMatrix(it, max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.cached)
     else:
         def matrix(name: str, ref=None):
-            return xgb.QuantileDMatrix(ArrowBatches(data.tables[name], feats, label, weight, feature_types=types),
+            return xgb.QuantileDMatrix(ArrowBatches(data.tables[name], feats, label, weight, feature_types=types,
+                                                    dataset=name),
                                        max_bin=max_bin, nthread=nthread, ref=ref, enable_categorical=cat)
         names = list(data.tables)
     dtrain = matrix("train")
