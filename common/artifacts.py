@@ -115,7 +115,8 @@ class Publisher:
         store = self.store
         staged = store.list(st.bucket, st.prefix)
         names = _ordered(staged, st.prefix)
-        winner = self._published_before(store, st)
+        present = store.list(st.final_bucket, st.final_prefix)   # one listing: a whole publication or a partial one
+        winner = self._published_before(store, st, present)
         if winner == token:
             token_published = token   # copied whole by an earlier pass that died before it said so
         elif winner:
@@ -125,24 +126,23 @@ class Publisher:
                         job_id, winner, token)
             token_published = winner
         else:
-            for key in store.list(st.final_bucket, st.final_prefix):   # a partial copy of another attempt
-                if key[len(st.final_prefix):] not in names:
-                    store.delete(st.final_bucket, key)
+            # a partial copy of another attempt
+            store.delete_many(st.final_bucket, [k for k in present if k[len(st.final_prefix):] not in names])
             for name in names:
                 store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
             token_published = token
             log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
                      st.final_bucket, st.final_prefix, len(staged))
         self.r.hset(keys.job(job_id), "published", token_published)
-        for key in staged:
-            store.delete(st.bucket, key)
+        store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
         return True
 
     @staticmethod
-    def _published_before(store: ObjectStore, st: Staged) -> str:
-        """The token named by a complete publication already in the model folder, or ''."""
-        if not store.exists(st.final_bucket, st.final_prefix + MARKER):
+    def _published_before(store: ObjectStore, st: Staged, present: list[str]) -> str:
+        """The token named by a complete publication already in the model folder (``present``: its listing),
+        or ''."""
+        if st.final_prefix + MARKER not in present:
             return ""
         try:
             return str(json.loads(store.get(st.final_bucket, st.final_prefix + MARKER)).get("token") or "")
@@ -177,8 +177,7 @@ class Publisher:
                 continue
             try:
                 store = self.store
-                for key in store.list(self.bucket, f"checkpoints/{job_id}/"):
-                    store.delete(self.bucket, key)
+                store.delete_many(self.bucket, store.list(self.bucket, f"checkpoints/{job_id}/"))
             except Exception as exc:   # the store away: the next tick tries again (one wait per tick, not one each)
                 log.warning("job %s: checkpoints not deleted yet: %s", job_id, exc)
                 return
@@ -215,8 +214,7 @@ class Publisher:
 
     def _discard(self, field: str, st: Staged, now: float) -> None:
         store = self.store
-        for key in store.list(st.bucket, st.prefix):
-            store.delete(st.bucket, key)
+        store.delete_many(st.bucket, store.list(st.bucket, st.prefix))
         if st.ended_at is None:
             st.ended_at = now
             self.r.hset(keys.STAGED, field, st.to_json())

@@ -38,11 +38,15 @@ def write_dataset(table: pa.Table, store: ObjectStore, bucket: str, *, chunk_row
 def read_manifest(store: ObjectStore, uri: str) -> Manifest:
     bucket, prefix = parse_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/"
-    if not store.exists(bucket, prefix + MANIFEST_NAME):   # a store outage raises StoreError (retryable)
+    try:   # one GET, no HEAD first: only a missing manifest is a DatasetError, an outage stays a StoreError
+        raw = store.get(bucket, prefix + MANIFEST_NAME)
+    except StoreError as exc:
+        if store.exists(bucket, prefix + MANIFEST_NAME):
+            raise
         raise DatasetError(f"no gangway dataset at {uri!r} (missing {prefix + MANIFEST_NAME} "
-                           f"in bucket {bucket!r})")
+                           f"in bucket {bucket!r})") from exc
     try:
-        return Manifest.from_json(store.get(bucket, prefix + MANIFEST_NAME))
+        return Manifest.from_json(raw)
     except ValueError as exc:
         raise DatasetError(f"dataset manifest at {uri!r} is unreadable: {exc}") from exc
 
