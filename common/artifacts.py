@@ -110,6 +110,7 @@ class Publisher:
         raw = self.r.hget(keys.STAGED, field)
         if raw is None:   # nothing staged by this attempt (or staged, published and cleaned by another pass)
             self.r.hset(keys.job(job_id), "published", token)
+            self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)
             return True
         st = Staged.from_json(raw)
         store = self.store
@@ -134,6 +135,7 @@ class Publisher:
             log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
                      st.final_bucket, st.final_prefix, len(staged))
         self.r.hset(keys.job(job_id), "published", token_published)
+        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
         store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
         return True
