@@ -332,9 +332,13 @@ def run_rank(settings: Settings, state: State, app: Celery, standby: Standby | Z
                 run.error.setdefault("output", child.stderr_tail(4000))   # what it printed last, with its error
             child.close()
         abort.close()
-        for folder in made:
-            shutil.rmtree(folder, ignore_errors=True)
-        _report(run, app, ok, abort.event.is_set())
+        try:
+            _report(run, app, ok, abort.event.is_set())
+        finally:
+            # After the report, not before: the coordinator places this worker's next job meanwhile (what a
+            # worker killed in between leaves is swept when it starts again, see sweep_rank_dirs)
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
     log.info("job %s rank %s: %s", job_id, rank, "succeeded" if ok else f"failed ({run.error})")
     # Warm the next child only now: its imports (~1 s of CPU) would slow this job's training.
     standby.refill()
