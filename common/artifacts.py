@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from common import keys
@@ -23,6 +24,7 @@ from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
+_COPIES = 8   # server-side copies a publication runs at once
 MARKER = "metadata.json"   # written last, staged and published: its presence says the set is whole
 
 
@@ -129,8 +131,8 @@ class Publisher:
         else:
             # a partial copy of another attempt
             store.delete_many(st.final_bucket, [k for k in present if k[len(st.final_prefix):] not in names])
-            for name in names:
-                store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+            self._copy(store, st, [n for n in names if n != MARKER])
+            self._copy(store, st, [n for n in names if n == MARKER])   # last: its presence says the set is whole
             token_published = token
             log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
                      st.final_bucket, st.final_prefix, len(staged))
@@ -139,6 +141,18 @@ class Publisher:
         store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
         return True
+
+    def _copy(self, store: ObjectStore, st: Staged, names: list[str]) -> None:
+        """Server-side copies of ``names``, up to _COPIES at once (each waits on the store, not on us)."""
+        def one(name: str) -> None:
+            store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+        if len(names) <= 1:
+            for name in names:
+                one(name)
+            return
+        with ThreadPoolExecutor(min(_COPIES, len(names)), thread_name_prefix="gangway-publish") as pool:
+            for future in [pool.submit(one, n) for n in names]:
+                future.result()   # the first failure raises: the timer's sweep publishes again
 
     @staticmethod
     def _published_before(store: ObjectStore, st: Staged, present: list[str]) -> str:
