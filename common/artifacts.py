@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -90,6 +91,8 @@ class Publisher:
         self._store = store
         self.grace = grace   # how long after its attempt lost a stale rank 0 may still write one object
         self.bucket = artifact_bucket
+        self._busy: set[tuple[str, str]] = set()   # (job_id, token) being published by a thread of this process
+        self._lock = threading.Lock()
 
     @property
     def store(self) -> ObjectStore:
@@ -105,7 +108,15 @@ class Publisher:
             return False
         if published:
             return True
-        return self._publish(job_id, token)
+        with self._lock:   # the timer's sweep meets a publication this process runs: leave it to that one
+            if (job_id, token) in self._busy:
+                return False
+            self._busy.add((job_id, token))
+        try:
+            return self._publish(job_id, token)
+        finally:
+            with self._lock:
+                self._busy.discard((job_id, token))
 
     def _publish(self, job_id: str, token: str) -> bool:
         field = staged_field(job_id, token)

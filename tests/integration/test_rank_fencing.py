@@ -289,3 +289,39 @@ def test_an_abort_watcher_closes_at_once_and_its_thread_ends_with_its_subscripti
     assert time.monotonic() - t0 < 0.05   # the rank's report does not wait for the listener
     watcher._thread.join(2.0)
     assert not watcher._thread.is_alive()
+
+
+class SlowCopyStore(MemoryStore):
+    """The in-memory store, each server-side copy taking ``seconds`` (a loaded S3)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None:
+        time.sleep(self.seconds)
+        super().copy(bucket, key, dst_bucket, dst_key)
+
+
+def test_with_a_publishing_pool_the_report_returns_once_the_next_job_is_placed_and_the_copy_follows(coord, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    run, abort = rank0_done_training(coord, tmp_path, files=2)
+    store = SlowCopyStore(0.5)
+    store.ensure_bucket(coord.settings.artifact_bucket)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    coord._store = store
+    coord.submit(spec("K", 2))   # waits for J's gang
+    coord.publishing = ThreadPoolExecutor(1)
+    t0 = time.monotonic()
+    coord.rank_finished("J", run.token, 0, True)
+    took = time.monotonic() - t0
+    job = coord.state.job("J")
+    assert took < 0.9 and job["state"] == JobState.SUCCEEDED.value and job["published"] == ""   # inline: >= 1 s
+    assert coord.state.job_state("K") is JobState.RUNNING   # placed before J's artifacts were copied
+    coord.tick()   # the timer's sweep leaves the publication under way alone
+    coord.publishing.shutdown(wait=True)
+    assert coord.state.job("J")["published"] == run.token
+    assert len(model_folder(coord, store)) == 3 and staged(coord, store) == []
