@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from common import keys
@@ -23,6 +25,7 @@ from common.store import ObjectStore, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
+_COPIES = 8   # server-side copies a publication runs at once
 MARKER = "metadata.json"   # written last, staged and published: its presence says the set is whole
 
 
@@ -88,6 +91,8 @@ class Publisher:
         self._store = store
         self.grace = grace   # how long after its attempt lost a stale rank 0 may still write one object
         self.bucket = artifact_bucket
+        self._busy: set[tuple[str, str]] = set()   # (job_id, token) being published by a thread of this process
+        self._lock = threading.Lock()
 
     @property
     def store(self) -> ObjectStore:
@@ -103,19 +108,29 @@ class Publisher:
             return False
         if published:
             return True
-        return self._publish(job_id, token)
+        with self._lock:   # the timer's sweep meets a publication this process runs: leave it to that one
+            if (job_id, token) in self._busy:
+                return False
+            self._busy.add((job_id, token))
+        try:
+            return self._publish(job_id, token)
+        finally:
+            with self._lock:
+                self._busy.discard((job_id, token))
 
     def _publish(self, job_id: str, token: str) -> bool:
         field = staged_field(job_id, token)
         raw = self.r.hget(keys.STAGED, field)
         if raw is None:   # nothing staged by this attempt (or staged, published and cleaned by another pass)
             self.r.hset(keys.job(job_id), "published", token)
+            self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)
             return True
         st = Staged.from_json(raw)
         store = self.store
         staged = store.list(st.bucket, st.prefix)
         names = _ordered(staged, st.prefix)
-        winner = self._published_before(store, st)
+        present = store.list(st.final_bucket, st.final_prefix)   # one listing: a whole publication or a partial one
+        winner = self._published_before(store, st, present)
         if winner == token:
             token_published = token   # copied whole by an earlier pass that died before it said so
         elif winner:
@@ -125,24 +140,36 @@ class Publisher:
                         job_id, winner, token)
             token_published = winner
         else:
-            for key in store.list(st.final_bucket, st.final_prefix):   # a partial copy of another attempt
-                if key[len(st.final_prefix):] not in names:
-                    store.delete(st.final_bucket, key)
-            for name in names:
-                store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+            # a partial copy of another attempt
+            store.delete_many(st.final_bucket, [k for k in present if k[len(st.final_prefix):] not in names])
+            self._copy(store, st, [n for n in names if n != MARKER])
+            self._copy(store, st, [n for n in names if n == MARKER])   # last: its presence says the set is whole
             token_published = token
             log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
                      st.final_bucket, st.final_prefix, len(staged))
         self.r.hset(keys.job(job_id), "published", token_published)
-        for key in staged:
-            store.delete(st.bucket, key)
+        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
+        store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
         return True
 
+    def _copy(self, store: ObjectStore, st: Staged, names: list[str]) -> None:
+        """Server-side copies of ``names``, up to _COPIES at once (each waits on the store, not on us)."""
+        def one(name: str) -> None:
+            store.copy(st.bucket, st.prefix + name, st.final_bucket, st.final_prefix + name)
+        if len(names) <= 1:
+            for name in names:
+                one(name)
+            return
+        with ThreadPoolExecutor(min(_COPIES, len(names)), thread_name_prefix="gangway-publish") as pool:
+            for future in [pool.submit(one, n) for n in names]:
+                future.result()   # the first failure raises: the timer's sweep publishes again
+
     @staticmethod
-    def _published_before(store: ObjectStore, st: Staged) -> str:
-        """The token named by a complete publication already in the model folder, or ''."""
-        if not store.exists(st.final_bucket, st.final_prefix + MARKER):
+    def _published_before(store: ObjectStore, st: Staged, present: list[str]) -> str:
+        """The token named by a complete publication already in the model folder (``present``: its listing),
+        or ''."""
+        if st.final_prefix + MARKER not in present:
             return ""
         try:
             return str(json.loads(store.get(st.final_bucket, st.final_prefix + MARKER)).get("token") or "")
@@ -177,8 +204,7 @@ class Publisher:
                 continue
             try:
                 store = self.store
-                for key in store.list(self.bucket, f"checkpoints/{job_id}/"):
-                    store.delete(self.bucket, key)
+                store.delete_many(self.bucket, store.list(self.bucket, f"checkpoints/{job_id}/"))
             except Exception as exc:   # the store away: the next tick tries again (one wait per tick, not one each)
                 log.warning("job %s: checkpoints not deleted yet: %s", job_id, exc)
                 return
@@ -215,8 +241,7 @@ class Publisher:
 
     def _discard(self, field: str, st: Staged, now: float) -> None:
         store = self.store
-        for key in store.list(st.bucket, st.prefix):
-            store.delete(st.bucket, key)
+        store.delete_many(st.bucket, store.list(st.bucket, st.prefix))
         if st.ended_at is None:
             st.ended_at = now
             self.r.hset(keys.STAGED, field, st.to_json())

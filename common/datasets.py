@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -38,13 +39,45 @@ def write_dataset(table: pa.Table, store: ObjectStore, bucket: str, *, chunk_row
 def read_manifest(store: ObjectStore, uri: str) -> Manifest:
     bucket, prefix = parse_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/"
-    if not store.exists(bucket, prefix + MANIFEST_NAME):   # a store outage raises StoreError (retryable)
+    try:   # one GET, no HEAD first: only a missing manifest is a DatasetError, an outage stays a StoreError
+        raw = store.get(bucket, prefix + MANIFEST_NAME)
+    except StoreError as exc:
+        if store.exists(bucket, prefix + MANIFEST_NAME):
+            raise
         raise DatasetError(f"no gangway dataset at {uri!r} (missing {prefix + MANIFEST_NAME} "
-                           f"in bucket {bucket!r})")
+                           f"in bucket {bucket!r})") from exc
     try:
-        return Manifest.from_json(store.get(bucket, prefix + MANIFEST_NAME))
+        return Manifest.from_json(raw)
     except ValueError as exc:
         raise DatasetError(f"dataset manifest at {uri!r} is unreadable: {exc}") from exc
+
+
+_CONTENT_ADDRESSED = re.compile(r"^s3://([^/]+)/datasets/([0-9a-f]{32})/?$")
+
+
+def read_manifest_cached(store: ObjectStore, uri: str, folder: str | os.PathLike) -> Manifest:
+    """``read_manifest``, kept in ``folder`` for a content-addressed dataset (``s3://<bucket>/datasets/<hash>/``,
+    the hash that of its schema and chunks: the same URI always names the same data), so a host's ranks read
+    a dataset's manifest once, not once a job; any other URI is read from the store every time."""
+    m = _CONTENT_ADDRESSED.match(uri)
+    if m is None:
+        return read_manifest(store, uri)
+    path = Path(folder) / f"{m.group(1)}-{m.group(2)}.json"
+    try:
+        return Manifest.from_json(path.read_bytes())
+    except (OSError, ValueError):
+        pass
+    manifest = read_manifest(store, uri)
+    if manifest.dataset_hash != m.group(2):   # not what its address promises: never kept
+        return manifest
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, path)   # whole or absent: a concurrent reader never sees half of it
+    except OSError as exc:   # a read-only or full disk: the next job reads the store again
+        log.debug("manifest of %s not kept in %s: %s", uri, folder, exc)
+    return manifest
 
 
 class ChunkCache:

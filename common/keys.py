@@ -10,6 +10,7 @@ SEQ = PREFIX + "seq"                         # FIFO counter
 FENCE = PREFIX + "fence"                     # fencing-token counter
 SCHEDULE_LOCK = PREFIX + "lock:schedule"
 ABORT_CHANNEL = PREFIX + "abort"             # pub/sub: "<job_id>:<token>"
+JOB_ENDED_CHANNEL = PREFIX + "job-ended"     # pub/sub: "<job_id>" once it ended and once its artifacts are published
 COORDINATOR_ALIVE = PREFIX + "coordinator:alive"
 COORDINATOR_INFO = PREFIX + "coordinator:info"   # hash: metrics_url, host, pid (of the newest coordinator)
 RUNNING = PREFIX + "running"                 # set of job ids holding a gang

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from common import keys
 from common.models import ALLOWED_TRANSITIONS, JobSpec, JobState, WorkerInfo, WorkerView
 from common.settings import Settings
 
+log = logging.getLogger(__name__)
 _LUA_DIR = Path(__file__).parent
 
 
@@ -105,7 +107,17 @@ class State:
         prev = self._transition(keys=[keys.job(job_id), keys.PENDING, keys.RUNNING, keys.FREE,
                                       keys.job_ranks(job_id), keys.job_log(job_id), keys.job_checkpoints(job_id)],
                                 args=args)
+        if prev and to.is_terminal:
+            self.announce_ended(job_id)
         return JobState(prev) if prev else None
+
+    def announce_ended(self, job_id: str) -> None:
+        """Wake whoever waits on the job (``TrainingJob.wait``): a hint only, waiters still poll, so a
+        publish that fails or is missed costs them latency, never the outcome."""
+        try:
+            self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)
+        except Exception as exc:
+            log.warning("job %s: end not announced on %s: %s", job_id, keys.JOB_ENDED_CHANNEL, exc)
 
     def fenced_write(self, job_id: str, token: str, rank: int, status: dict | None = None,
                      lines: Iterable[str] = ()) -> bool:

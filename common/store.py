@@ -49,6 +49,7 @@ class ObjectStore(Protocol):
     def list_info(self, bucket: str, prefix: str) -> list[ObjectInfo]: ...
     def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None: ...
     def delete(self, bucket: str, key: str) -> None: ...
+    def delete_many(self, bucket: str, keys: list[str]) -> None: ...
     def ensure_bucket(self, bucket: str) -> None: ...
     def ping(self) -> None: ...
 
@@ -125,6 +126,10 @@ class MemoryStore:
     def delete(self, bucket: str, key: str) -> None:
         with self._lock:   # deleting what is not there is no error, as in S3
             self._objects.pop((bucket, key), None)
+
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(bucket, key)
 
     def ping(self) -> None:
         return None
@@ -300,6 +305,21 @@ class S3Store:
 
     def delete(self, bucket: str, key: str) -> None:
         self._call("delete", bucket, key, lambda: self._client.remove_object(bucket, key))
+
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        """Up to 1,000 objects per request (S3 DeleteObjects); an object that is not there is no error."""
+        from minio.deleteobjects import DeleteObject
+
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+
+            def remove() -> None:
+                failed = [f"{e.name}: {e.code} {e.message}"
+                          for e in self._client.remove_objects(bucket, [DeleteObject(k) for k in batch])]
+                if failed:
+                    raise StoreError(f"S3 delete of {len(failed)} of {len(batch)} objects in s3://{bucket}/ at "
+                                     f"{self._settings.s3_url} failed: {failed[:5]}")
+            self._call("delete", bucket, batch[0], remove)
 
     def ping(self) -> None:
         try:

@@ -1,6 +1,7 @@
 """Data connectors: lazy handles on tabular data, materialised once into the store."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -184,10 +185,12 @@ class DataConnector:
                 if not self._source.reiterable:   # a generator is spent: keep what it gave
                     self._table, self._source = table, None
                 return table
-        store = S3Store(s)
+        store = _store(s)
         reader = DatasetReader(store, ChunkCache(os.path.join(s.home, "chunk-cache"), s.cache_bytes))
         uri = self._stored()
-        manifest = read_manifest(store, uri)
+        # the manifest this connector already read or wrote for ``uri``, as materialise() keeps it
+        manifest = next((r.manifest for r in list(self._materialised.values()) if r.uri == uri), None) \
+            or read_manifest(store, uri)
         table = reader.read(uri, manifest) if limit is None else reader.head(uri, limit, manifest)
         return decode_table(table, manifest.categories)   # categorical codes read back as categories
 
@@ -256,6 +259,13 @@ class DataConnector:
         if self._in_place:
             src += ", in place"
         return f"{type(self).__name__}({src})"
+
+
+@functools.lru_cache(maxsize=8)
+def _store(settings: Settings) -> S3Store:
+    """One S3 client (and its connection pool) per store this process reads, not one per call: submit()
+    reads a sample of the data every time (building a client and connecting cost ~5 ms)."""
+    return S3Store(settings)
 
 
 class ShardedDataConnector(DataConnector):

@@ -1,6 +1,7 @@
 """TrainingJob: a handle on a submitted job, reattachable from any process by id."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,8 +25,8 @@ from common.models import JobState, RankState
 from common.settings import Settings
 from producer.client import Client
 
-_POLL = 0.1   # the whole status (job and ranks) is read this often
-_WAKE = 0.01  # ... and the job's state field this often, so a waiter sees the job end within ~10 ms
+_POLL = 0.1   # the whole status (job and ranks) is read this often while it is shown (progress, echo)
+_QUIET_POLL = 0.5   # ... else this often: the job's end wakes a waiter through JOB_ENDED_CHANNEL at once
 _ERRORS = {"PlacementError": PlacementError, "ValidationError": ValidationError,
            "JobTimeoutError": JobTimeoutError, "SecurityError": SecurityError}
 
@@ -136,13 +137,38 @@ class TrainingJob:
                 return
             time.sleep(_POLL)
 
-    def _nap(self, seconds: float) -> None:
-        """Sleep up to ``seconds``; return as soon as the job's state is terminal (one HGET per ``_WAKE``)."""
+    @contextlib.contextmanager
+    def _ended_signal(self):
+        """A subscription to JOB_ENDED_CHANNEL, made before the caller's first read of the job (so the end is
+        not announced in between), for ``_nap``; None if Redis would not subscribe (the caller just polls)."""
+        try:
+            pubsub = self._client.state.r.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(keys.JOB_ENDED_CHANNEL)
+        except Exception:   # a hint only: waiting still works by polling
+            yield None
+            return
+        try:
+            yield pubsub
+        finally:
+            try:
+                pubsub.close()
+            except Exception:
+                pass
+
+    def _nap(self, seconds: float, signal=None) -> None:
+        """Sleep up to ``seconds``; return as soon as ``signal`` (from ``_ended_signal``) says this job ended
+        or was published (announced by the coordinator, one message per job: no polling in between)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            time.sleep(min(_WAKE, left))
-            state = self._client.state.r.hget(keys.job(self.job_id), "state")
-            if state is not None and JobState(state).is_terminal:
+            if signal is None:
+                time.sleep(left)
+                return
+            try:
+                msg = signal.get_message(timeout=left)
+            except Exception:   # the subscription broke: sleep out the interval, the caller polls
+                time.sleep(max(0.0, end - time.monotonic()))
+                return
+            if msg is not None and msg.get("data") == self.job_id:
                 return
 
     def cancel(self, wait: float | None = 10.0) -> JobStatus:
@@ -166,16 +192,19 @@ class TrainingJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         printer = _LivePrinter(self, echo, sys.stderr.isatty() if progress is None else progress,
                                announce=echo or cancel_on_interrupt)
+        poll = _POLL if printer.shows else _QUIET_POLL
         try:
-            while True:
-                st = self.status()
-                printer.update(st)
-                if st.is_terminal:
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.job_id} still {st.state.value} after {timeout:g}s "
-                                       f"({st.waiting or 'running'})")
-                self._nap(_POLL)
+            with self._ended_signal() as ended:
+                while True:
+                    st = self.status()
+                    printer.update(st)
+                    if st.is_terminal:
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"job {self.job_id} still {st.state.value} after {timeout:g}s "
+                                           f"({st.waiting or 'running'})")
+                    self._nap(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())),
+                              ended)
         except KeyboardInterrupt:
             printer.close()
             self._interrupted(cancel_on_interrupt)
@@ -225,16 +254,17 @@ class TrainingJob:
         staged objects to the model folder (right after the success); waits up to GANGWAY_PUBLISH_TIMEOUT."""
         timeout = self._client.settings.publish_timeout
         deadline = time.monotonic() + timeout
-        while True:
-            job = self.record()
-            published = job.get("published")
-            if published is None or published:   # None: a record from before publishing existed
-                return
-            if time.monotonic() > deadline:
-                raise GangwayError(f"job {self.job_id} succeeded but its artifacts were not published within "
-                                   f"{timeout:g}s (is a coordinator running and the store reachable? `gangway "
-                                   "check`; raise GANGWAY_PUBLISH_TIMEOUT to wait longer)")
-            time.sleep(_POLL)
+        with self._ended_signal() as published_signal:
+            while True:
+                job = self.record()
+                published = job.get("published")
+                if published is None or published:   # None: a record from before publishing existed
+                    return
+                if time.monotonic() > deadline:
+                    raise GangwayError(f"job {self.job_id} succeeded but its artifacts were not published within "
+                                       f"{timeout:g}s (is a coordinator running and the store reachable? `gangway "
+                                       "check`; raise GANGWAY_PUBLISH_TIMEOUT to wait longer)")
+                self._nap(_POLL, published_signal)
 
     def __repr__(self) -> str:
         return f"TrainingJob({self.job_id!r})"
@@ -280,6 +310,11 @@ class _LivePrinter:
         self.job, self.echo, self.seen, self.bar = job, echo, 0, None
         self.progress, self.announce = progress, announce or progress
         self.waiting = ""
+
+    @property
+    def shows(self) -> bool:
+        """Whether it prints anything while the job runs (then the status is read every _POLL)."""
+        return self.echo or self.progress or self.announce
 
     def update(self, st: JobStatus) -> None:
         if self.announce and not st.is_terminal and st.state is not JobState.RUNNING \

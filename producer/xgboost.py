@@ -72,8 +72,10 @@ class XGBEstimator(BoostingEstimator):
         local = {k: v for k, v in params.items() if k not in ("device", "nthread")}
         types = xgboost_feature_types(cols, prepared.categorical)
         try:
+            # nthread=1 for the matrix too: its default, every core, costs ~20 ms of thread start-up a submit
             xgb.train({**local, "nthread": 1}, xgb.DMatrix(X, label=y, feature_names=cols, feature_types=types,
-                                                           enable_categorical=bool(prepared.categorical)),
+                                                           enable_categorical=bool(prepared.categorical),
+                                                           nthread=1),
                       num_boost_round=1)
         except xgb.core.XGBoostError as exc:
             raise ValidationError(f"invalid XGBoost params {params}: {str(exc).splitlines()[0]}") from exc

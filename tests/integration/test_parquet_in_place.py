@@ -166,3 +166,14 @@ def test_a_nan_label_past_the_first_rows_fails_the_job_naming_the_label_and_the_
                           scaling_config=LightGBMScalingConfig(num_workers=2)).fit(
             DataConnector.from_parquet(f"s3://{RAW}/nanlabels/"), FEATURES, "risk", timeout=120)
     assert _est(2).fit(df, FEATURES, "risk", timeout=120).num_boosted_rounds() == 2
+
+
+def test_delete_many_removes_every_listed_object_in_one_call_and_ignores_missing_ones(store):
+    keys_ = [f"delete-many/{i}.bin" for i in range(5)]
+    for k in keys_:
+        store.put(RAW, k, b"x")
+    store.delete_many(RAW, keys_[:3] + ["delete-many/never-there.bin"])
+    assert store.list(RAW, "delete-many/") == keys_[3:]
+    store.delete_many(RAW, [])
+    store.delete_many(RAW, keys_[3:])
+    assert store.list(RAW, "delete-many/") == []

@@ -257,3 +257,71 @@ def test_only_the_newest_checkpoints_are_kept_and_all_go_when_the_job_ends(coord
     time.sleep(coord.settings.lease_seconds + coord.settings.kill_grace + 0.3)
     coord.tick()
     assert not state.r.sismember(keys.CHECKPOINTED, "J")
+
+
+def test_a_waiter_hears_its_job_end_and_then_its_artifacts_published_on_the_job_ended_channel(coord, tmp_path):
+    run, abort = rank0_done_training(coord, tmp_path, files=1)
+    store = MemoryStore()
+    store.ensure_bucket(coord.settings.artifact_bucket)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    coord._store = store
+    pubsub = coord.state.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.JOB_ENDED_CHANNEL)
+    assert pubsub.get_message(timeout=1.0) is None   # the subscription is confirmed before the job ends
+    coord.rank_finished("J", run.token, 0, True)
+    heard = [m["data"] for m in iter(lambda: pubsub.get_message(timeout=1.0), None)]
+    pubsub.close()
+    assert heard == ["J", "J"]   # the SUCCEEDED transition, then the publication
+    assert coord.state.job("J")["published"] == run.token
+    assert len(model_folder(coord, store)) == 2 and staged(coord, store) == []
+
+
+def test_an_abort_watcher_closes_at_once_and_its_thread_ends_with_its_subscription(coord):
+    coord.state.r.hset(keys.job("J"), mapping={"state": JobState.RUNNING.value, "token": "t1"})
+    watcher = rankmod.AbortWatcher(coord.state, "J", "t1")
+    coord.state.r.publish(keys.ABORT_CHANNEL, "J:t1")
+    assert watcher.event.wait(5.0) and watcher.reason == "the coordinator aborted the attempt"
+    t0 = time.monotonic()
+    watcher.close()
+    assert time.monotonic() - t0 < 0.05   # the rank's report does not wait for the listener
+    watcher._thread.join(2.0)
+    assert not watcher._thread.is_alive()
+
+
+class SlowCopyStore(MemoryStore):
+    """The in-memory store, each server-side copy taking ``seconds`` (a loaded S3)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def copy(self, bucket: str, key: str, dst_bucket: str, dst_key: str) -> None:
+        time.sleep(self.seconds)
+        super().copy(bucket, key, dst_bucket, dst_key)
+
+
+def test_with_a_publishing_pool_the_report_returns_once_the_next_job_is_placed_and_the_copy_follows(coord, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    run, abort = rank0_done_training(coord, tmp_path, files=2)
+    store = SlowCopyStore(0.5)
+    store.ensure_bucket(coord.settings.artifact_bucket)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    coord._store = store
+    coord.submit(spec("K", 2))   # waits for J's gang
+    coord.publishing = ThreadPoolExecutor(1)
+    t0 = time.monotonic()
+    coord.rank_finished("J", run.token, 0, True)
+    took = time.monotonic() - t0
+    job = coord.state.job("J")
+    assert took < 0.9 and job["state"] == JobState.SUCCEEDED.value and job["published"] == ""   # inline: >= 1 s
+    assert coord.state.job_state("K") is JobState.RUNNING   # placed before J's artifacts were copied
+    coord.tick()   # the timer's sweep leaves the publication under way alone
+    coord.publishing.shutdown(wait=True)
+    assert coord.state.job("J")["published"] == run.token
+    assert len(model_folder(coord, store)) == 3 and staged(coord, store) == []

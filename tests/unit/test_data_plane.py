@@ -91,3 +91,24 @@ def test_the_cache_is_trimmed_to_its_size_bound_oldest_first(tmp_path):
 def test_missing_dataset_is_named(tmp_path):
     with pytest.raises(DatasetError, match="no gangway dataset at 's3://bkt/datasets/nope/'"):
         DatasetReader(MemoryStore(), ChunkCache(tmp_path, 1)).read("s3://bkt/datasets/nope/")
+
+
+def test_a_content_addressed_manifest_is_read_from_the_store_once_a_host_and_any_other_every_time(tmp_path):
+    from common.datasets import read_manifest_cached
+    from common.manifest import MANIFEST_NAME
+    store = MemoryStore()
+    written = write_dataset(_table(), store, "bkt", chunk_rows=3)
+    first = read_manifest_cached(store, written.uri, tmp_path)
+    store.delete("bkt", f"datasets/{written.manifest.dataset_hash}/{MANIFEST_NAME}")
+    assert read_manifest_cached(store, written.uri, tmp_path) == first == written.manifest   # kept on disk
+    store.put("bkt", f"exports/latest/{MANIFEST_NAME}", written.manifest.to_json().encode())
+    assert read_manifest_cached(store, "s3://bkt/exports/latest/", tmp_path) == written.manifest
+    store.delete("bkt", f"exports/latest/{MANIFEST_NAME}")   # any other address may change: read every time
+    with pytest.raises(DatasetError, match="no gangway dataset"):
+        read_manifest_cached(store, "s3://bkt/exports/latest/", tmp_path)
+    forged = "0" * 32   # a manifest not of the data its address names is not kept
+    store.put("bkt", f"datasets/{forged}/{MANIFEST_NAME}", written.manifest.to_json().encode())
+    read_manifest_cached(store, f"s3://bkt/datasets/{forged}/", tmp_path)
+    store.delete("bkt", f"datasets/{forged}/{MANIFEST_NAME}")
+    with pytest.raises(DatasetError, match="no gangway dataset"):
+        read_manifest_cached(store, f"s3://bkt/datasets/{forged}/", tmp_path)

@@ -5,6 +5,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import signals
 
@@ -17,11 +18,19 @@ from workers.coordinator.service import Coordinator
 from workers.coordinator.tasks import register
 
 log = logging.getLogger(__name__)
+_PUBLISHERS = 4   # jobs whose artifacts are copied at once, off the task loop
 
 settings = advertised_host(Settings.from_env())
 app = make_app(settings)
 coordinator = Coordinator(settings, State(connect(settings, ride_out=True)), app)
+coordinator.publishing = ThreadPoolExecutor(_PUBLISHERS, thread_name_prefix="gangway-publish")
 register(app, coordinator)
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_publishing(**_) -> None:
+    """Finish the publications under way; queued ones stay registered in gw:staged for the next sweep."""
+    coordinator.publishing.shutdown(wait=True, cancel_futures=True)
 
 
 @signals.worker_ready.connect(weak=False)

@@ -11,6 +11,7 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Executor
 
 import redis
 from celery import Celery
@@ -77,6 +78,9 @@ class Coordinator:
         # a stale rank 0 writes at most one more object once a renewal is refused (one renewal period)
         self.publisher = Publisher(state.r, lambda: self.store, settings.lease_seconds + settings.kill_grace,
                                    settings.artifact_bucket)
+        # Set by the coordinator process (workers/coordinator/main.py): rank_finished returns once the next job
+        # is placed and publishes there; None (tests, tools): rank_finished publishes before it returns.
+        self.publishing: Executor | None = None
         self.advertise: dict = {}   # what tick() keeps in COORDINATOR_INFO (metrics URL), across Redis restarts
         self._registry: tuple[str | None, dict[str, WorkerInfo]] = (None, {})   # (epoch, registrations)
         self._registered: list[WorkerView] = []
@@ -319,8 +323,15 @@ class Coordinator:
             if prev:
                 log.info("job %s succeeded", job_id)
                 metrics.JOBS_FINISHED.labels(job.get("framework", "unknown"), "succeeded").inc()
-                self.publish(job_id, token)
+                # The transition freed the gang: place the next job first, then copy this one's artifacts
+                # (a few store round trips, 20-200 ms), which kept a freed worker idle when done the other
+                # way round, and off the task loop where there is a pool for it, so the next report is not
+                # queued behind them (what a coordinator that dies leaves unpublished, the timer's sweep publishes).
                 self._end_attempt(job_id, token, abort=False)
+                if self.publishing is not None:
+                    self.publishing.submit(self.publish, job_id, token)
+                else:
+                    self.publish(job_id, token)
 
     def publish(self, job_id: str, token: str) -> None:
         """Publish the winning attempt's artifacts; a store that fails now leaves it to the timer's sweep."""

@@ -3,16 +3,21 @@ coordinator publishes them to s3://<artifact-bucket>/model/<job_id>/ once the at
 (``common/artifacts.py``)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import sys
 import time
+import weakref
 
 from common import artifacts as staging
 from common.settings import Settings
 from common.store import ObjectStore, S3Store
 from workers.runtime.shards import warm_store
+
+_BUCKETS_MADE: weakref.WeakKeyDictionary[ObjectStore, set[str]] = weakref.WeakKeyDictionary()
+
 
 def artifact_store(settings: Settings) -> S3Store:
     """The process's S3 client (shared with shard fetching; one costs ~0.1 s to build)."""
@@ -38,7 +43,10 @@ def upload_artifacts(settings: Settings, state, run, workdir: str, *, check=lamb
     spec = run.payload["spec"]
     final_bucket, final_prefix = destination(settings, spec, run.job_id)
     bucket, prefix = staging.staging_location(spec, run.job_id, run.token, settings.artifact_bucket)
-    store.ensure_bucket(bucket)
+    made = _BUCKETS_MADE.setdefault(store, set())
+    if bucket not in made:   # once per store client, not one request per job
+        store.ensure_bucket(bucket)
+        made.add(bucket)
     staging.register(state.r, run.job_id, run.token, staging.Staged(bucket, prefix, final_bucket, final_prefix))
     source = os.path.join(workdir, "model") if spec["framework"] == "pytorch" else workdir
     uploaded = []
@@ -77,6 +85,7 @@ def _f(x) -> float | None:
         return None
 
 
+@functools.cache
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": sys.version.split()[0], "platform": platform.platform()}

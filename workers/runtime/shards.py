@@ -13,7 +13,7 @@ from common.datasets import (
     DatasetReader,
     empty_table,
     read_cached,
-    read_manifest,
+    read_manifest_cached,
 )
 from common.manifest import Manifest, assign_shard
 from common.settings import Settings
@@ -60,6 +60,11 @@ def warm_store(settings: Settings) -> S3Store:
     return _stores[settings]
 
 
+def manifest_dir(settings: Settings) -> str:
+    """Where this host keeps the manifests of content-addressed datasets its ranks read."""
+    return os.path.join(settings.home, "manifests")
+
+
 def make_reader(settings: Settings) -> DatasetReader:
     cache = ChunkCache(os.path.join(settings.home, "chunk-cache"), settings.cache_bytes)
     return DatasetReader(warm_store(settings), cache, threads=settings.fetch_threads, write_behind=True)
@@ -102,7 +107,8 @@ def map_datasets(settings: Settings, datasets: dict[str, dict], world_size: int,
     pages come from disk as they are read and the kernel can drop them again, so a shard larger
     than memory can be iterated (PyTorch: ``get_shard()``, ``to_torch_dataset()``)."""
     store = warm_store(settings)
-    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    manifests = {name: read_manifest_cached(store, ref["uri"], manifest_dir(settings))
+                 for name, ref in datasets.items()}
     plan = plan_stream(_shard_size(datasets, manifests, world_size, rank, 0), worker_budget(settings),
                        worker_tree_rss())
     data = cache_datasets(settings, datasets, manifests, world_size, rank, pin_dir)
@@ -164,7 +170,8 @@ def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], 
     chunk from them, so the raw shard is never whole in memory); ``extra["memory"]["mode"]`` says
     which matrix to build."""
     store = warm_store(settings)
-    manifests = {name: read_manifest(store, ref["uri"]) for name, ref in datasets.items()}
+    manifests = {name: read_manifest_cached(store, ref["uri"], manifest_dir(settings))
+                 for name, ref in datasets.items()}
     plan = plan_memory(payload, settings, datasets, manifests, world, raw_in_core=not stream_in_core, sketch=sketch,
                        bins_in_memory=bins_in_memory)
     log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())

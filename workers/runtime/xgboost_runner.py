@@ -1,6 +1,7 @@
 """XGBoost inside the training child: QuantileDMatrix from the Arrow shard, rabit collective."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,8 +47,10 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
         latest = payload.get("resume") if payload.get("attempt", 1) > 1 else None   # chosen by the supervisor
         if latest:
             prep.published["resume_key"], prep.published["resume_rounds"] = latest
+    if payload["rank"] == 0 and world > 1:
         # The tracker lives in rank 0's training child: it starts before the barrier, so peers
-        # find it listening, and an abort that kills the child takes the tracker with it.
+        # find it listening, and an abort that kills the child takes the tracker with it. A gang of
+        # one has no collective: no tracker (starting one costs ~0.1 s, a small job's whole training).
         prep.tracker, port = start_tracker(payload["rendezvous"], world, settings.rendezvous_timeout)
         prep.published["tracker_port"] = port
     return prep
@@ -237,10 +240,11 @@ def train(prep: Prepared, emitter: Emitter, shared: dict) -> dict:
             "dmlc_tracker_port": int(shared.get("tracker_port", rdv["tracker_port"])), "dmlc_task_id": f"{rank:06d}",
             "dmlc_timeout": int(prep.settings.rendezvous_timeout)}
     evals_result: dict = {}
+    world = int(rdv["world_size"])
     t0 = time.perf_counter()
-    with xgb.collective.CommunicatorContext(**comm):
+    with xgb.collective.CommunicatorContext(**comm) if world > 1 else contextlib.nullcontext():
         t_connected = time.perf_counter()
-        if xgb.collective.get_rank() != rank:
+        if world > 1 and xgb.collective.get_rank() != rank:
             raise RuntimeError(f"tracker gave rank {xgb.collective.get_rank()} to gang rank {rank}")
         feats, label, weight = opts["input_cols"], opts["label_col"], opts.get("weight_col")
         max_bin = int(params.get("max_bin", 256))

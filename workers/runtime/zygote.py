@@ -23,6 +23,7 @@ measured in docs/architecture.md); its jobs import it after the fork, as before.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import selectors
@@ -170,6 +171,9 @@ def main() -> int:
     ctl = socket.socket(fileno=int(sys.argv[1]))
     settings = Settings.from_env()
     child._preimport(settings, PREIMPORT)
+    # What the imports made is never freed: keep it out of the collector's scans, whose reference-count
+    # writes would copy every page of it into each forked child (copy-on-write) at the child's first collection.
+    gc.freeze()
     if threading.active_count() != 1:
         print(f"gangway zygote: {threading.active_count()} Python threads after imports; every request "
               "will be refused (spawned children instead)", file=sys.stderr, flush=True)
