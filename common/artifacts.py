@@ -98,6 +98,10 @@ class Publisher:
     def store(self) -> ObjectStore:
         return self._store()
 
+    def is_staged(self, job_id: str, token: str) -> bool:
+        """Whether attempt ``token`` registered a staged upload (which the timer's sweep publishes)."""
+        return bool(self.r.hexists(keys.STAGED, staged_field(job_id, token)))
+
     def publish(self, job_id: str, token: str) -> bool:
         """Copy attempt ``token``'s staged objects to the job's model folder, if that attempt won; returns
         whether the job's artifacts are now published. Idempotent: a repeat after a crash copies again, and
@@ -148,9 +152,11 @@ class Publisher:
             log.info("job %s: artifacts of attempt %s published to s3://%s/%s (%d objects)", job_id, token,
                      st.final_bucket, st.final_prefix, len(staged))
         self.r.hset(keys.job(job_id), "published", token_published)
-        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
         store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
+        # Last: a coordinator dying at this hint (a Redis command) has left nothing staged behind; one dying
+        # between the flag and the registration's removal leaves the registration, which the sweep clears.
+        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
         return True
 
     def _copy(self, store: ObjectStore, st: Staged, names: list[str]) -> None:

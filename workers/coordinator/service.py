@@ -328,10 +328,15 @@ class Coordinator:
                 # way round, and off the task loop where there is a pool for it, so the next report is not
                 # queued behind them (what a coordinator that dies leaves unpublished, the timer's sweep publishes).
                 self._end_attempt(job_id, token, abort=False)
-                if self.publishing is not None:
-                    self.publishing.submit(self.publish, job_id, token)
+                if self.publishing is not None and self.publisher.is_staged(job_id, token):
+                    self.publishing.submit(self.publish, job_id, token)   # registered: the sweep covers a death
                 else:
-                    self.publish(job_id, token)
+                    self.publish(job_id, token)   # nothing staged: one flag, set before this task is acknowledged
+            else:
+                # A redelivered report of the attempt that won: the delivery that made the transition may have
+                # died before it published, and an attempt that staged nothing has no registration for the
+                # timer's sweep to find. A no-op unless the job succeeded under this token and is unpublished.
+                self.publish(job_id, token)
 
     def publish(self, job_id: str, token: str) -> None:
         """Publish the winning attempt's artifacts; a store that fails now leaves it to the timer's sweep."""
