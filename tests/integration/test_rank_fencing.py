@@ -172,6 +172,28 @@ def test_a_coordinator_dying_between_the_success_and_the_copy_leaves_it_to_the_n
     assert len(model_folder(coord, store)) == 3 and staged(coord, store) == []
 
 
+def test_an_attempt_that_staged_nothing_is_published_by_the_redelivered_report_when_the_first_died(
+        coord, tmp_path, monkeypatch):
+    """No registration, so no sweep finds it: the coordinator died after the success (placing the next job
+    first) and before the publication flag; the report's redelivery (acks_late) publishes."""
+    coord._store = MemoryStore()
+    run, abort = rank0_done_training(coord, tmp_path, files=0)
+    abort.close()
+    publish = coord.publisher.publish
+
+    def killed(*_a, **_kw):
+        raise Killed("after the placement, before the publication")
+    monkeypatch.setattr(coord.publisher, "publish", killed)
+    with pytest.raises(Killed):
+        coord.rank_finished("J", run.token, 0, True)
+    assert coord.state.job("J")["published"] == ""
+    coord.tick()   # the sweep has no registration to go by
+    assert coord.state.job("J")["published"] == ""
+    monkeypatch.setattr(coord.publisher, "publish", publish)
+    coord.rank_finished("J", run.token, 0, True)   # redelivered
+    assert coord.state.job("J")["published"] == run.token
+
+
 def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_without_the_abort_message(
         coord, monkeypatch):
     monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
