@@ -52,6 +52,17 @@ def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
     return run, rankmod.AbortWatcher(state, "J", job["token"])
 
 
+def staged_by_rank0(coord, run, abort, tmp_path, store):
+    """Rank 0's files staged into ``store`` (then the coordinator's store); the abort watcher closed."""
+    store.ensure_bucket(coord.settings.artifact_bucket)
+    try:
+        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
+    finally:
+        abort.close()
+    coord._store = store
+    return store
+
+
 def model_folder(coord, store) -> list[str]:
     return store.list(coord.settings.artifact_bucket, "model/J/")
 
@@ -283,13 +294,7 @@ def test_only_the_newest_checkpoints_are_kept_and_all_go_when_the_job_ends(coord
 
 def test_a_waiter_hears_its_job_end_and_then_its_artifacts_published_on_the_job_ended_channel(coord, tmp_path):
     run, abort = rank0_done_training(coord, tmp_path, files=1)
-    store = MemoryStore()
-    store.ensure_bucket(coord.settings.artifact_bucket)
-    try:
-        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
-    finally:
-        abort.close()
-    coord._store = store
+    store = staged_by_rank0(coord, run, abort, tmp_path, MemoryStore())
     pubsub = coord.state.r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.JOB_ENDED_CHANNEL)
     assert pubsub.get_message(timeout=1.0) is None   # the subscription is confirmed before the job ends
@@ -328,13 +333,7 @@ class SlowCopyStore(MemoryStore):
 def test_with_a_publishing_pool_the_report_returns_once_the_next_job_is_placed_and_the_copy_follows(coord, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     run, abort = rank0_done_training(coord, tmp_path, files=2)
-    store = SlowCopyStore(0.5)
-    store.ensure_bucket(coord.settings.artifact_bucket)
-    try:
-        rankmod.publish_artifacts(coord.settings, coord.state, run, abort, str(tmp_path), store=store)
-    finally:
-        abort.close()
-    coord._store = store
+    store = staged_by_rank0(coord, run, abort, tmp_path, SlowCopyStore(0.5))
     coord.submit(spec("K", 2))   # waits for J's gang
     coord.publishing = ThreadPoolExecutor(1)
     t0 = time.monotonic()
