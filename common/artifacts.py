@@ -117,18 +117,21 @@ class Publisher:
                 return False
             self._busy.add((job_id, token))
         try:
-            return self._publish(job_id, token)
+            self._publish(job_id, token)
         finally:
             with self._lock:
                 self._busy.discard((job_id, token))
+        # Last: a coordinator dying at this hint (a Redis command) has left nothing staged behind; one dying
+        # between the flag and the registration's removal leaves the registration, which the sweep clears.
+        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
+        return True
 
-    def _publish(self, job_id: str, token: str) -> bool:
+    def _publish(self, job_id: str, token: str) -> None:
         field = staged_field(job_id, token)
         raw = self.r.hget(keys.STAGED, field)
         if raw is None:   # nothing staged by this attempt (or staged, published and cleaned by another pass)
             self.r.hset(keys.job(job_id), "published", token)
-            self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)
-            return True
+            return
         st = Staged.from_json(raw)
         store = self.store
         staged = store.list(st.bucket, st.prefix)
@@ -154,10 +157,6 @@ class Publisher:
         self.r.hset(keys.job(job_id), "published", token_published)
         store.delete_many(st.bucket, staged)
         self.r.hdel(keys.STAGED, field)
-        # Last: a coordinator dying at this hint (a Redis command) has left nothing staged behind; one dying
-        # between the flag and the registration's removal leaves the registration, which the sweep clears.
-        self.r.publish(keys.JOB_ENDED_CHANNEL, job_id)   # wakes a waiter for the artifacts (a hint; it polls too)
-        return True
 
     def _copy(self, store: ObjectStore, st: Staged, names: list[str]) -> None:
         """Server-side copies of ``names``, up to _COPIES at once (each waits on the store, not on us)."""

@@ -32,6 +32,12 @@ class SlowStore(MemoryStore):
         super().put(bucket, key, data)
 
 
+def rank_payload(job: dict, rank: int, world: int) -> dict:
+    """The first attempt's train_rank payload of job J for ``rank`` (on worker w<rank>)."""
+    return {"job_id": "J", "token": job["token"], "rank": rank, "worker_id": f"w{rank}", "attempt": 1,
+            "rendezvous": {"world_size": world}, "spec": json.loads(job["spec"])}
+
+
 def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
     """Job J on two workers; rank 1 has succeeded and rank 0's child left ``files`` model files."""
     state = coord.state
@@ -40,8 +46,7 @@ def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
         coord.submit(spec("J", 2, max_failures=1))
     job = state.job("J")
     assert job["state"] == JobState.RUNNING.value, job
-    payload = {"job_id": "J", "token": job["token"], "rank": 0, "worker_id": "w0", "attempt": 1,
-               "rendezvous": {"world_size": 2}, "spec": json.loads(job["spec"])}
+    payload = rank_payload(job, 0, 2)
     run = rankmod.RankRun(coord.settings, state, payload)
     run.write(RankState.TRAINING)
     coord.rank_finished("J", job["token"], 1, True)
@@ -212,8 +217,7 @@ def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_wi
     fleet(state, 2)
     coord.submit(spec("J", 2))
     job = state.job("J")
-    payload = {"job_id": "J", "token": job["token"], "rank": 1, "worker_id": "w1", "attempt": 1,
-               "rendezvous": {"world_size": 2}, "spec": json.loads(job["spec"])}
+    payload = rank_payload(job, 1, 2)
     run = rankmod.RankRun(coord.settings, state, payload)
     never = rankmod.AbortWatcher(state, "J", "no-such-token")   # the pub/sub abort does not reach this rank
     state.transition("J", (JobState.RUNNING,), JobState.CANCELLED)   # ended without telling the ranks
@@ -231,8 +235,7 @@ def test_a_rank_whose_fence_check_raises_leaves_no_abort_listener_behind(coord):
     fleet(state, 1)
     coord.submit(spec("J", 1))
     job = state.job("J")
-    payload = {"job_id": "J", "token": job["token"], "rank": 0, "worker_id": "w0", "attempt": 1,
-               "rendezvous": {"world_size": 1}, "spec": json.loads(job["spec"])}
+    payload = rank_payload(job, 0, 1)
 
     def listeners() -> int:
         return sum(isinstance(t, redis.client.PubSubWorkerThread) for t in threading.enumerate())
