@@ -81,6 +81,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         s3_url(self.s3_endpoint, self.s3_secure)   # a malformed endpoint fails here, in one line
+        if not self.lease_seconds > 0:
+            raise ConfigurationError(f"GANGWAY_LEASE_SECONDS must be more than 0 seconds, got {self.lease_seconds!r}")
+
+    @property
+    def lease_renew_every(self) -> float:
+        """How often a quiet rank renews its lease: every 3 s, or three times a lease when leases are
+        shorter (a renewal every 3 s would land after a 3 s lease had lapsed)."""
+        return min(3.0, self.lease_seconds / 3)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

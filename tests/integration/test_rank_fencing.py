@@ -76,8 +76,8 @@ def staged(coord, store) -> list[str]:
     return store.list(coord.settings.artifact_bucket, "staging/J/")
 
 
-def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_once(coord, tmp_path, monkeypatch):
-    monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
+def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_once(coord, tmp_path):
+    # leases of 1 s (FAST): the rank renews three times a lease (every 3 s, it was reaped as silent)
     run, abort = rank0_done_training(coord, tmp_path, files=6)
     store = SlowStore(0.5)   # 3.5 s in all, 3.5 leases of 1 s
     stop, ticks = threading.Event(), []
@@ -106,8 +106,7 @@ def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_o
     assert len(model_folder(coord, store)) == 7 and staged(coord, store) == []
 
 
-def test_an_upload_stops_at_the_next_object_once_its_attempt_has_ended(coord, tmp_path, monkeypatch):
-    monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
+def test_an_upload_stops_at_the_next_object_once_its_attempt_has_ended(coord, tmp_path):
     run, abort = rank0_done_training(coord, tmp_path, files=20)
     store = SlowStore(0.2)
     threading.Timer(0.5, coord.cancel, args=["J"]).start()   # cancelled while rank 0 uploads
@@ -124,9 +123,7 @@ def test_an_upload_stops_at_the_next_object_once_its_attempt_has_ended(coord, tm
     assert staged(coord, store) == [] and model_folder(coord, store) == []
 
 
-def test_only_the_attempt_that_won_is_published_when_a_slow_upload_loses_its_attempt(coord, tmp_path,
-                                                                                     monkeypatch):
-    monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
+def test_only_the_attempt_that_won_is_published_when_a_slow_upload_loses_its_attempt(coord, tmp_path):
     coord._store = store = SlowStore(0.2)
     run, abort = rank0_done_training(coord, tmp_path, files=20)
     first = run.token
@@ -211,8 +208,7 @@ def test_an_attempt_that_staged_nothing_is_published_by_the_redelivered_report_w
 
 
 def test_a_rank_waiting_at_the_barrier_stops_when_its_renewal_is_refused_even_without_the_abort_message(
-        coord, monkeypatch):
-    monkeypatch.setattr(rankmod, "_RENEW_EVERY", 0.3)
+        coord):
     state = coord.state
     fleet(state, 2)
     coord.submit(spec("J", 2))

@@ -101,3 +101,12 @@ def test_a_worker_advertises_its_address_on_the_route_to_the_broker_not_loopback
     assert not address.startswith("127.")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((address, 0))   # one of this host's own addresses, so peers on that route can dial it
+
+
+def test_a_rank_renews_its_lease_three_times_a_lease_when_leases_are_short_and_a_lease_must_last():
+    assert Settings(lease_seconds=30.0).lease_renew_every == 3.0
+    assert Settings(lease_seconds=3.0).lease_renew_every == 1.0   # every 3 s would land as a 3 s lease lapses
+    assert Settings(lease_seconds=0.6).lease_renew_every == pytest.approx(0.2)
+    for bad in ("0", "-5"):
+        with pytest.raises(ConfigurationError, match=f"GANGWAY_LEASE_SECONDS must be more than 0 seconds, got {bad}"):
+            Settings.from_env({"GANGWAY_LEASE_SECONDS": bad})

@@ -28,7 +28,6 @@ from workers.runtime.supervisor import OUTPUT_LINES_PER_SECOND, Standby, Trainin
 log = logging.getLogger(__name__)
 _WRITE_EVERY = 0.25   # seconds between coalesced progress writes
 _OWNER = ".gangway-owner"   # in a rank's short temp folder: the worker and GANGWAY_HOME it belongs to
-_RENEW_EVERY = 3.0    # a quiet rank still writes its status this often (the reservation's lease)
 _LISTEN_SLICE = 0.2   # seconds an abort watcher blocks on its subscription between checks of its stop flag
 
 
@@ -122,7 +121,8 @@ class LeaseKeeper:
     upload can outlast GANGWAY_LEASE_SECONDS); a refused renewal sets the abort."""
 
     def __init__(self, run: RankRun, abort: AbortWatcher, every: float | None = None) -> None:
-        self.run, self.abort, self.every = run, abort, _RENEW_EVERY if every is None else every
+        self.run, self.abort = run, abort
+        self.every = run.settings.lease_renew_every if every is None else every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gangway-lease", daemon=True)
 
@@ -184,7 +184,7 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
     deadline = time.monotonic() + timeout
     delay, renewed = 0.005, time.monotonic()
     while True:
-        if time.monotonic() - renewed > _RENEW_EVERY:   # waiting peers keep their lease
+        if time.monotonic() - renewed > run.settings.lease_renew_every:   # waiting peers keep their lease
             if not run.write(None):   # refused: the attempt ended, whether or not its abort reached us
                 raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
@@ -269,7 +269,7 @@ def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
     while not others <= run.state.r.smembers(done_key):
         if abort.event.is_set():
             raise Aborted(abort.reason)
-        if time.monotonic() - renewed > _RENEW_EVERY:
+        if time.monotonic() - renewed > run.settings.lease_renew_every:
             if not run.write(None):
                 raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
@@ -471,7 +471,7 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 child.wait_reader(2.0)   # EOF follows the exit at once, unless a forked process holds the pipe
                 if child.events.empty():
                     break
-            if time.monotonic() - last_write > _RENEW_EVERY:   # renew the lease while the child is quiet
+            if time.monotonic() - last_write > run.settings.lease_renew_every:   # renew the lease while the child is quiet
                 if not run.write(None):
                     abort.set("the attempt is no longer current")
                 last_write = time.monotonic()
