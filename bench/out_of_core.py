@@ -8,7 +8,7 @@ Generates HIGGS-shaped parquet files (28 float32 features + label), starts a bar
 and measures in one run: the producer's peak RSS for a quarter of the files and for all of them (a subprocess
 each, VmHWM), upload MB/s against raw PUTs of the same bytes to the same store, then XGBoost
 on a 2-worker fleet with ``GANGWAY_WORKER_MEMORY`` (auto: out of core when the shard does not
-fit) and on a fleet with ``GANGWAY_OUT_OF_CORE=never`` (in core): each worker tree's peak RSS,
+fit) and on a fleet with ``GANGWAY_OUT_OF_CORE=never`` (in core): each worker tree's peak memory,
 training time and holdout logloss. Prints a markdown table (stdout); progress on stderr.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from common.settings import Settings, parse_size
 from common.store import S3Store
 from workers.local import services
 from workers.local.fleet import Fleet
+from workers.runtime.memory import tree_memory, tree_rss
 
 MiB = 1024 ** 2
 PARAMS = {"objective": "binary:logistic", "max_depth": 6, "max_bin": 256, "eval_metric": "logloss"}
@@ -101,37 +102,31 @@ def raw_put_mb_s(settings: Settings, total: int, chunk: int) -> float:
 
 
 class TreeSampler:
-    """Peak RSS of each worker's whole process tree (Celery, standby and training children)."""
+    """Peak memory of each worker's whole process tree (Celery, zygote, standby and training children):
+    what the plan's "in use" counts (``workers.runtime.memory.tree_memory``: forked pages once), and summed
+    RSS beside it (every shared page once per process)."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.roots = {s.name: s.proc.pid for s in fleet.started if s.name.startswith("worker-")}
         self.peaks = dict.fromkeys(self.roots, 0)
-        self.anon_peaks = dict.fromkeys(self.roots, 0)   # RSS less file-backed pages (mapped files: reclaimable)
+        self.rss_peaks = dict.fromkeys(self.roots, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree_rss(self, pid: int) -> tuple[int, int]:
+    def _tree(self, pid: int) -> tuple[int, int]:
         try:
             root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
+            pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
         except psutil.NoSuchProcess:
             return 0, 0
-        total = anon = 0
-        for p in procs:
-            try:
-                info = p.memory_info()
-            except psutil.NoSuchProcess:
-                continue
-            total += info.rss
-            anon += info.rss - info.shared
-        return total, anon
+        return tree_memory(pids), tree_rss(pids)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for name, pid in self.roots.items():
-                rss, anon = self._tree_rss(pid)
-                self.peaks[name] = max(self.peaks[name], rss)
-                self.anon_peaks[name] = max(self.anon_peaks[name], anon)
+                held, rss = self._tree(pid)
+                self.peaks[name] = max(self.peaks[name], held)
+                self.rss_peaks[name] = max(self.rss_peaks[name], rss)
             time.sleep(0.1)
 
     def __enter__(self) -> TreeSampler:  # noqa: PYI034
@@ -165,7 +160,7 @@ def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: 
             job.wait()
             wall = time.perf_counter() - t0
         ranks = job.status().ranks
-        return {"wall": wall, "peaks": sampler.peaks, "anon_peaks": sampler.anon_peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
+        return {"wall": wall, "peaks": sampler.peaks, "rss_peaks": sampler.rss_peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
                 "modes": sorted({r.get("fetch", {}).get("memory", {}).get("mode") for r in ranks.values()}),
                 "in_use": [r.get("fetch", {}).get("memory", {}).get("in_use", 0) for r in ranks.values()],
                 "planned": [r.get("fetch", {}).get("memory", {}).get("external_need", 0) for r in ranks.values()],
@@ -291,13 +286,14 @@ def training_rows(a: argparse.Namespace, m: dict, budget: int) -> list[str]:
     inc = m.get("inc") or {"peaks": {}, "train": float("nan"), "wall": float("nan"), "logloss": float("nan")}
     worst = max(ooc["peaks"].values())
     return [
-        row(f"worker tree peak RSS, budget {a.worker_memory} (MiB)",
+        row(f"worker tree peak memory (forked pages once), budget {a.worker_memory} (MiB)",
             ", ".join(f"{v / MiB:.0f}" for v in ooc["peaks"].values()) + f" (mode: {'/'.join(ooc['modes'])}; "
             f"shard {m['shard_mib']:.0f} MiB)", "<= budget", worst <= budget),
-        row("  of which not file-backed (MiB)", ", ".join(f"{v / MiB:.0f}" for v in ooc["anon_peaks"].values())),
+        row("  summed RSS of the tree, peak (a shared page once per process) (MiB)",
+            ", ".join(f"{v / MiB:.0f}" for v in ooc["rss_peaks"].values())),
         row("  plan: tree in use + out-of-core need (MiB)",
             ", ".join(f"{u / MiB:.0f} + {n / MiB:.0f}" for u, n in zip(ooc["in_use"], ooc["planned"]))),
-        row("in-core worker tree peak RSS (MiB)", ", ".join(f"{v / MiB:.0f}" for v in inc["peaks"].values())),
+        row("in-core worker tree peak memory (MiB)", ", ".join(f"{v / MiB:.0f}" for v in inc["peaks"].values())),
         row("matrix + training s, out of core / in core",
             f"{ooc['train']:.1f} / {inc['train']:.1f} = {ooc['train'] / inc['train']:.2f}x "
             f"(wall {ooc['wall']:.1f} / {inc['wall']:.1f})"),

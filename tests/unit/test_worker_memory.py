@@ -239,3 +239,40 @@ def test_lightgbms_binned_dataset_is_planned_in_memory_out_of_core_too():
         plan_gbdt(wide, budget=1 * GiB, in_use=300 * MiB, bins_in_memory=True)
     assert plan_gbdt(wide, budget=1 * GiB, in_use=0, bins_in_memory=True).external_need == \
         xgb_like.external_need + wide.quantised_bytes
+
+
+def _proc(root, pid: int, *, rss_kb: int, anon_kb: int, pss_anon_kb: int | None, statm_pages: int = 0) -> None:
+    folder = root / str(pid)
+    folder.mkdir()
+    lines = [f"Rss: {rss_kb} kB", f"Anonymous: {anon_kb} kB", "Pss_Shmem: 0 kB"]
+    if pss_anon_kb is not None:
+        lines.append(f"Pss_Anon: {pss_anon_kb} kB")
+    (folder / "smaps_rollup").write_text("7f00-7fff ---p 00000000 00:00 0   [rollup]\n" + "\n".join(lines) + "\n")
+    (folder / "statm").write_text(f"0 {statm_pages} 0 0 0 0 0\n")
+
+
+def test_a_worker_tree_counts_forked_pages_once_and_shared_libraries_once(tmp_path):
+    from workers.runtime.memory import tree_memory
+    KiB = 1024
+    # zygote: 200 MiB of imports shared with its child (half of each page's share each), 90 MiB of libraries;
+    # child: the same shared imports plus 50 MiB of its own, the same libraries plus a 10 MiB mapped chunk
+    _proc(tmp_path, 10, rss_kb=290 * 1024, anon_kb=200 * 1024, pss_anon_kb=100 * 1024)
+    _proc(tmp_path, 11, rss_kb=350 * 1024, anon_kb=250 * 1024, pss_anon_kb=150 * 1024)
+    held = tree_memory([10, 11], proc_root=str(tmp_path))
+    assert held == (100 + 150 + 100) * 1024 * KiB   # 250 MiB anonymous, once; the larger file part, once
+    # summed RSS would have said 640 MiB
+    assert held < (290 + 350) * 1024 * KiB
+
+
+def test_a_process_gone_since_it_was_listed_holds_nothing(tmp_path):
+    from workers.runtime.memory import tree_memory
+    _proc(tmp_path, 10, rss_kb=4096, anon_kb=1024, pss_anon_kb=1024)
+    assert tree_memory([10, 99], proc_root=str(tmp_path)) == (1024 + 3072) * 1024
+
+
+def test_without_proportional_anonymous_sizes_the_tree_is_summed_rss(tmp_path):
+    from workers.runtime.memory import tree_memory
+    page = os.sysconf("SC_PAGE_SIZE")
+    _proc(tmp_path, 10, rss_kb=4096, anon_kb=1024, pss_anon_kb=1024, statm_pages=1000)
+    _proc(tmp_path, 11, rss_kb=4096, anon_kb=1024, pss_anon_kb=None, statm_pages=300)   # a kernel before 5.10
+    assert tree_memory([10, 11], proc_root=str(tmp_path)) == 1300 * page

@@ -117,14 +117,22 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_the_memory_plan_of_a_forked_child_counts_its_supervisors_tree_not_only_the_zygotes(zygote):
-    from workers.runtime.memory import _rss, worker_tree_rss
+def test_the_memory_plan_of_a_forked_child_counts_its_supervisors_tree_once_per_page(zygote):
+    from workers.runtime.memory import _footprint, tree_rss, worker_pids, worker_tree_memory
     child = zygote.take()
     try:
         time.sleep(0.2)   # the child has settled (its RSS only grows while it waits for its payload)
         # the pool process (here: this test) is found above the zygote, and its parent (Celery main) counted
-        at_least = _rss(os.getpid()) + _rss(zygote.pid) + _rss(child.proc.pid) + _rss(os.getppid())
-        assert worker_tree_rss(child.proc.pid) >= at_least
+        pids = worker_pids(child.proc.pid)
+        assert {os.getpid(), zygote.pid, child.proc.pid, os.getppid()} <= set(pids)
+        held = worker_tree_memory(child.proc.pid)
+        # The zygote's imports are shared with the child it forked (and with nothing outside this tree):
+        # the tree holds at least all of the zygote's anonymous pages, and less than summed RSS, which
+        # counts those shared pages once in the zygote and again in the child.
+        with open(f"/proc/{zygote.pid}/smaps_rollup") as f:
+            zygote_anon = next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+        assert _footprint(zygote.pid) is not None
+        assert zygote_anon <= held < tree_rss(pids)
     finally:
         child.kill(1.0)
 

@@ -193,12 +193,60 @@ def worker_budget(settings: Settings) -> int:
     return default_worker_memory(cgroup_memory_limit(), host_memory(), os.cpu_count() or 1, settings.worker_cpus)
 
 
-def _rss(pid: int) -> int:
+def _rss(pid: int, proc_root: str = "/proc") -> int:
     try:
-        with open(f"/proc/{pid}/statm") as f:
+        with open(os.path.join(proc_root, str(pid), "statm")) as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def tree_rss(pids: list[int], proc_root: str = "/proc") -> int:
+    """Summed RSS: a page shared by several of ``pids`` counts once per process."""
+    return sum(_rss(pid, proc_root) for pid in pids)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One process's memory, from ``/proc/<pid>/smaps_rollup`` (bytes): its proportional share of
+    anonymous and shmem pages (a page shared by n processes counts 1/n in each, so a fork's copy-on-write
+    pages count once over the processes sharing them), and its file-backed resident pages whole."""
+
+    shared_out: int   # Pss_Anon + Pss_Shmem
+    file: int         # Rss - Anonymous: mapped files (libraries, memory-mapped chunk files)
+
+
+def _footprint(pid: int, proc_root: str = "/proc") -> Footprint | None:
+    """None where the kernel gives no ``Pss_Anon`` (before Linux 5.10); nothing for a process gone."""
+    fields = {}
+    try:
+        with open(os.path.join(proc_root, str(pid), "smaps_rollup")) as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if rest.strip().endswith("kB"):
+                    fields[name] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return Footprint(0, 0)   # exited since it was listed: it holds nothing now
+    except (OSError, ValueError):
+        return None
+    if "Pss_Anon" not in fields or "Rss" not in fields:
+        return None
+    return Footprint(fields["Pss_Anon"] + fields.get("Pss_Shmem", 0),
+                     max(0, fields["Rss"] - fields.get("Anonymous", 0)))
+
+
+def tree_memory(pids: list[int], proc_root: str = "/proc") -> int:
+    """What a worker's processes hold together, counting no page twice as far as the kernel tells:
+    the sum of their proportional anonymous pages (the zygote's imports and Celery's fork share
+    theirs with the children) plus the largest file-backed part of any one of them (they map the
+    same libraries; counted whole, not divided among every process on the host that maps them, as a
+    container's memory cgroup may charge them all to this worker). Falls back to summed RSS (which
+    counts shared pages once per process: safe, and ~2x an idle tree's real use) where a process's
+    ``smaps_rollup`` lacks the fields."""
+    prints = [_footprint(pid, proc_root) for pid in pids]
+    if any(fp is None for fp in prints):
+        return tree_rss(pids, proc_root)
+    return sum(fp.shared_out for fp in prints) + max((fp.file for fp in prints), default=0)
 
 
 def _children(pid: int) -> list[int]:
@@ -209,8 +257,8 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _subtree_rss(pid: int) -> int:
-    return _rss(pid) + sum(_subtree_rss(c) for c in _children(pid))
+def _subtree(pid: int) -> list[int]:
+    return [pid, *(p for c in _children(pid) for p in _subtree(c))]
 
 
 def _ppid(pid: int) -> int:
@@ -229,17 +277,20 @@ def _is_zygote(pid: int) -> bool:
         return False
 
 
-def worker_tree_rss(child: int | None = None) -> int:
-    """RSS of the worker's processes as seen from its training ``child`` (default: this process): the
-    Celery pool process's whole subtree (the zygote that forked the child, or the warm standby, and the
-    child) plus Celery's main process. Pages a forked child shares with its zygote count twice: the
-    estimate errs on the safe side."""
+def worker_pids(child: int | None = None) -> list[int]:
+    """The worker's processes as seen from its training ``child`` (default: this process): the Celery
+    pool process's whole subtree (the zygote that forked the child, or the warm standby, and the child)
+    plus Celery's main process."""
     child = os.getpid() if child is None else child
     parent = _ppid(child)
     if parent > 1 and _is_zygote(parent):
         parent = _ppid(parent)   # the zygote's parent is the pool process that supervises the child
     if parent <= 1:
-        return _rss(child)
-    total = _subtree_rss(parent)
+        return [child]
     grandparent = _ppid(parent)
-    return total + (_rss(grandparent) if grandparent > 1 else 0)
+    return _subtree(parent) + ([grandparent] if grandparent > 1 else [])
+
+
+def worker_tree_memory(child: int | None = None) -> int:
+    """What the worker's processes hold (``tree_memory`` of ``worker_pids``): the plan's "in use"."""
+    return tree_memory(worker_pids(child))

@@ -25,7 +25,7 @@ from workers.runtime.memory import (
     plan_gbdt,
     plan_stream,
     worker_budget,
-    worker_tree_rss,
+    worker_tree_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def map_datasets(settings: Settings, datasets: dict[str, dict], world_size: int,
     manifests = {name: read_manifest_cached(store, ref["uri"], manifest_dir(settings))
                  for name, ref in datasets.items()}
     plan = plan_stream(_shard_size(datasets, manifests, world_size, rank, 0), worker_budget(settings),
-                       worker_tree_rss())
+                       worker_tree_memory())
     data = cache_datasets(settings, datasets, manifests, world_size, rank, pin_dir)
     data.tables = {name: _mapped_table(pieces, manifests[name]) for name, pieces in data.cached.items()}
     data.cached = {}
@@ -157,7 +157,7 @@ def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], ma
     spec = payload["spec"]
     size = _shard_size(datasets, manifests, world, payload["rank"], len(spec["train"]["input_cols"]),
                        int(spec["params"].get("max_bin", 256)))
-    return plan_gbdt(size, worker_budget(settings), worker_tree_rss(), settings.out_of_core,
+    return plan_gbdt(size, worker_budget(settings), worker_tree_memory(), settings.out_of_core,
                      raw_in_core=raw_in_core, sketch=sketch, bins_in_memory=bins_in_memory)
 
 
