@@ -84,12 +84,6 @@ class Settings:
         if not self.lease_seconds > 0:
             raise ConfigurationError(f"GANGWAY_LEASE_SECONDS must be more than 0 seconds, got {self.lease_seconds!r}")
 
-    @property
-    def lease_renew_every(self) -> float:
-        """How often a quiet rank renews its lease: every 3 s, or three times a lease when leases are
-        shorter (a renewal every 3 s would land after a 3 s lease had lapsed)."""
-        return min(3.0, self.lease_seconds / 3)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Build from ``env`` (default ``os.environ``); ``overrides`` (CLI flags) win."""
@@ -134,6 +128,12 @@ class Settings:
     def worker_memory_bytes(self) -> int | None:
         """``worker_memory`` in bytes, None when unset (the runtime then uses its default)."""
         return parse_size(self.worker_memory, "GANGWAY_WORKER_MEMORY") if self.worker_memory.strip() else None
+
+
+def renew_period(lease_seconds: float) -> float:
+    """How often a quiet rank renews a lease of ``lease_seconds``: every 3 s, or three times a lease when
+    leases are shorter (a renewal every 3 s would land after a 3 s lease had lapsed)."""
+    return min(3.0, lease_seconds / 3)
 
 
 def s3_url(endpoint: str, secure: bool) -> str:

@@ -38,8 +38,9 @@ def rank_payload(job: dict, rank: int, world: int) -> dict:
             "rendezvous": {"world_size": world}, "spec": json.loads(job["spec"])}
 
 
-def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
-    """Job J on two workers; rank 1 has succeeded and rank 0's child left ``files`` model files."""
+def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True, worker_lease: float | None = None):
+    """Job J on two workers; rank 1 has succeeded and rank 0's child left ``files`` model files.
+    ``worker_lease``: rank 0's worker has its own GANGWAY_LEASE_SECONDS (and the coordinator's payload)."""
     state = coord.state
     if first:
         fleet(state, 2)
@@ -47,7 +48,11 @@ def rank0_done_training(coord, tmp_path, files: int, *, first: bool = True):
     job = state.job("J")
     assert job["state"] == JobState.RUNNING.value, job
     payload = rank_payload(job, 0, 2)
-    run = rankmod.RankRun(coord.settings, state, payload)
+    settings = coord.settings
+    if worker_lease is not None:
+        payload["lease_seconds"] = coord.settings.lease_seconds   # what the coordinator's train_rank carries
+        settings = settings.replace(lease_seconds=worker_lease)
+    run = rankmod.RankRun(settings, state, payload)
     run.write(RankState.TRAINING)
     coord.rank_finished("J", job["token"], 1, True)
     for old in tmp_path.iterdir():
@@ -76,9 +81,11 @@ def staged(coord, store) -> list[str]:
     return store.list(coord.settings.artifact_bucket, "staging/J/")
 
 
-def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_once(coord, tmp_path):
-    # leases of 1 s (FAST): the rank renews three times a lease (every 3 s, it was reaped as silent)
-    run, abort = rank0_done_training(coord, tmp_path, files=6)
+@pytest.mark.parametrize("worker_lease", [None, 30.0], ids=["same-settings", "worker-says-30s"])
+def test_an_artifact_upload_longer_than_the_lease_keeps_the_attempt_and_writes_once(coord, tmp_path, worker_lease):
+    # The coordinator's leases last 1 s (FAST): the rank renews three times a lease of the coordinator's,
+    # whatever its own worker's GANGWAY_LEASE_SECONDS says (renewing every 3 s, it was reaped as silent)
+    run, abort = rank0_done_training(coord, tmp_path, files=6, worker_lease=worker_lease)
     store = SlowStore(0.5)   # 3.5 s in all, 3.5 leases of 1 s
     stop, ticks = threading.Event(), []
 
@@ -345,3 +352,15 @@ def test_with_a_publishing_pool_the_report_returns_once_the_next_job_is_placed_a
     coord.publishing.shutdown(wait=True)
     assert coord.state.job("J")["published"] == run.token
     assert len(model_folder(coord, store)) == 3 and staged(coord, store) == []
+
+
+def test_a_ranks_payload_carries_the_coordinators_lease(coord, monkeypatch):
+    sent = []
+    monkeypatch.setattr(coord.app, "send_task", lambda name, args=(), **kw: sent.append((name, args)))
+    fleet(coord.state, 2)
+    coord.submit(spec("J", 2))
+    payloads = [args[0] for name, args in sent if name == "gangway.train_rank"]
+    assert [p["rank"] for p in payloads] == [0, 1]
+    assert all(p["lease_seconds"] == coord.settings.lease_seconds == 1.0 for p in payloads)
+    assert rankmod.RankRun(coord.settings.replace(lease_seconds=30.0), coord.state, payloads[0]).renew_every \
+        == pytest.approx(1 / 3)

@@ -241,10 +241,12 @@ def test_lightgbms_binned_dataset_is_planned_in_memory_out_of_core_too():
         xgb_like.external_need + wide.quantised_bytes
 
 
-def _proc(root, pid: int, *, rss_kb: int, anon_kb: int, pss_anon_kb: int | None, statm_pages: int = 0) -> None:
+def _proc(root, pid: int, *, rss_kb: int, anon_kb: int, pss_anon_kb: int | None, statm_pages: int = 0,
+          shmem_kb: int = 0) -> None:
     folder = root / str(pid)
     folder.mkdir()
-    lines = [f"Rss: {rss_kb} kB", f"Anonymous: {anon_kb} kB", "Pss_Shmem: 0 kB"]
+    (folder / "status").write_text(f"Name:\tpython\nRssAnon:\t{anon_kb} kB\nRssShmem:\t{shmem_kb} kB\n")
+    lines = [f"Rss: {rss_kb} kB", f"Anonymous: {anon_kb} kB", f"Pss_Shmem: {shmem_kb} kB"]
     if pss_anon_kb is not None:
         lines.append(f"Pss_Anon: {pss_anon_kb} kB")
     (folder / "smaps_rollup").write_text("7f00-7fff ---p 00000000 00:00 0   [rollup]\n" + "\n".join(lines) + "\n")
@@ -260,8 +262,15 @@ def test_a_worker_tree_counts_forked_pages_once_and_shared_libraries_once(tmp_pa
     _proc(tmp_path, 11, rss_kb=350 * 1024, anon_kb=250 * 1024, pss_anon_kb=150 * 1024)
     held = tree_memory([10, 11], proc_root=str(tmp_path))
     assert held == (100 + 150 + 100) * 1024 * KiB   # 250 MiB anonymous, once; the larger file part, once
-    # summed RSS would have said 640 MiB
-    assert held < (290 + 350) * 1024 * KiB
+    # (summed RSS would have said 640 MiB)
+
+
+def test_shared_memory_counts_once_not_again_as_a_mapped_file(tmp_path):
+    from workers.runtime.memory import tree_memory
+    # 64 MiB of MAP_SHARED anonymous memory (torch /dev/shm tensors) besides 8 MiB of libraries:
+    # smaps_rollup's Rss holds it, and so does Pss_Shmem
+    _proc(tmp_path, 10, rss_kb=(1 + 8 + 64) * 1024, anon_kb=1024, pss_anon_kb=1024, shmem_kb=64 * 1024)
+    assert tree_memory([10], proc_root=str(tmp_path)) == (1 + 64 + 8) * 1024 * 1024
 
 
 def test_a_process_gone_since_it_was_listed_holds_nothing(tmp_path):

@@ -287,7 +287,8 @@ class Coordinator:
         log.info("job %s attempt %s: gang %s reserved (token %s)", placement.job_id, attempt,
                  list(placement.worker_ids), token)
         common = {"job_id": placement.job_id, "token": token, "attempt": attempt, "use_gpu": placement.use_gpu,
-                  "rendezvous": rdv.to_dict(), "spec": json.loads(spec.to_json())}   # built once per gang
+                  "rendezvous": rdv.to_dict(), "spec": json.loads(spec.to_json()),
+                  "lease_seconds": self.settings.lease_seconds}   # built once per gang; the lease reserve.lua set
         for rank, wid in enumerate(placement.worker_ids):
             host = by_id[wid].info.host
             host_gpus = [g for w in gang if w.info.host == host for g in w.info.gpus[:1]]

@@ -1,9 +1,9 @@
 """A worker's memory budget and how a rank's GBDT data is held within it.
 
-The decisions are pure functions of sizes (unit-tested); the readers of cgroup
-limits and process RSS are thin. The budget covers the worker's whole process
-tree (Celery processes, the warm standby, the training child): what the tree
-already uses is subtracted before a shard is planned into the rest.
+The decisions are pure functions of sizes (unit-tested); the readers of cgroup limits and of what
+the worker's processes hold (``/proc/<pid>/smaps_rollup``) are thin. The budget covers the worker's
+whole process tree (Celery processes, the zygote or warm standby, the training child): what the tree
+already holds is subtracted before a shard is planned into the rest.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ MiB = 1024 ** 2
 # i.e. ~44 B per extra row on top of a fixed part.
 GBDT_BYTES_PER_ROW = 44
 # What the training child adds whatever the rows (collective buffers, per-thread histograms, the
-# fixed part above, malloc arenas), and the standby/zygote growing while the child trains.
+# fixed part above, malloc arenas), the standby/zygote growing while the child trains, and the pages the
+# child shares with its zygote when it plans (counted once then) that it copies as it writes them.
 GBDT_FIXED_BYTES = 96 * MiB
 # Chunks in memory at once while a matrix is built from chunk files: the DataIter's current chunk,
 # its float32 copy, and XGBoost's page/batch under construction (about a chunk's rows).
@@ -208,23 +209,31 @@ def tree_rss(pids: list[int], proc_root: str = "/proc") -> int:
 
 @dataclass(frozen=True)
 class Footprint:
-    """One process's memory, from ``/proc/<pid>/smaps_rollup`` (bytes): its proportional share of
-    anonymous and shmem pages (a page shared by n processes counts 1/n in each, so a fork's copy-on-write
-    pages count once over the processes sharing them), and its file-backed resident pages whole."""
+    """One process's memory, from ``/proc/<pid>/smaps_rollup`` and ``status`` (bytes): its proportional
+    share of anonymous and shmem pages (a page shared by n processes counts 1/n in each, so a fork's
+    copy-on-write pages count once over the processes sharing them), and its mapped files' resident pages
+    whole."""
 
-    shared_out: int   # Pss_Anon + Pss_Shmem
-    file: int         # Rss - Anonymous: mapped files (libraries, memory-mapped chunk files)
+    proportional: int   # Pss_Anon + Pss_Shmem
+    file: int           # Rss - Anonymous - RssShmem: mapped files (libraries, memory-mapped chunk files)
+
+
+def _kb_fields(path: str) -> dict[str, int]:
+    fields = {}
+    with open(path) as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return fields
 
 
 def _footprint(pid: int, proc_root: str = "/proc") -> Footprint | None:
     """None where the kernel gives no ``Pss_Anon`` (before Linux 5.10); nothing for a process gone."""
-    fields = {}
+    folder = os.path.join(proc_root, str(pid))
     try:
-        with open(os.path.join(proc_root, str(pid), "smaps_rollup")) as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if rest.strip().endswith("kB"):
-                    fields[name] = int(rest.split()[0]) * 1024
+        fields = _kb_fields(os.path.join(folder, "smaps_rollup"))
+        shmem = _kb_fields(os.path.join(folder, "status")).get("RssShmem", 0)
     except (FileNotFoundError, ProcessLookupError):
         return Footprint(0, 0)   # exited since it was listed: it holds nothing now
     except (OSError, ValueError):
@@ -232,7 +241,7 @@ def _footprint(pid: int, proc_root: str = "/proc") -> Footprint | None:
     if "Pss_Anon" not in fields or "Rss" not in fields:
         return None
     return Footprint(fields["Pss_Anon"] + fields.get("Pss_Shmem", 0),
-                     max(0, fields["Rss"] - fields.get("Anonymous", 0)))
+                     max(0, fields["Rss"] - fields.get("Anonymous", 0) - shmem))
 
 
 def tree_memory(pids: list[int], proc_root: str = "/proc") -> int:
@@ -246,7 +255,7 @@ def tree_memory(pids: list[int], proc_root: str = "/proc") -> int:
     prints = [_footprint(pid, proc_root) for pid in pids]
     if any(fp is None for fp in prints):
         return tree_rss(pids, proc_root)
-    return sum(fp.shared_out for fp in prints) + max((fp.file for fp in prints), default=0)
+    return sum(fp.proportional for fp in prints) + max((fp.file for fp in prints), default=0)
 
 
 def _children(pid: int) -> list[int]:

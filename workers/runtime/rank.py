@@ -16,7 +16,7 @@ from celery import Celery
 from common import keys
 from common.errors import RendezvousError
 from common.models import JobState, RankState
-from common.settings import Settings
+from common.settings import Settings, renew_period
 from common.signing import SecurityError, verify
 from common.state import State
 from workers.runtime import checkpoints
@@ -108,6 +108,12 @@ class RankRun:
     def rank(self) -> int:
         return self.payload["rank"]
 
+    @property
+    def renew_every(self) -> float:
+        """The lease is the coordinator's (``reserve.lua`` set it from its GANGWAY_LEASE_SECONDS, which the
+        payload carries), not this worker's setting."""
+        return renew_period(float(self.payload.get("lease_seconds") or self.settings.lease_seconds))
+
     def write(self, rank_state: RankState | None = None, lines: tuple[str, ...] = (), **fields) -> bool:
         if rank_state is not None:
             self.status["state"] = rank_state.value
@@ -122,7 +128,7 @@ class LeaseKeeper:
 
     def __init__(self, run: RankRun, abort: AbortWatcher, every: float | None = None) -> None:
         self.run, self.abort = run, abort
-        self.every = run.settings.lease_renew_every if every is None else every
+        self.every = run.renew_every if every is None else every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gangway-lease", daemon=True)
 
@@ -184,7 +190,7 @@ def barrier(state: State, run: RankRun, abort: AbortWatcher, timeout: float, pub
     deadline = time.monotonic() + timeout
     delay, renewed = 0.005, time.monotonic()
     while True:
-        if time.monotonic() - renewed > run.settings.lease_renew_every:   # waiting peers keep their lease
+        if time.monotonic() - renewed > run.renew_every:   # waiting peers keep their lease
             if not run.write(None):   # refused: the attempt ended, whether or not its abort reached us
                 raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
@@ -269,7 +275,7 @@ def wait_for_peers(run: RankRun, abort: AbortWatcher) -> None:
     while not others <= run.state.r.smembers(done_key):
         if abort.event.is_set():
             raise Aborted(abort.reason)
-        if time.monotonic() - renewed > run.settings.lease_renew_every:
+        if time.monotonic() - renewed > run.renew_every:
             if not run.write(None):
                 raise Aborted("the attempt is no longer current")
             renewed = time.monotonic()
@@ -471,7 +477,7 @@ def _supervise(run: RankRun, child: TrainingChild, abort: AbortWatcher) -> bool:
                 child.wait_reader(2.0)   # EOF follows the exit at once, unless a forked process holds the pipe
                 if child.events.empty():
                     break
-            if time.monotonic() - last_write > run.settings.lease_renew_every:   # renew the lease while the child is quiet
+            if time.monotonic() - last_write > run.renew_every:   # the child is quiet: renew the lease
                 if not run.write(None):
                     abort.set("the attempt is no longer current")
                 last_write = time.monotonic()
