@@ -164,6 +164,7 @@ def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: 
                 "modes": sorted({r.get("fetch", {}).get("memory", {}).get("mode") for r in ranks.values()}),
                 "in_use": [r.get("fetch", {}).get("memory", {}).get("in_use", 0) for r in ranks.values()],
                 "planned": [r.get("fetch", {}).get("memory", {}).get("external_need", 0) for r in ranks.values()],
+                "planned_in_core": [r.get("fetch", {}).get("memory", {}).get("in_core_need", 0) for r in ranks.values()],
                 "train": max(r["summary"].get("dmatrix_seconds", 0) + r["summary"].get("train_seconds", 0)
                              for r in ranks.values())}
     finally:
@@ -294,6 +295,8 @@ def training_rows(a: argparse.Namespace, m: dict, budget: int) -> list[str]:
         row("  plan: tree in use + out-of-core need (MiB)",
             ", ".join(f"{u / MiB:.0f} + {n / MiB:.0f}" for u, n in zip(ooc["in_use"], ooc["planned"]))),
         row("in-core worker tree peak memory (MiB)", ", ".join(f"{v / MiB:.0f}" for v in inc["peaks"].values())),
+        row("  plan: tree in use + in-core need (MiB)",
+            ", ".join(f"{u / MiB:.0f} + {n / MiB:.0f}" for u, n in zip(inc.get("in_use", []), inc.get("planned_in_core", [])))),
         row("matrix + training s, out of core / in core",
             f"{ooc['train']:.1f} / {inc['train']:.1f} = {ooc['train'] / inc['train']:.2f}x "
             f"(wall {ooc['wall']:.1f} / {inc['wall']:.1f})"),
