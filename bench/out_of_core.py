@@ -3,11 +3,12 @@
 
     python bench/out_of_core.py [--files 8] [--rows-per-file 300000] [--worker-memory 768MiB] [--rounds 20]
                                [--extra-features 0] [--skip-in-core] [--producer-only]
+                               [--framework xgboost|lightgbm]
 
 Generates HIGGS-shaped parquet files (28 float32 features + label), starts a bare S3 server,
 and measures in one run: the producer's peak RSS for a quarter of the files and for all of them (a subprocess
 each, VmHWM), upload MB/s against raw PUTs of the same bytes to the same store, then XGBoost
-on a 2-worker fleet with ``GANGWAY_WORKER_MEMORY`` (auto: out of core when the shard does not
+(or LightGBM) on a 2-worker fleet with ``GANGWAY_WORKER_MEMORY`` (auto: out of core when the shard does not
 fit) and on a fleet with ``GANGWAY_OUT_OF_CORE=never`` (in core): each worker tree's peak memory,
 training time and holdout logloss. Prints a markdown table (stdout); progress on stderr.
 """
@@ -42,6 +43,7 @@ from workers.runtime.memory import tree_memory, tree_rss
 
 MiB = 1024 ** 2
 PARAMS = {"objective": "binary:logistic", "max_depth": 6, "max_bin": 256, "eval_metric": "logloss"}
+LGB_PARAMS = {"num_leaves": 31, "max_depth": 6, "max_bin": 255, "metric": "binary_logloss"}
 
 PRODUCER = """
 import json, sys, time
@@ -144,23 +146,33 @@ def fleet_settings(base: Settings, home: str, **extra) -> Settings:
                         worker_ports=f"{ports}-{ports + 9}", **extra)
 
 
-def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: int = 2, extra: int = 0) -> dict:
+def estimator(framework: str, rounds: int, workers: int):
+    """The user's estimator; its logloss metric's name in ``get_eval_results()``."""
+    if framework == "lightgbm":
+        from producer.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+        return LightGBMEstimator(n_estimators=rounds, objective="binary", params=dict(LGB_PARAMS),
+                                 scaling_config=LightGBMScalingConfig(num_workers=workers)), "binary_logloss"
+    from producer.xgboost import XGBEstimator, XGBScalingConfig
+    return XGBEstimator(n_estimators=rounds, params=dict(PARAMS),
+                        scaling_config=XGBScalingConfig(num_workers=workers)), "logloss"
+
+
+def train(settings: Settings, uri: str, holdout_uri: str, rounds: int, workers: int = 2, extra: int = 0,
+          framework: str = "xgboost") -> dict:
     """One ``workers``-worker fit on a fresh fleet against the shared S3; what the ranks and the sampler saw."""
     from producer import DataConnector
-    from producer.xgboost import XGBEstimator, XGBScalingConfig
     os.environ.update(settings.as_env())
     fleet = Fleet(settings, workers=workers)
     fleet.start()
     try:
-        est = XGBEstimator(n_estimators=rounds, params=dict(PARAMS),
-                           scaling_config=XGBScalingConfig(num_workers=workers))
+        est, metric = estimator(framework, rounds, workers)
         with TreeSampler(fleet) as sampler:
             t0 = time.perf_counter()
             job = est.submit(DataConnector.from_uri(uri), feature_names(extra), LABEL, eval_set=DataConnector.from_uri(holdout_uri))
             job.wait()
             wall = time.perf_counter() - t0
         ranks = job.status().ranks
-        return {"wall": wall, "peaks": sampler.peaks, "rss_peaks": sampler.rss_peaks, "logloss": est.get_eval_results()["eval"]["logloss"][-1],
+        return {"wall": wall, "peaks": sampler.peaks, "rss_peaks": sampler.rss_peaks, "logloss": est.get_eval_results()["eval"][metric][-1],
                 "modes": sorted({r.get("fetch", {}).get("memory", {}).get("mode") for r in ranks.values()}),
                 "in_use": [r.get("fetch", {}).get("memory", {}).get("in_use", 0) for r in ranks.values()],
                 "planned": [r.get("fetch", {}).get("memory", {}).get("external_need", 0) for r in ranks.values()],
@@ -178,6 +190,7 @@ def main() -> int:
     p.add_argument("--worker-memory", default="768MiB")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--framework", choices=("xgboost", "lightgbm"), default="xgboost")
     p.add_argument("--producer-threads", type=int, default=None,
                    help="GANGWAY_FETCH_THREADS of the producer (its chunks in flight); default: the setting's")
     p.add_argument("--skip-in-core", action="store_true", help="no in-core comparison (a dataset too big for it)")
@@ -247,11 +260,12 @@ def run(a: argparse.Namespace, base: Settings, home: str) -> dict:
         return m
     log(f"training with GANGWAY_WORKER_MEMORY={a.worker_memory} (auto), {a.workers} workers")
     m["ooc"] = train(fleet_settings(base, os.path.join(home, "fleet-a"), worker_memory=a.worker_memory),
-                     m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers, a.extra_features)
+                     m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers, a.extra_features, a.framework)
     if not a.skip_in_core:
         log("training in core (GANGWAY_OUT_OF_CORE=never, no budget)")
         m["inc"] = train(fleet_settings(base, os.path.join(home, "fleet-b"), out_of_core="never"),
-                         m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers, a.extra_features)
+                         m["big"]["uri"], m["holdout"]["uri"], a.rounds, a.workers, a.extra_features,
+                         a.framework)
     return m
 
 
@@ -276,7 +290,7 @@ def report(a: argparse.Namespace, m: dict) -> None:
                         statistics.median(ratios) >= 0.8))
     if "ooc" in m:
         rows += training_rows(a, m, budget)
-    print_table(f"{a.files} parquet files x {a.rows_per_file:,} rows (+1 holdout file), XGBoost {a.rounds} rounds "
+    print_table(f"{a.files} parquet files x {a.rows_per_file:,} rows (+1 holdout file), {a.framework} {a.rounds} rounds "
                 f"max_depth 6, {a.workers} workers; producer threads {a.producer_threads or 'default'}; "
                 f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1024**3:.0f} GiB; "
                 f"data sha {hashlib.sha256(big['uri'].encode()).hexdigest()[:8]}", rows)

@@ -12,9 +12,23 @@ def float32_column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def float32_matrix(table: pa.Table | pa.RecordBatch, cols: list[str]) -> np.ndarray:
-    """Rows x ``cols`` as one C-contiguous float32 matrix."""
+    """Rows x ``cols`` as one C-contiguous float32 matrix, filled a record batch at a time: besides the
+    matrix, one batch's columns are copied at once, not every column of the table (a table of several
+    chunks gave each column a contiguous copy first, as big as the matrix, then the matrix)."""
     names = table.schema.names
-    return np.column_stack([float32_column(table.column(names.index(c))) for c in cols])
+    idx = [names.index(c) for c in cols]
+    batches = table.to_batches() if isinstance(table, pa.Table) else [table]
+    if len(batches) == 1:
+        return np.column_stack([float32_column(batches[0].column(i)) for i in idx]) if idx else \
+            np.empty((table.num_rows, 0), dtype=np.float32)
+    out = np.empty((table.num_rows, len(idx)), dtype=np.float32)
+    lo = 0
+    for batch in batches:
+        hi = lo + batch.num_rows
+        for j, i in enumerate(idx):
+            out[lo:hi, j] = float32_column(batch.column(i))
+        lo = hi
+    return out
 
 
 def finite_labels(y: np.ndarray, label: str, dataset: str, first_row: int = 0) -> np.ndarray:

@@ -55,7 +55,7 @@ def prepare(payload: dict, settings: Settings) -> Prepared:
     # which it cannot do from chunk Sequences, so a retried attempt holds its data in memory.
     prep = Prepared(payload, settings, fetch_planned(payload, settings, datasets, world,
                                                      external_ok=payload.get("attempt", 1) == 1,
-                                                     bins_in_memory=True))
+                                                     bins_in_memory=True, bin_sample=True))
     if world > 1:
         prep.published[f"listen_port_{rank}"] = free_listen_port(settings)
     if rank == 0 and payload.get("attempt", 1) > 1:

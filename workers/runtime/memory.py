@@ -29,12 +29,25 @@ GBDT_FIXED_BYTES = 96 * MiB
 CHUNKS_IN_FLIGHT = 3
 # The quantised matrix: one byte per value for max_bin <= 256 (two above).
 HIST_BYTES_PER_VALUE = 1
+# LightGBM in core: the float32 matrix its Dataset bins from (``float32_matrix``), held with the Arrow
+# shard it is copied from until the Dataset is built. Measured (LightGBM 4.7, 2M + 1M eval rows x 28, in
+# core): a worker tree 911 MiB above its planned "in use", 634 MiB planned without it.
+MATRIX_BYTES_PER_VALUE = 4
 # XGBoost's quantile sketch, held while a QuantileDMatrix or ExtMemQuantileDMatrix is built (in core and
 # out of core alike): a summary per feature that grows with log2(rows). Measured (xgboost 3.2, max_bin
 # 256, dense float32, anonymous memory above the process's floor, `bench/xgb_sketch.py`): per feature
 # 0.72 MiB at 33K rows, 1.10 at 100K, 1.75 at 300K, 2.72 at 1M, 3.12 at 2M; 250 features x 5.4M rows a
 # rank went to ~965 MiB. Planned as 0.45 MiB per feature per doubling of rows past 2^13.3, at least
 # 0.75 MiB a feature (above every measurement), in proportion to max_bin above 256.
+# LightGBM samples up to ``bin_construct_sample_cnt`` rows (200,000) to find its bins. From chunk
+# Sequences (out of core) its Python side lists the sampled rows (a float64 row array each, ~112 B of
+# object per row), stacks them, transposes them and keeps each column's non-zero values with int32 row
+# indices: ~28 B a sampled value plus the rows' objects, all held at once (3M rows x 28 features out of
+# core: a tree 567 MiB at its peak against a plan of 578 without it). In core its C++ side keeps the
+# sampled values as doubles with their indices (12 B a value): the larger figure is planned for both.
+LGB_SAMPLE_BYTES_PER_VALUE = 28
+LGB_SAMPLE_BYTES_PER_ROW = 112
+LGB_SAMPLE_ROWS = 200_000
 SKETCH_BYTES_PER_FEATURE_LEVEL = 0.45 * MiB
 SKETCH_LEVEL_FLOOR = 13.3
 SKETCH_MIN_BYTES_PER_FEATURE = 0.75 * MiB
@@ -54,10 +67,17 @@ class ShardSize:
     features: int
     largest_chunk: int
     max_bin: int = 256
+    sample_rows: int = LGB_SAMPLE_ROWS   # LightGBM's bin_construct_sample_cnt
 
     @property
     def quantised_bytes(self) -> int:
         return self.rows * self.features * (HIST_BYTES_PER_VALUE if self.max_bin <= 256 else 2)
+
+    @property
+    def bin_sample_bytes(self) -> int:
+        """LightGBM's sample of rows while it finds its bins (see LGB_SAMPLE_BYTES_PER_VALUE)."""
+        sampled = min(self.rows, self.sample_rows)
+        return sampled * (self.features * LGB_SAMPLE_BYTES_PER_VALUE + LGB_SAMPLE_BYTES_PER_ROW)
 
     @property
     def sketch_bytes(self) -> int:
@@ -95,22 +115,26 @@ OUT_OF_CORE_CHOICES = ("auto", "always", "never")
 
 
 def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "auto", *,
-              raw_in_core: bool = True, sketch: bool = False, bins_in_memory: bool = False) -> MemoryPlan:
+              raw_in_core: bool = True, sketch: bool = False, bins_in_memory: bool = False,
+              bin_sample: bool = False) -> MemoryPlan:
     """In core when the quantised matrix and the per-row state (and, with ``raw_in_core``, the whole
-    Arrow shard: LightGBM) fit what the budget has left; else out of core (a few chunks and a matrix
-    page at a time, plus the per-row state); WorkerMemoryError, with the numbers, when not even that
+    Arrow shard and the float32 matrix copied from it: LightGBM) fit what the budget has left; else out
+    of core (a few chunks and a matrix page at a time, plus the per-row state); WorkerMemoryError, with the numbers, when not even that
     fits. XGBoost streams its in-core ``QuantileDMatrix`` from the chunk files too
     (``raw_in_core=False``): the raw shard is never whole in memory. ``out_of_core`` ("always",
     "never") overrides the choice, e.g. to compare both modes on one dataset. ``sketch``: the framework
     builds XGBoost's quantile sketch (``ShardSize.sketch_bytes``, either mode), which dominates for wide
     rows: 250 features need ~1 GiB of it at 5M rows a rank. ``bins_in_memory``: the binned matrix stays
-    in memory out of core too (LightGBM: only its raw data streams; XGBoost's pages go to disk)."""
+    in memory out of core too (LightGBM: only its raw data streams; XGBoost's pages go to disk).
+    ``bin_sample``: the framework samples rows to find its bins (LightGBM, ``ShardSize.bin_sample_bytes``)."""
     if out_of_core not in OUT_OF_CORE_CHOICES:
         raise ConfigurationError(f"GANGWAY_OUT_OF_CORE must be one of {list(OUT_OF_CORE_CHOICES)}, "
                                  f"got {out_of_core!r}")
-    per_row = shard.rows * GBDT_BYTES_PER_ROW + GBDT_FIXED_BYTES + (shard.sketch_bytes if sketch else 0)
+    per_row = (shard.rows * GBDT_BYTES_PER_ROW + GBDT_FIXED_BYTES + (shard.sketch_bytes if sketch else 0)
+               + (shard.bin_sample_bytes if bin_sample else 0))
     window = CHUNKS_IN_FLIGHT * shard.largest_chunk
-    in_core = (shard.nbytes if raw_in_core else window) + shard.quantised_bytes + per_row
+    raw = shard.nbytes + shard.rows * shard.features * MATRIX_BYTES_PER_VALUE if raw_in_core else window
+    in_core = raw + shard.quantised_bytes + per_row
     # Out of core XGBoost's quantised pages live in the rank folder; only the chunk window and the per-row
     # state stay in memory (and LightGBM's binned Dataset, which has no pages).
     external = window + per_row + (shard.quantised_bytes if bins_in_memory else 0)

@@ -19,6 +19,7 @@ from common.manifest import Manifest, assign_shard
 from common.settings import Settings
 from common.store import S3Store
 from workers.runtime.memory import (
+    LGB_SAMPLE_ROWS,
     HoldMode,
     MemoryPlan,
     ShardSize,
@@ -139,7 +140,7 @@ def _pin_dir(payload: dict) -> str | None:
 
 
 def _shard_size(datasets: dict[str, dict], manifests: dict[str, Manifest], world: int, rank: int, features: int,
-                max_bin: int = 256) -> ShardSize:
+                max_bin: int = 256, sample_rows: int = LGB_SAMPLE_ROWS) -> ShardSize:
     """This rank's part of every dataset, summed (a dataset not ``sharded`` counts whole)."""
     nbytes = rows = largest = 0
     for name, ref in datasets.items():
@@ -147,23 +148,25 @@ def _shard_size(datasets: dict[str, dict], manifests: dict[str, Manifest], world
         b, r, big = shard_bytes_and_rows(manifests[name], world if sharded else 1, rank if sharded else 0,
                                          ref.get("equal", False))
         nbytes, rows, largest = nbytes + b, rows + r, max(largest, big)
-    return ShardSize(nbytes=nbytes, rows=rows, features=features, largest_chunk=largest, max_bin=max_bin)
+    return ShardSize(nbytes=nbytes, rows=rows, features=features, largest_chunk=largest, max_bin=max_bin,
+                     sample_rows=sample_rows)
 
 
 def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], manifests: dict[str, Manifest],
                 world: int, *, raw_in_core: bool = True, sketch: bool = False,
-                bins_in_memory: bool = False) -> MemoryPlan:
+                bins_in_memory: bool = False, bin_sample: bool = False) -> MemoryPlan:
     """In core or out of core for this rank's part of every dataset, within the worker's budget."""
     spec = payload["spec"]
+    params = spec["params"]
     size = _shard_size(datasets, manifests, world, payload["rank"], len(spec["train"]["input_cols"]),
-                       int(spec["params"].get("max_bin", 256)))
+                       int(params.get("max_bin", 256)), int(params.get("bin_construct_sample_cnt", LGB_SAMPLE_ROWS)))
     return plan_gbdt(size, worker_budget(settings), worker_tree_memory(), settings.out_of_core,
-                     raw_in_core=raw_in_core, sketch=sketch, bins_in_memory=bins_in_memory)
+                     raw_in_core=raw_in_core, sketch=sketch, bins_in_memory=bins_in_memory, bin_sample=bin_sample)
 
 
 def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], world: int, *,
                   external_ok: bool = True, stream_in_core: bool = False, sketch: bool = False,
-                  bins_in_memory: bool = False) -> RankData:
+                  bins_in_memory: bool = False, bin_sample: bool = False) -> RankData:
     """The rank's data, in memory when the plan says it fits, else as chunk files in the disk cache
     (``external_ok=False``: always in memory, e.g. where the framework cannot stream this time).
     ``stream_in_core``: chunk files either way (the framework builds its in-core matrix chunk by
@@ -173,7 +176,7 @@ def fetch_planned(payload: dict, settings: Settings, datasets: dict[str, dict], 
     manifests = {name: read_manifest_cached(store, ref["uri"], manifest_dir(settings))
                  for name, ref in datasets.items()}
     plan = plan_memory(payload, settings, datasets, manifests, world, raw_in_core=not stream_in_core, sketch=sketch,
-                       bins_in_memory=bins_in_memory)
+                       bins_in_memory=bins_in_memory, bin_sample=bin_sample)
     log.info("job %s rank %d: %s", payload["job_id"], payload["rank"], plan.describe())
     external = plan.mode == HoldMode.EXTERNAL and external_ok
     if external or stream_in_core:
