@@ -39,6 +39,9 @@ MATRIX_BYTES_PER_VALUE = 4
 # 0.72 MiB at 33K rows, 1.10 at 100K, 1.75 at 300K, 2.72 at 1M, 3.12 at 2M; 250 features x 5.4M rows a
 # rank went to ~965 MiB. Planned as 0.45 MiB per feature per doubling of rows past 2^13.3, at least
 # 0.75 MiB a feature (above every measurement), in proportion to max_bin above 256.
+SKETCH_BYTES_PER_FEATURE_LEVEL = 0.45 * MiB
+SKETCH_LEVEL_FLOOR = 13.3
+SKETCH_MIN_BYTES_PER_FEATURE = 0.75 * MiB
 # LightGBM samples up to ``bin_construct_sample_cnt`` rows (200,000) to find its bins. From chunk
 # Sequences (out of core) its Python side lists the sampled rows (a float64 row array each, ~112 B of
 # object per row), stacks them, transposes them and keeps each column's non-zero values with int32 row
@@ -48,9 +51,6 @@ MATRIX_BYTES_PER_VALUE = 4
 LGB_SAMPLE_BYTES_PER_VALUE = 28
 LGB_SAMPLE_BYTES_PER_ROW = 112
 LGB_SAMPLE_ROWS = 200_000
-SKETCH_BYTES_PER_FEATURE_LEVEL = 0.45 * MiB
-SKETCH_LEVEL_FLOOR = 13.3
-SKETCH_MIN_BYTES_PER_FEATURE = 0.75 * MiB
 
 
 class HoldMode(str, enum.Enum):
@@ -119,8 +119,8 @@ def plan_gbdt(shard: ShardSize, budget: int, in_use: int, out_of_core: str = "au
               bin_sample: bool = False) -> MemoryPlan:
     """In core when the quantised matrix and the per-row state (and, with ``raw_in_core``, the whole
     Arrow shard and the float32 matrix copied from it: LightGBM) fit what the budget has left; else out
-    of core (a few chunks and a matrix page at a time, plus the per-row state); WorkerMemoryError, with the numbers, when not even that
-    fits. XGBoost streams its in-core ``QuantileDMatrix`` from the chunk files too
+    of core (a few chunks and a matrix page at a time, plus the per-row state); WorkerMemoryError, with
+    the numbers, when not even that fits. XGBoost streams its in-core ``QuantileDMatrix`` from the chunk files too
     (``raw_in_core=False``): the raw shard is never whole in memory. ``out_of_core`` ("always",
     "never") overrides the choice, e.g. to compare both modes on one dataset. ``sketch``: the framework
     builds XGBoost's quantile sketch (``ShardSize.sketch_bytes``, either mode), which dominates for wide

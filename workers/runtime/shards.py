@@ -158,8 +158,9 @@ def plan_memory(payload: dict, settings: Settings, datasets: dict[str, dict], ma
     """In core or out of core for this rank's part of every dataset, within the worker's budget."""
     spec = payload["spec"]
     params = spec["params"]
+    sample_rows = params.get("bin_construct_sample_cnt", params.get("subsample_for_bin", LGB_SAMPLE_ROWS))
     size = _shard_size(datasets, manifests, world, payload["rank"], len(spec["train"]["input_cols"]),
-                       int(params.get("max_bin", 256)), int(params.get("bin_construct_sample_cnt", LGB_SAMPLE_ROWS)))
+                       int(params.get("max_bin", 256)), int(sample_rows))
     return plan_gbdt(size, worker_budget(settings), worker_tree_memory(), settings.out_of_core,
                      raw_in_core=raw_in_core, sketch=sketch, bins_in_memory=bins_in_memory, bin_sample=bin_sample)
 
